@@ -1,0 +1,40 @@
+# make bench: the main job (benchmarks/bench_attn.py); make test: every test.
+# Each sets up what it needs: .venv from requirements-dev.txt (unless python3 has a CUDA
+# torch, see scripts/pick_python.sh), and the C++/CUDA extension built in place.
+PYTHON ?= $(shell bash scripts/pick_python.sh)
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: env ext ctest test test-py bench bench-model summary clean
+
+env:
+ifeq ($(PYTHON),.venv/bin/python)
+env: .venv/.installed
+endif
+
+.venv/.installed: requirements-dev.txt
+	python3 -m venv .venv
+	.venv/bin/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# The extension (rsir_kernels._C); a failed build leaves the package working without `cpp`.
+ext: env
+	$(PYTHON) setup.py -q build_ext --inplace || echo "warning: the C++ extension did not build; backend 'cpp' unavailable"
+
+# C++ unit tests of the torch-free cores (CMake + ctest).
+ctest:
+	@echo "ctest: no C++ cores yet"
+
+test: env ext ctest
+	$(PYTHON) -m pytest tests -q
+
+bench: env ext
+	$(PYTHON) benchmarks/bench_attn.py
+
+bench-model: env ext
+	$(PYTHON) benchmarks/bench_model.py
+
+summary: env
+	$(PYTHON) -m rsir_kernels.models
+
+clean:
+	rm -rf build rsir_kernels/*.so .pytest_cache

@@ -1,0 +1,117 @@
+"""Backend registry: each backend registers its forward and backward ops here.
+
+The contract every backend keeps (DESIGN.md section 1):
+
+    forward(q, k, v, index, window_size, scale) -> (out, lse)
+        q, k, v  (B, L, H, D), any strides, one dtype and device
+        index    (B, G, L) int32/int64, each row a permutation of 0..L-1
+        out      (B, L, H, D) contiguous, q's dtype, original token order
+        lse      (B, H, L) contiguous, float32 (float64 for float64 inputs): the
+                 log-sum-exp of each row's scaled scores, original token order
+    backward(dout, q, k, v, out, lse, index, window_size, scale) -> dqkv
+        dqkv     (B, L, 3, H, D) contiguous, q's dtype: dq, dk, dv packed, so that a
+                 module whose q, k, v are views of one packed qkv gets its gradient
+                 with no torch.cat / torch.stack
+
+Both are torch.library ops with fake implementations, each backend under names of its
+own. `register` wires autograd for the forward op once, the same way for every backend.
+Validation is not the backends' job: rsir_kernels.ops checks every input before any op
+runs, so a backend may assume well-formed arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Callable, Optional
+
+import torch
+
+# (q, window_size) -> None if this backend can run the inputs, else why not.
+CanRun = Callable[[torch.Tensor, int], Optional[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    forward_op: str          # qualified op name, "namespace::name"
+    backward_op: str
+    priority: dict           # device type -> rank for backend="auto"; absent: never auto
+    unavailable: Optional[str] = None   # why this install can't use it, None if it can
+    cannot_run: CanRun = lambda q, n: None
+
+    @property
+    def forward(self):
+        return _resolve(self.forward_op).default
+
+    @property
+    def backward(self):
+        return _resolve(self.backward_op).default
+
+
+def _resolve(qualname: str):
+    """"namespace::name" -> torch.ops.namespace.name (an OpOverloadPacket)."""
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
+
+
+_REGISTRY: dict[str, Backend] = {}
+_LOCK = threading.Lock()
+
+
+def register(backend: Backend) -> None:
+    """Adds a backend; when it is available, wires autograd of its forward op."""
+    with _LOCK:
+        if backend.name in _REGISTRY:
+            raise RuntimeError(f"backend {backend.name!r} registered twice")
+        _REGISTRY[backend.name] = backend
+    if backend.unavailable is None:
+        _register_autograd(backend)
+        _register_flops(backend)
+
+
+def get(name: str) -> Backend:
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def _register_autograd(backend: Backend) -> None:
+    def setup_context(ctx, inputs, output):
+        q, k, v, index, window_size, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, index)
+        ctx.window_size, ctx.scale = window_size, scale
+
+    def backward(ctx, dout, _dlse):  # lse is an auxiliary output: no gradient flows through it
+        q, k, v, out, lse, index = ctx.saved_tensors
+        dqkv = backend.backward(dout.contiguous(), q, k, v, out, lse, index, ctx.window_size, ctx.scale)
+        dq, dk, dv = dqkv.unbind(2)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd(backend.forward_op, backward, setup_context=setup_context)
+
+
+def _register_flops(backend: Backend) -> None:
+    """FLOP formulas for torch.utils.flop_counter (which can't see inside an op): q k^T and
+    P v are 2 * N * D multiply-adds per query row; the backward's five products, 5 * N * D."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    def per_row_macs(q_shape, window_size):
+        batch, length, heads, dim = q_shape
+        return batch * length * heads * min(window_size, length) * dim
+
+    @register_flop_formula(_resolve(backend.forward_op))
+    def _forward(q_shape, k_shape, v_shape, index_shape, window_size, scale, out_shape=None, **kw):
+        return 2 * 2 * per_row_macs(q_shape, window_size)
+
+    @register_flop_formula(_resolve(backend.backward_op))
+    def _backward(dout_shape, q_shape, *args, out_shape=None, **kw):
+        return 2 * 5 * per_row_macs(q_shape, args[-2])
+
+
+# Each module registers itself on import; order does not matter (priority decides "auto").
+from . import reference as _reference  # noqa: E402,F401
+from . import triton as _triton  # noqa: E402,F401
+from . import cpp as _cpp  # noqa: E402,F401

@@ -1,0 +1,28 @@
+"""Configurations of the RSIR Transformer variants (Table 2 of the paper)."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RSIRConfig:
+    embed_dim: int = 64                      # channels of stage 1; doubled at each stage
+    depths: tuple = (2, 2, 16, 2)            # blocks per stage
+    num_heads: tuple = (4, 4, 8, 16)         # heads per stage (half RS-Win, half IR-Win)
+    window_size: int = 7                     # windows of 7 x 7 = 49 tokens
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0              # stochastic depth, linear over the blocks
+    in_chans: int = 3
+    num_classes: int = 1000                  # 0: no head, forward returns pooled features
+    backend: str = "auto"                    # window_attention backend
+
+    def stage_dims(self) -> list[int]:
+        return [self.embed_dim * 2 ** i for i in range(len(self.depths))]
+
+
+RSIR_T = RSIRConfig()
+RSIR_B = RSIRConfig(embed_dim=96, depths=(2, 4, 24, 2), num_heads=(4, 8, 16, 32))
+
+# (parameters, multiply-adds at 224x224) as Tables 2 and 3 of the paper give them.
+PAPER_FIGURES = {"rsir_tiny": (22e6, 5.0e9), "rsir_base": (85e6, 16.3e9)}

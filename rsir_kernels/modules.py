@@ -1,0 +1,132 @@
+"""RSIRAttention (Eq. 1 and 2 of the paper) and the RSIR Transformer block (Eq. 3)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .ops import window_attention_qkvpacked
+from .samplers import ir_index, rs_index
+
+
+class RSIRAttention(nn.Module):
+    """RS-Win heads and IR-Win heads in parallel, one qkv projection, one output projection.
+
+    Heads 0 .. rs_heads-1 attend in random-sampling windows (RS-Win, Algorithm 1), the
+    others in important-region windows (IR-Win, Algorithm 2: tokens sorted by the channel
+    mean of this module's input); windows are window_size x window_size tokens.
+
+    RS-Win draws a fresh permutation at every forward, in training and in eval alike (the
+    paper's Algorithm 1 has no eval branch). Pass a seeded `generator` (on any device) to
+    make the draws reproducible: two modules with equal weights and equally seeded
+    generators give equal outputs, call after call.
+
+    Args:
+        dim: channels C; num_heads: heads K (C % K == 0).
+        rs_heads: RS-Win heads, default K // 2; 0 gives IR-Win only, K RS-Win only.
+        attn_drop: must be 0.0 (the fused kernels have no dropout on attention weights;
+            RSIR, like Swin, trains without it); proj_drop: dropout after the projection.
+        backend: passed to window_attention ("auto", "reference", "triton", "cpp").
+    Shapes:
+        forward(x) with x (B, H, W, C), or forward(x, hw=(H, W)) with x (B, H*W, C);
+        returns x's shape.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, rs_heads: Optional[int] = None,
+                 backend: str = "auto", generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        rs_heads = num_heads // 2 if rs_heads is None else rs_heads
+        if not 0 <= rs_heads <= num_heads:
+            raise ValueError(f"rs_heads must be in 0..{num_heads}, got {rs_heads}")
+        if window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {window_size}")
+        if attn_drop != 0.0:
+            raise ValueError(f"attn_drop must be 0.0: the fused kernels have no attention dropout, got {attn_drop}")
+        self.dim, self.num_heads, self.rs_heads = dim, num_heads, rs_heads
+        self.window_size, self.backend, self.generator = window_size, backend, generator
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, rs_heads={self.rs_heads}, "
+                f"window_size={self.window_size}, backend={self.backend!r}")
+
+    def token_order(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """index (B, G, L) for window_attention: G = 1 or 2, or G = K for an uneven split."""
+        batch, ir_heads = x.shape[0], self.num_heads - self.rs_heads
+        orders, counts = [], []
+        if self.rs_heads:
+            orders.append(rs_index(batch, height, width, self.window_size,
+                                   generator=self.generator, device=x.device))
+            counts.append(self.rs_heads)
+        if ir_heads:
+            orders.append(ir_index(x, height, width, self.window_size))
+            counts.append(ir_heads)
+        if len(set(counts)) > 1:  # uneven split: one order per head
+            orders = [o.expand(batch, c, -1) for o, c in zip(orders, counts)]
+        return torch.cat(orders, dim=1)
+
+    def forward(self, x: torch.Tensor, hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        if x.dim() == 4:
+            batch, height, width, channels = x.shape
+        elif x.dim() == 3 and hw is not None:
+            (batch, _, channels), (height, width) = x.shape, hw
+            if x.shape[1] != height * width:
+                raise ValueError(f"x has {x.shape[1]} tokens, hw={tuple(hw)} gives {height * width}")
+        else:
+            raise ValueError(f"x must be (B, H, W, C), or (B, L, C) with hw=(H, W); got shape "
+                             f"{tuple(x.shape)} and hw={hw}")
+        if channels != self.dim:
+            raise ValueError(f"x has {channels} channels, the module expects dim={self.dim}")
+        tokens = x.reshape(batch, height * width, channels)
+        qkv = self.qkv(tokens).unflatten(-1, (3, self.num_heads, channels // self.num_heads))
+        index = self.token_order(tokens, height, width)
+        # The samplers build permutations by construction: no index check (it costs a host sync).
+        out = window_attention_qkvpacked(qkv, index, self.window_size ** 2, backend=self.backend,
+                                         check_index=False)
+        return self.proj_drop(self.proj(out.flatten(2))).reshape(x.shape)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample while training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class RSIRBlock(nn.Module):
+    """X^ = RSIR-Win(LN(X)) + X; X' = MLP(LN(X^)) + X^ (Eq. 3), after a depthwise 3x3
+    convolutional position encoding X = X + DWConv(X) (the windows carry no position).
+
+    x: (B, H, W, C) channels-last -> same shape.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_path: float = 0.0, rs_heads: Optional[int] = None,
+                 backend: str = "auto", generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = RSIRAttention(dim, num_heads, window_size, qkv_bias, rs_heads=rs_heads,
+                                  backend=backend, generator=generator)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -1,0 +1,118 @@
+"""Pure-PyTorch reference of the window-attention primitive (DESIGN.md section 1).
+
+Gather the window's rows, attend on windows, scatter back: vectorised over batch, heads
+and windows, differentiable by autograd through plain ops. Tests and benchmarks import
+this module; they never copy it. `window_attention_backward` is the analytic
+(FlashAttention-style) gradient that the `reference` backend's backward op runs; tests
+check it against autograd through `window_attention_reference`.
+"""
+from __future__ import annotations
+
+import torch
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype, upcast: bool = True) -> torch.dtype:
+    """The dtype the math runs in: fp16/bf16 are upcast to fp32 unless asked not to."""
+    return torch.float32 if (upcast and dtype in _LOW_PRECISION) else dtype
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved log-sum-exp: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def head_index(index: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, G, L) token order per group -> (B, H, L) int64 order per head."""
+    batch, groups, length = index.shape
+    per_group = num_heads // groups
+    return index.long()[:, :, None, :].expand(batch, groups, per_group, length).reshape(batch, num_heads, length)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, L, H, D) any strides, idx (B, H, L) -> (B, H, L, D) in window order."""
+    return torch.gather(x.transpose(1, 2), 2, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+
+def scatter_tokens(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Inverse of gather_tokens: xs (B, H, L, D) in window order -> (B, L, H, D)."""
+    out = torch.zeros_like(xs).scatter(2, idx[..., None].expand_as(xs), xs)
+    return out.transpose(1, 2)
+
+
+def split_windows(xs: torch.Tensor, window_size: int) -> list[torch.Tensor]:
+    """(B, H, L, ...) in window order -> views (B, H, nW, N, ...) of the full windows,
+    then (B, H, 1, r, ...) for a partial last window when L % N != 0."""
+    length = xs.shape[2]
+    full = length - length % window_size
+    parts = []
+    if full:
+        parts.append(xs[:, :, :full].unflatten(2, (full // window_size, window_size)))
+    if full < length:
+        parts.append(xs[:, :, full:].unsqueeze(2))
+    return parts
+
+
+def merge_windows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of split_windows."""
+    return torch.cat([p.flatten(2, 3) for p in parts], dim=2)
+
+
+def attend(q, k, v, scale):
+    """softmax(q k^T * scale) v on windows (..., n, D); also returns the row log-sum-exp."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
+
+
+def window_attention_with_lse(q, k, v, index, window_size, scale=None, *, upcast=True):
+    """The primitive: (out (B, L, H, D), lse (B, H, L)). See window_attention_reference."""
+    batch, length, heads, dim = q.shape
+    scale = dim ** -0.5 if scale is None else scale
+    work = compute_dtype(q.dtype, upcast)
+    idx = head_index(index, heads)
+    qs, ks, vs = (gather_tokens(t.to(work), idx) for t in (q, k, v))
+    results = [attend(*w, scale) for w in zip(*(split_windows(t, window_size) for t in (qs, ks, vs)))]
+    out = merge_windows([o for o, _ in results])
+    lse = merge_windows([s[..., None] for _, s in results])[..., 0]
+    out = scatter_tokens(out, idx).to(q.dtype)
+    lse = torch.zeros_like(lse).scatter(2, idx, lse).to(lse_dtype(q.dtype))
+    return out, lse
+
+
+def window_attention_reference(q, k, v, index, window_size, scale=None, *, upcast=True):
+    """Reference window attention, differentiable through plain PyTorch ops.
+
+    Args:
+        q, k, v: (B, L, H, D), any strides.
+        index: (B, G, L) int32/int64; row (b, g) is the token order of head group g
+            (heads g*H/G .. (g+1)*H/G - 1); window w is index[b, g, w*N:(w+1)*N].
+        window_size: N, tokens per window; a partial last window attends within itself.
+        scale: softmax scale, default D ** -0.5.
+        upcast: compute fp16/bf16 inputs in fp32 (the default); False keeps the input
+            precision, the same-precision reference of DESIGN.md section 4.
+    Returns:
+        (B, L, H, D) in q's dtype, in the original token order.
+    """
+    return window_attention_with_lse(q, k, v, index, window_size, scale, upcast=upcast)[0]
+
+
+def window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale):
+    """Analytic gradient from the saved log-sum-exp: returns dqkv (B, L, 3, H, D).
+
+    Recomputes P = exp(q k^T * scale - lse) per window; delta = rowsum(dO * O);
+    dV = P^T dO, dS = P * (dO V^T - delta), dQ = dS K * scale, dK = dS^T Q * scale.
+    """
+    heads = q.shape[2]
+    work = compute_dtype(q.dtype)
+    idx = head_index(index, heads)
+    qs, ks, vs, dos, os_ = (gather_tokens(t.to(work), idx) for t in (q, k, v, dout, out))
+    lse_s = torch.gather(lse.to(work), 2, idx)[..., None]
+    delta = (dos * os_).sum(-1, keepdim=True)
+    grads = []
+    for qw, kw, vw, dow, lw, dw in zip(*(split_windows(t, window_size) for t in (qs, ks, vs, dos, lse_s, delta))):
+        p = torch.exp((qw @ kw.transpose(-1, -2)) * scale - lw)
+        ds = p * (dow @ vw.transpose(-1, -2) - dw)
+        grads.append((ds @ kw * scale, ds.transpose(-1, -2) @ qw * scale, p.transpose(-1, -2) @ dow))
+    dq, dk, dv = (scatter_tokens(merge_windows(list(g)), idx) for g in zip(*grads))
+    return torch.stack((dq, dk, dv), dim=2).to(q.dtype)

@@ -1,0 +1,59 @@
+"""Token orders for RS-Win and IR-Win (DESIGN.md section 2).
+
+Each returns `index` for window_attention: (B, G, L) int64, every row a permutation of
+0..L-1 whose consecutive runs of window*window entries are the windows of Algorithms 1
+and 2 of the paper (argsort, then Swin's window_partition of the shuffled sequence laid
+out as (height, width)).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def window_order(ids_shuffle: torch.Tensor, height: int, width: int, window: int) -> torch.Tensor:
+    """Reorders ids_shuffle (..., L) so that runs of window*window entries are the paper's windows.
+
+    The paper lays the shuffled sequence out as (height, width) and cuts it into
+    window x window squares (Swin's window_partition, row-major over squares). When height
+    or width is not divisible by window, there is no such square tiling: ids_shuffle is
+    returned as it is, and window_attention cuts plain runs of window*window entries (the
+    last one partial).
+    """
+    if ids_shuffle.shape[-1] != height * width:
+        raise ValueError(f"ids_shuffle's last dim must be height*width = {height * width}, "
+                         f"got {ids_shuffle.shape[-1]}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if height % window or width % window:
+        return ids_shuffle
+    squares = torch.arange(height * width, device=ids_shuffle.device).view(
+        height // window, window, width // window, window).permute(0, 2, 1, 3).reshape(-1)
+    return ids_shuffle[..., squares]
+
+
+def rs_index(batch: int, height: int, width: int, window: int, *, groups: int = 1,
+             generator: Optional[torch.Generator] = None,
+             device: Optional[torch.device] = None) -> torch.Tensor:
+    """RS-Win order: a uniform random permutation per image and group -> (batch, groups, L).
+
+    Algorithm 1: argsort of uniform noise. With `generator` the draw is reproducible; the
+    noise is drawn on the generator's device and moved to `device` (default: the generator's).
+    """
+    noise_device = generator.device if generator is not None else device
+    noise = torch.rand(batch, groups, height * width, generator=generator, device=noise_device)
+    ids_shuffle = noise.argsort(dim=-1)
+    return window_order(ids_shuffle, height, width, window).to(device or noise.device)
+
+
+def ir_index(x: torch.Tensor, height: int, width: int, window: int) -> torch.Tensor:
+    """IR-Win order: tokens sorted by their channel mean -> (B, 1, L), no gradient.
+
+    Algorithm 2: argsort(x.mean(dim=-1)) of the attention module's input x, (B, L, C)
+    or (B, height, width, C).
+    """
+    with torch.no_grad():
+        score = x.reshape(x.shape[0], height * width, x.shape[-1]).mean(dim=-1)
+        ids_shuffle = score.argsort(dim=-1, stable=True)  # ties broken by position: reproducible
+    return window_order(ids_shuffle, height, width, window)[:, None]
