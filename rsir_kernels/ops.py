@@ -213,5 +213,6 @@ def _check_index(index: torch.Tensor) -> None:
         detail = f"it holds {lo if lo < 0 else hi}, outside 0..{length - 1}"
     else:
         counts = torch.bincount(row.long(), minlength=length)
-        detail = f"token {int((counts != 1).nonzero()[0])} appears {int(counts[(counts != 1).nonzero()[0]])} times"
+        token = int((counts > 1).nonzero()[0])
+        detail = f"token {token} appears {int(counts[token])} times"
     raise ValueError(f"index[{b}, {g}] is not a permutation of 0..{length - 1}: {detail}")

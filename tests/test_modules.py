@@ -1,0 +1,114 @@
+"""RSIRAttention against Eq. 1 and 2 built from the paper's algorithms; eval behaviour; compile."""
+import pytest
+import torch
+
+import rsir_kernels as rk
+from rsir_kernels import baselines
+
+
+def _paper_module_output(module, x, seed):
+    """Eq. 1/2 by hand: the module's projections around Algorithms 1 (RS) and 2 (IR)."""
+    batch, height, width, channels = x.shape
+    tokens = x.reshape(batch, -1, channels)
+    heads = module.num_heads
+    q, k, v = module.qkv(tokens).view(batch, -1, 3, heads, channels // heads).unbind(2)
+    gen = torch.Generator().manual_seed(seed)
+    rs = torch.argsort(torch.rand(batch, 1, height * width, generator=gen), dim=-1)[:, 0]
+    ir = torch.argsort(tokens.mean(dim=2), dim=1)
+    out = baselines.paper_rsir_attention(q, k, v, [rs, ir], height, width, module.window_size)
+    return module.proj(out.reshape(batch, height, width, channels))
+
+
+def test_rsir_attention_is_eq_1_and_2():
+    torch.manual_seed(0)
+    module = rk.RSIRAttention(32, 4, window_size=7, generator=torch.Generator().manual_seed(11)).double()
+    x = torch.randn(2, 14, 21, 32, dtype=torch.float64)
+    assert torch.allclose(module(x), _paper_module_output(module, x, 11), atol=1e-12, rtol=0)
+
+
+def test_token_layouts_agree():
+    module = rk.RSIRAttention(16, 2, window_size=4)
+    x = torch.randn(2, 8, 12, 16)
+    module.generator = torch.Generator().manual_seed(1)
+    grid = module(x)
+    module.generator = torch.Generator().manual_seed(1)
+    flat = module(x.reshape(2, 96, 16), hw=(8, 12))
+    assert flat.shape == (2, 96, 16) and torch.equal(grid.reshape(2, 96, 16), flat)
+
+
+def test_eval_mode_draws_fresh_windows_reproducibly():
+    """RS-Win samples in eval as in training; equally seeded generators reproduce the draws."""
+    torch.manual_seed(0)
+    a = rk.RSIRAttention(32, 4, generator=torch.Generator().manual_seed(3)).eval()
+    b = rk.RSIRAttention(32, 4, generator=torch.Generator().manual_seed(3)).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 14, 14, 32)
+    first, second = a(x), a(x)
+    assert not torch.equal(first, second)                      # a fresh permutation per call
+    assert torch.equal(first, b(x)) and torch.equal(second, b(x))  # the same sequence of draws
+
+
+def test_ir_only_is_deterministic_and_permutation_equivariant():
+    """rs_heads=0: IR-Win only, no randomness; permuting the tokens permutes the output."""
+    module = rk.RSIRAttention(16, 2, window_size=3, rs_heads=0).double()
+    x = torch.randn(1, 36, 16, dtype=torch.float64)
+    out = module(x, hw=(6, 6))
+    assert torch.equal(out, module(x, hw=(6, 6)))
+    perm = torch.randperm(36)
+    # a token permutation changes the (H, W) layout, so compare with plain runs of 9 (no square tiling)
+    plain = rk.RSIRAttention(16, 2, window_size=3, rs_heads=0).double()
+    plain.load_state_dict(module.state_dict())
+    y = plain(x, hw=(4, 9))
+    assert torch.allclose(plain(x[:, perm], hw=(4, 9)), y[:, perm], atol=1e-12)
+
+
+@pytest.mark.parametrize("rs_heads,groups", [(0, 1), (4, 1), (1, 4), (3, 4), (2, 2)])
+def test_head_splits(rs_heads, groups):
+    module = rk.RSIRAttention(32, 4, rs_heads=rs_heads, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 7, 7, 32)
+    index = module.token_order(x.reshape(2, 49, 32), 7, 7)
+    assert index.shape == (2, groups, 49)
+    if groups == 4:  # uneven split: one order per head, RS heads share one order, IR heads another
+        assert torch.equal(index[:, :rs_heads], index[:, :1].expand(2, rs_heads, 49))
+        assert torch.equal(index[:, rs_heads:], index[:, 3:].expand(2, 4 - rs_heads, 49))
+        assert not torch.equal(index[:, 0], index[:, 3])
+    assert module(x).shape == x.shape
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="dim=30 must be divisible by num_heads=4"):
+        rk.RSIRAttention(30, 4)
+    with pytest.raises(ValueError, match="rs_heads must be in 0..4, got 5"):
+        rk.RSIRAttention(32, 4, rs_heads=5)
+    with pytest.raises(ValueError, match="attn_drop must be 0.0"):
+        rk.RSIRAttention(32, 4, attn_drop=0.1)
+    module = rk.RSIRAttention(32, 4)
+    with pytest.raises(ValueError, match="hw=\\(H, W\\)"):
+        module(torch.randn(2, 49, 32))
+    with pytest.raises(ValueError, match="49 tokens, hw=\\(5, 5\\) gives 25"):
+        module(torch.randn(2, 49, 32), hw=(5, 5))
+    with pytest.raises(ValueError, match="16 channels, the module expects dim=32"):
+        module(torch.randn(2, 7, 7, 16))
+
+
+def test_gradients_reach_every_parameter():
+    module = rk.RSIRBlock(32, 4)
+    module(torch.randn(2, 14, 14, 32)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_compile_fullgraph_matches_eager(monkeypatch):
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, "fallback_random", True)  # eager's RNG stream in compiled code
+    torch.manual_seed(0)
+    module = rk.RSIRAttention(32, 4)
+    x = torch.randn(2, 14, 14, 32, requires_grad=True)
+    torch.manual_seed(1)
+    eager = module(x)
+    eager_grad, = torch.autograd.grad(eager.square().sum(), x)
+    compiled = torch.compile(module, fullgraph=True)
+    torch.manual_seed(1)
+    out = compiled(x)
+    grad, = torch.autograd.grad(out.square().sum(), x)
+    assert torch.allclose(out, eager, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(grad, eager_grad, atol=1e-4, rtol=1e-4)

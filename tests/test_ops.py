@@ -1,0 +1,171 @@
+"""The op layer: registered ops (opcheck, gradcheck), the packed variant, validation, index checks."""
+import warnings
+
+import pytest
+import torch
+
+import rsir_kernels as rk
+from rsir_kernels import ops, reference
+
+from util import assert_matches_reference, make_index, make_qkv
+
+
+def _ref_backend(q, k, v, index, n, scale=None):
+    return rk.window_attention(q, k, v, index, n, scale=scale, backend="reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length,n,groups", [(98, 49, 2), (103, 49, 1), (40, 7, 4)])
+def test_reference_op_matches_reference(dtype, length, n, groups):
+    q, k, v = make_qkv(2, length, 4, 16, dtype=dtype, device="cpu")
+    assert_matches_reference(_ref_backend, q, k, v, make_index(2, length, groups, device="cpu"), n)
+
+
+def test_opcheck_registered_ops():
+    q, k, v = make_qkv(2, 30, 4, 8, dtype=torch.float64, device="cpu")
+    index = make_index(2, 30, 2, device="cpu", dtype=torch.int32)
+    out, lse = torch.ops.rsir.window_attention(q, k, v, index, 7, 0.3)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.rsir.window_attention.default, (q, k, v, index, 7, 0.3))
+    # the backward op has no double backward: check it on tensors that need no gradient
+    torch.library.opcheck(torch.ops.rsir.window_attention_backward.default,
+                          tuple(t.detach() for t in (dout, q, k, v, out, lse)) + (index, 7, 0.3))
+    torch.library.opcheck(torch.ops.rsir.window_attention_qkvpacked.default, (q._base, index, 7, 0.3, "reference"))
+
+
+def test_gradcheck_float64():
+    q, k, v = make_qkv(1, 11, 2, 3, dtype=torch.float64, device="cpu", packed=False)
+    index = make_index(1, 11, 2, device="cpu")
+    assert torch.autograd.gradcheck(lambda a, b, c: _ref_backend(a, b, c, index, 4), (q, k, v))
+    qkv = torch.stack((q, k, v), dim=2).detach().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t: rk.window_attention_qkvpacked(t, index, 4, backend="reference"), (qkv,))
+
+
+def test_qkvpacked_matches_separate_and_returns_one_packed_gradient():
+    q, k, v = make_qkv(2, 60, 4, 8, device="cpu")
+    qkv = q._base
+    index = make_index(2, 60, 2, device="cpu")
+    packed = rk.window_attention_qkvpacked(qkv, index, 9, backend="reference")
+    separate = rk.window_attention(q, k, v, index, 9, backend="reference")
+    assert torch.equal(packed, separate)
+    dout = torch.randn_like(packed)
+    (dqkv,) = torch.autograd.grad(packed, qkv, dout)
+    expected = torch.stack(torch.autograd.grad(separate, (q, k, v), dout), dim=2)
+    assert torch.equal(dqkv, expected)
+    # the packed path's graph has no stack/cat of q, k, v gradients
+    node = packed.grad_fn
+    assert "Unbind" not in type(node).__name__ and "Stack" not in type(node).__name__
+
+
+def test_g_equals_h_and_scale():
+    q, k, v = make_qkv(2, 50, 4, 8, device="cpu")
+    assert_matches_reference(_ref_backend, q, k, v, make_index(2, 50, 4, device="cpu"), 16, scale=0.05)
+
+
+@pytest.mark.parametrize("shape", [(0, 10, 2, 4), (2, 0, 2, 4)])
+def test_empty_inputs_return_empty(shape):
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    index = torch.zeros(shape[0], 1, shape[1], dtype=torch.int64)
+    out = rk.window_attention(q, k, v, index, 7)
+    assert out.shape == shape
+    out.sum().backward()
+    assert q.grad.shape == shape
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = make_qkv(1, 20, 2, 9, device="cpu", requires_grad=False)
+    index = make_index(1, 20, 1, device="cpu")
+    assert torch.equal(_ref_backend(q, k, v, index, 5), _ref_backend(q, k, v, index, 5, scale=9 ** -0.5))
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def _good():
+    q, k, v = make_qkv(2, 12, 4, 8, device="cpu", requires_grad=False)
+    return dict(q=q, k=k, v=v, index=make_index(2, 12, 2, device="cpu"), window_size=4)
+
+
+def _call(**changes):
+    args = {**_good(), **changes}
+    kwargs = {key: args.pop(key) for key in ("scale", "backend", "check_index") if key in args}
+    return rk.window_attention(args["q"], args["k"], args["v"], args["index"], args["window_size"], **kwargs)
+
+
+@pytest.mark.parametrize("changes,error,pattern", [
+    (dict(q=[1.0]), TypeError, "q must be a torch.Tensor, got list"),
+    (dict(index=None), TypeError, "index must be a torch.Tensor, got NoneType"),
+    (dict(q=torch.randn(2, 12, 32)), ValueError, r"q must be 4-D \(B, L, H, D\), got shape \(2, 12, 32\)"),
+    (dict(k=torch.randn(2, 12, 4, 4)), ValueError, r"k must have q's shape \(2, 12, 4, 8\), got \(2, 12, 4, 4\)"),
+    (dict(v=torch.randn(2, 12, 4, 8, dtype=torch.float64)), TypeError, "v must have q's dtype torch.float32, got torch.float64"),
+    (dict(q=torch.ones(2, 12, 4, 8, dtype=torch.int32), k=torch.ones(2, 12, 4, 8, dtype=torch.int32),
+          v=torch.ones(2, 12, 4, 8, dtype=torch.int32)), TypeError, "q must be one of .* got torch.int32"),
+    (dict(index=torch.zeros(2, 12, dtype=torch.int64)), ValueError, r"index must have shape \(B, G, L\) = \(2, G, 12\), got \(2, 12\)"),
+    (dict(index=torch.zeros(2, 2, 11, dtype=torch.int64)), ValueError, r"got \(2, 2, 11\)"),
+    (dict(index=torch.zeros(2, 2, 12)), TypeError, "index must be torch.int32 or torch.int64, got torch.float32"),
+    (dict(index=torch.zeros(2, 3, 12, dtype=torch.int64)), ValueError, "G=3 must divide the head count H=4"),
+    (dict(window_size=0), ValueError, "window_size must be >= 1, got 0"),
+    (dict(window_size=4.0), TypeError, "window_size must be an int, got float"),
+    (dict(scale="x"), TypeError, "scale must be a float or None, got str"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite, got nan"),
+    (dict(backend="cuda"), ValueError, "backend must be 'auto' or one of .*got 'cuda'"),
+])
+def test_bad_inputs_raise_named_errors(changes, error, pattern):
+    with pytest.raises(error, match=pattern):
+        _call(**changes)
+
+
+def test_bad_index_device_raises():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a second device")
+    with pytest.raises(ValueError, match="index must be on q's device"):
+        _call(index=_good()["index"].cuda())
+
+
+@pytest.mark.parametrize("corrupt,pattern", [
+    (lambda idx: idx[1, 0].__setitem__(3, 12), r"index\[1, 0\] is not a permutation of 0..11: it holds 12"),
+    (lambda idx: idx[0, 1].__setitem__(0, -1), r"index\[0, 1\] is not a permutation of 0..11: it holds -1"),
+    (lambda idx: idx[1, 1].__setitem__(5, idx[1, 1, 6].item()), r"index\[1, 1\] is not a permutation.*appears 2 times"),
+])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_check_index_names_the_first_bad_row(corrupt, pattern, dtype):
+    args = _good()
+    index = args["index"].to(dtype).clone()
+    corrupt(index)
+    with pytest.raises(ValueError, match=pattern):
+        _call(index=index)
+
+
+def test_unavailable_backend_raises_with_reason_and_auto_warns_once(monkeypatch):
+    from rsir_kernels import backends
+    missing = backends.Backend(name="missing", forward_op="x::y", backward_op="x::z", priority={"cpu": 99},
+                               unavailable="not built in this test")
+    monkeypatch.setitem(backends._REGISTRY, "missing", missing)
+    with pytest.raises(RuntimeError, match="backend 'missing' is not available in this install: not built in this test"):
+        _call(backend="missing")
+    monkeypatch.setattr(ops, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _call()
+        _call()
+    messages = [str(w.message) for w in caught if "missing" in str(w.message)]
+    assert len(messages) == 1 and "not built in this test" in messages[0]
+
+
+def test_backend_that_cannot_run_inputs_raises_when_explicit(monkeypatch):
+    from rsir_kernels import backends
+    ref = backends.get("reference")
+    picky = backends.Backend(name="picky", forward_op=ref.forward_op, backward_op=ref.backward_op,
+                             priority={"cpu": 99}, cannot_run=lambda q, n: f"window {n} too large")
+    monkeypatch.setitem(backends._REGISTRY, "picky", picky)
+    with pytest.raises(ValueError, match="backend 'picky' cannot run these inputs: window 4 too large"):
+        _call(backend="picky")
+    assert ops.choose_backend("auto", _good()["q"], 4).name != "picky"
+
+
+def test_available_backends_reports_every_backend():
+    status = rk.available_backends()
+    assert status["reference"] == (True, "")
+    for name in ("triton", "cpp"):
+        assert name in status
+        assert status[name].available or status[name].reason

@@ -1,0 +1,93 @@
+"""The reference against the paper's Algorithms 1 and 2, written out literally (float64)."""
+import pytest
+import torch
+
+from rsir_kernels import baselines, reference, window_order
+
+from util import make_index
+
+
+def _paper_inputs(batch=2, height=14, width=21, heads=4, dim=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, height * width, heads, dim, generator=gen, dtype=torch.float64).requires_grad_()
+               for _ in range(3))
+    x = torch.randn(batch, height * width, heads * dim, generator=gen, dtype=torch.float64)
+    rs = torch.argsort(torch.rand(batch, height * width, generator=gen), dim=1)  # Algorithm 1
+    ir = torch.argsort(x.mean(dim=2), dim=1)                                      # Algorithm 2
+    return q, k, v, rs, ir
+
+
+def _grads(out, inputs, seed=3):
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("orders", ["rs", "ir", "rsir"])
+def test_reference_equals_paper_algorithms(orders):
+    height, width, window = 14, 21, 7
+    q, k, v, rs, ir = _paper_inputs(height=height, width=width)
+    ids = {"rs": [rs], "ir": [ir], "rsir": [rs, ir]}[orders]
+    paper = baselines.paper_rsir_attention(q, k, v, ids, height, width, window)
+    index = torch.stack([window_order(i, height, width, window) for i in ids], dim=1)
+    ours = reference.window_attention_reference(q, k, v, index, window * window)
+    assert (ours - paper).abs().max() < 1e-10
+    for g_ours, g_paper in zip(_grads(ours, (q, k, v)), _grads(paper, (q, k, v))):
+        assert (g_ours - g_paper).abs().max() < 1e-10
+
+
+def test_windows_are_independent_softmaxes():
+    """Brute force, one query row at a time: the primitive's definition in DESIGN.md section 1."""
+    batch, length, heads, dim, groups, n = 2, 23, 4, 5, 2, 6  # last window partial (23 = 3*6 + 5)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, length, heads, dim, generator=gen, dtype=torch.float64) for _ in range(3))
+    index = make_index(batch, length, groups, device="cpu")
+    out = reference.window_attention_reference(q, k, v, index, n, scale=0.7)
+    for b in range(batch):
+        for h in range(heads):
+            order = index[b, h // (heads // groups)]
+            for start in range(0, length, n):
+                win = order[start:start + n]
+                p = torch.softmax(q[b, win, h] @ k[b, win, h].T * 0.7, dim=-1)
+                assert torch.allclose(out[b, win, h], p @ v[b, win, h], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("length,n,groups", [(49 * 2, 49, 2), (49 * 2 + 5, 49, 1), (30, 7, 4), (9, 16, 2)])
+def test_analytic_backward_equals_autograd(length, n, groups):
+    """The reference backend's backward op (from lse) against autograd through the reference."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, length, 4, 8, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    index = make_index(2, length, groups, device="cpu")
+    out, lse = reference.window_attention_with_lse(q, k, v, index, n, 0.4)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    expected = torch.autograd.grad(out, (q, k, v), dout)
+    dqkv = reference.window_attention_backward(dout, q, k, v, out, lse, index, n, 0.4)
+    for a, e in zip(dqkv.unbind(2), expected):
+        assert (a - e).abs().max() < 1e-12
+
+
+def test_lse_is_the_row_log_sum_exp():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 12, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    index = make_index(1, 12, 1, device="cpu")
+    _, lse = reference.window_attention_with_lse(q, k, v, index, 5, 0.5)
+    order = index[0, 0]
+    for start in range(0, 12, 5):
+        win = order[start:start + 5]
+        for h in range(2):
+            expected = torch.logsumexp(q[0, win, h] @ k[0, win, h].T * 0.5, dim=-1)
+            assert torch.allclose(lse[0, h, win], expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_upcast_switch(dtype):
+    """fp16/bf16: upcast (default) computes in fp32, upcast=False in the input precision;
+    both return the input dtype, and the upcast result is the closer to float64."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 98, 4, 16, generator=gen) for _ in range(3))
+    index = make_index(2, 98, 2, device="cpu")
+    up = reference.window_attention_reference(*(t.to(dtype) for t in (q, k, v)), index, 49)
+    same = reference.window_attention_reference(*(t.to(dtype) for t in (q, k, v)), index, 49, upcast=False)
+    assert up.dtype == same.dtype == dtype
+    # inputs rounded to dtype are exact in float64: compare against those
+    exact = reference.window_attention_reference(*(t.to(dtype).double() for t in (q, k, v)), index, 49)
+    assert (up.double() - exact).abs().max() <= (same.double() - exact).abs().max()
