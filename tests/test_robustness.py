@@ -1,0 +1,111 @@
+"""Every backend computes the same function on any valid input (property-based), stays finite
+where the reference is, keeps a NaN inside its window, is bitwise deterministic, and works
+under autocast. Backends are those this install can run on this machine's device."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import rsir_kernels as rk
+from rsir_kernels import backends, reference
+
+from util import DEVICE, assert_matches_reference, make_index, make_qkv
+
+
+def runnable_backends(dtype=torch.float32):
+    probe = torch.empty(1, 1, 1, 16, device=DEVICE, dtype=dtype)
+    return [name for name in backends.names()
+            if backends.get(name).unavailable is None and backends.get(name).cannot_run(probe, 49) is None]
+
+
+def _fn(name):
+    return lambda q, k, v, index, n, scale=None: rk.window_attention(q, k, v, index, n, scale=scale, backend=name)
+
+
+# The Triton interpreter runs kernels in Python: fewer examples keep CI inside its time.
+EXAMPLES = {"triton": 8} if DEVICE == "cpu" else {}
+
+
+@st.composite
+def problems(draw, dtypes):
+    groups = draw(st.sampled_from([1, 2, 4]))
+    heads = groups * draw(st.integers(1, 2))
+    return dict(
+        batch=draw(st.integers(1, 2)), length=draw(st.integers(1, 80)), heads=heads, groups=groups,
+        dim=draw(st.sampled_from([8, 16, 24, 32, 40])), window=draw(st.sampled_from([1, 3, 16, 49, 64])),
+        dtype=draw(st.sampled_from(dtypes)), packed=draw(st.booleans()),
+        index_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        scale=draw(st.sampled_from([None, 0.1, 1.0])), seed=draw(st.integers(0, 2 ** 16)))
+
+
+def _check_problem(name, p):
+    q, k, v = make_qkv(p["batch"], p["length"], p["heads"], p["dim"], dtype=p["dtype"], packed=p["packed"],
+                       seed=p["seed"])
+    index = make_index(p["batch"], p["length"], p["groups"], dtype=p["index_dtype"], seed=p["seed"] + 1)
+    assert_matches_reference(_fn(name), q, k, v, index, p["window"], scale=p["scale"], seed=p["seed"] + 2)
+
+
+@pytest.mark.parametrize("name", runnable_backends())
+def test_property_every_backend_matches_reference(name):
+    dtypes = [d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+              if name in runnable_backends(d)]
+
+    @settings(max_examples=EXAMPLES.get(name, 25), deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(problems(dtypes))
+    def check(p):
+        _check_problem(name, p)
+
+    check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", runnable_backends())
+def test_large_inputs_do_not_overflow(name, dtype):
+    if name not in runnable_backends(dtype):
+        pytest.skip(f"{name} does not run {dtype}")
+    q, k, v = (t * 100 for t in make_qkv(2, 60, 4, 16, dtype=torch.float32, requires_grad=False))
+    index = make_index(2, 60, 2)
+    expected = reference.window_attention_reference(q, k, v, index, 49)
+    assert torch.isfinite(expected).all()
+    out = rk.window_attention(q.to(dtype), k.to(dtype), v.to(dtype), index, 49, backend=name)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", runnable_backends())
+def test_nan_stays_in_its_window(name):
+    length, n, heads, groups = 50, 7, 4, 2
+    q, k, v = (t.detach().clone() for t in make_qkv(1, length, heads, 8, packed=False, requires_grad=False))
+    index = make_index(1, length, groups)
+    token = int(index[0, 0, 10])      # window 1 of group 0 (heads 0 and 1)
+    v[0, token, 0] = float("nan")
+    out = rk.window_attention(q, k, v, index, n, backend=name)
+    window = index[0, 0, 7:14]
+    expected_nan = torch.zeros(length, heads, dtype=torch.bool, device=out.device)
+    expected_nan[window, 0] = True
+    assert torch.equal(torch.isnan(out[0]).any(-1), expected_nan)
+
+
+@pytest.mark.parametrize("name", runnable_backends())
+def test_bitwise_deterministic(name):
+    q, k, v = make_qkv(2, 103, 4, 16)
+    index = make_index(2, 103, 2)
+    dout = torch.randn(q.shape, device=q.device)
+    runs = []
+    for _ in range(2):
+        out = rk.window_attention(q, k, v, index, 49, backend=name)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_autocast_bf16_through_the_module():
+    torch.manual_seed(0)
+    module = rk.RSIRAttention(32, 4, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    x = torch.randn(2, 14, 14, 32, device=DEVICE)
+    expected = module(x)
+    module.generator.manual_seed(0)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+    out.float().sum().backward()
+    assert module.qkv.weight.grad is not None and torch.isfinite(module.qkv.weight.grad).all()
