@@ -3,8 +3,95 @@
 Builds the C++/CUDA extension rsir_kernels._C when a compiler works: the CPU part always,
 the CUDA part when torch has CUDA (torch.version.cuda) and nvcc is found, whether or not a
 GPU is present. No side effects: no git, no downloads.
+
+If the extension can't be built (no torch at build time, no compiler, a compile error),
+the pure-Python package still installs, with a warning: backend "cpp" then says it is
+unavailable and why. Set RSIR_REQUIRE_EXT=1 to make a failed build an error instead.
+Other knobs: RSIR_NO_CUDA=1 builds the CPU part only; TORCH_CUDA_ARCH_LIST overrides the
+default CUDA targets (sm_80 and sm_90, plus PTX for newer GPUs); MAX_JOBS limits ninja.
 """
+import os
+import shutil
+import sys
+
 from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext as _setuptools_build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+REQUIRE_EXT = os.environ.get("RSIR_REQUIRE_EXT", "0") not in ("", "0")
+
+
+def _warn(message):
+    print(f"warning: rsir_kernels: {message}; installing without the C++ extension "
+          "(backend 'cpp' unavailable)", file=sys.stderr)
+
+
+def _rel(*parts):
+    return os.path.join("csrc", *parts)  # setuptools wants paths relative to setup.py
+
+
+def _extensions():
+    """([Extension], BuildExtension class) or ([], None) when torch is not importable."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # noqa: BLE001  (any import failure: build the pure-Python package)
+        if REQUIRE_EXT:
+            raise
+        _warn(f"torch is not importable at build time ({exc}); use pip install --no-build-isolation")
+        return [], None
+
+    sources = [_rel("torch", "ops.cpp"), _rel("kernels", "cpu", "dispatch.cpp"),
+               _rel("kernels", "cpu", "kernel_generic.cpp"), _rel("kernels", "cpu", "kernel_avx_fma.cpp")]
+    cxx = ["-O3"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for runs on torch's OpenMP pool only when the caller is built with OpenMP.
+        cxx += ["-fopenmp"]
+        link += ["-fopenmp"]
+    define_macros = []
+    nvcc_home = cpp_extension.CUDA_HOME or (os.path.dirname(os.path.dirname(shutil.which("nvcc")))
+                                             if shutil.which("nvcc") else None)
+    with_cuda = (torch.version.cuda is not None and nvcc_home is not None
+                 and os.environ.get("RSIR_NO_CUDA", "0") in ("", "0"))
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
+                  extra_link_args=link)
+    if with_cuda:
+        sources += [_rel("torch", "ops_cuda.cpp"), _rel("kernels", "cuda", "window_attention.cu")]
+        define_macros.append(("RSIR_WITH_CUDA", None))
+        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                     "-gencode=arch=compute_90,code=compute_90"]
+        ext = cpp_extension.CUDAExtension("rsir_kernels._C", sources, define_macros=define_macros,
+                                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+    else:
+        ext = cpp_extension.CppExtension("rsir_kernels._C", sources, define_macros=define_macros,
+                                         extra_compile_args={"cxx": cxx}, **kwargs)
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension; a failed build warns and leaves the pure-Python package."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001  (CompileError, missing compiler, ...)
+                if REQUIRE_EXT:
+                    raise
+                _warn(f"the C++ extension failed to build ({type(exc).__name__}: {exc})")
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as exc:  # noqa: BLE001
+                if REQUIRE_EXT:
+                    raise
+                _warn(f"building {extension.name} failed ({type(exc).__name__}: {exc})")
+
+    return [ext], BuildExtension.with_options(no_python_abi_suffix=False)
+
+
+ext_modules, build_ext_cls = _extensions()
 
 setup(
     name="rsir_kernels",
@@ -14,4 +101,6 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={"triton": ["triton>=3.0"]},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext_cls or _setuptools_build_ext},
 )

@@ -56,7 +56,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     _validate(q, k, v, index, window_size, scale, backend)
     if q.numel() == 0:
         return q * 0 + k * 0 + v * 0  # empty, but connected to the graph
-    chosen, scale = _prepare(q, index, window_size, scale, backend, check_index)
+    chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
     return chosen.forward(q, k, v, index, window_size, scale)[0]
 
 
@@ -76,16 +76,18 @@ def window_attention_qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_si
     _validate(q, k, v, index, window_size, scale, backend)
     if q.numel() == 0:
         return q * 0 + k * 0 + v * 0
-    chosen, scale = _prepare(q, index, window_size, scale, backend, check_index)
+    chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
     return _qkvpacked(qkv, index, window_size, scale, chosen.name)[0]
 
 
 def _prepare(q, index, window_size, scale, backend, check_index):
-    """Validated inputs -> (the backend to run, the scale as a float)."""
+    """Validated inputs -> (the backend to run, index made contiguous, the scale as a float)."""
     if check_index and not torch.compiler.is_compiling():
         _check_index(index)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return choose_backend(backend, q, window_size), scale
+    # (B, G, L) integers: a copy only for an expanded or sliced index, and backends may then
+    # assume a contiguous one
+    return choose_backend(backend, q, window_size), index.contiguous(), scale
 
 
 @torch.library.custom_op("rsir::window_attention_qkvpacked", mutates_args=())

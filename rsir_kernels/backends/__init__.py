@@ -4,7 +4,8 @@ The contract every backend keeps (DESIGN.md section 1):
 
     forward(q, k, v, index, window_size, scale) -> (out, lse)
         q, k, v  (B, L, H, D), any strides, one dtype and device
-        index    (B, G, L) int32/int64, each row a permutation of 0..L-1
+        index    (B, G, L) int32/int64, contiguous, each row a permutation of 0..L-1
+                 (unchecked rows may hold anything: kernels mask rows outside 0..L-1)
         out      (B, L, H, D) contiguous, q's dtype, original token order
         lse      (B, H, L) contiguous, float32 (float64 for float64 inputs): the
                  log-sum-exp of each row's scaled scores, original token order

@@ -1,6 +1,66 @@
-"""The `cpp` backend (placeholder until the C++/CUDA extension lands)."""
+"""The `cpp` backend: the compiled extension rsir_kernels._C (csrc/).
+
+Ops rsir_ext::window_attention_fwd / window_attention_bwd, implemented in C++ for CPU
+(fp32, fp64, fp16, bf16; any head dim and window size) and, when the extension was built
+with CUDA, for CUDA (fp32, fp16, bf16; head dim <= 128, window <= 256). Their fake
+implementations are here. If the extension is missing, the backend registers as
+unavailable and says why and how to build it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
 from . import Backend, register
 
-register(Backend(name="cpp", forward_op="rsir_ext::window_attention_fwd",
-                 backward_op="rsir_ext::window_attention_bwd", priority={"cpu": 20, "cuda": 20},
-                 unavailable="the C++/CUDA extension is not built yet"))
+FORWARD_OP = "rsir_ext::window_attention_fwd"
+BACKWARD_OP = "rsir_ext::window_attention_bwd"
+CUDA_MAX_HEAD_DIM = 128
+CUDA_MAX_WINDOW = 256
+_BUILD_HINT = ("build it with `python setup.py build_ext --inplace` (or `make ext`) in the source tree, "
+               "or `pip install --no-build-isolation .`")
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers the rsir_ext ops)
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    _why = f"the C++ extension rsir_kernels._C did not load ({exc}); {_BUILD_HINT}"
+else:
+    _why = None
+
+WITH_CUDA = bool(getattr(_C, "with_cuda", 0))
+CPU_ISA = getattr(_C, "cpu_isa", None)
+
+
+def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
+    """None if the compiled kernels run these inputs, else why not."""
+    if q.device.type == "cpu":
+        return None
+    if q.device.type != "cuda":
+        return f"the C++ extension has no kernels for device {q.device.type!r}"
+    if not WITH_CUDA:
+        return ("the C++ extension was built without CUDA (torch without CUDA or no nvcc at build time); "
+                f"rebuild it with a CUDA torch and nvcc: {_BUILD_HINT}")
+    if q.dtype == torch.float64:
+        return "the CUDA kernels run float16, bfloat16 and float32, not float64"
+    if q.shape[-1] > CUDA_MAX_HEAD_DIM:
+        return f"the CUDA kernels take head dim <= {CUDA_MAX_HEAD_DIM}, got {q.shape[-1]}"
+    if min(window_size, q.shape[1]) > CUDA_MAX_WINDOW:
+        return f"the CUDA kernels take window_size <= {CUDA_MAX_WINDOW}, got {window_size}"
+    return None
+
+
+if _why is None:
+    from .reference import fake_backward, fake_forward
+
+    @torch.library.register_fake(FORWARD_OP)
+    def _(q, k, v, index, window_size, scale):
+        return fake_forward(q)
+
+    @torch.library.register_fake(BACKWARD_OP)
+    def _(dout, q, k, v, out, lse, index, window_size, scale):
+        return fake_backward(q)
+
+register(Backend(name="cpp", forward_op=FORWARD_OP, backward_op=BACKWARD_OP, priority={"cpu": 20, "cuda": 20},
+                 unavailable=_why, cannot_run=cannot_run))

@@ -1,6 +1,37 @@
-"""The `triton` backend (placeholder until the fused kernels land)."""
+"""The `triton` backend: fused gather-window-attention-scatter, forward and backward.
+
+kernels.py holds the @triton.jit kernels, launch.py the launchers and the torch.library ops
+rsir::window_attention_triton and rsir::window_attention_triton_backward. Runs on CUDA
+tensors; on CPU tensors only when TRITON_INTERPRET=1 was set before triton was imported
+(tests), and then never picked by backend="auto".
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
 from .. import Backend, register
 
-register(Backend(name="triton", forward_op="rsir::window_attention_triton",
-                 backward_op="rsir::window_attention_triton_backward", priority={"cuda": 30},
-                 unavailable="the fused Triton kernels are not built yet"))
+_NAME, _FWD, _BWD = "triton", "rsir::window_attention_triton", "rsir::window_attention_triton_backward"
+
+
+def _unavailable_reason():
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable: {type(exc).__name__}: {exc}"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "no CUDA device (on CPU only under TRITON_INTERPRET=1, set before triton is imported)"
+    return None
+
+
+_reason = _unavailable_reason()
+if _reason is None:
+    from . import launch
+
+    register(Backend(name=_NAME, forward_op=_FWD, backward_op=_BWD, priority={"cuda": 30},
+                     cannot_run=launch.cannot_run))
+else:
+    register(Backend(name=_NAME, forward_op=_FWD, backward_op=_BWD, priority={"cuda": 30},
+                     unavailable=_reason))
