@@ -72,9 +72,10 @@ def torch_window_attention(q, k, v, index, window_size, scale=None):
     qs, ks, vs = (t[b, idx, h] for t in (q, k, v))                         # (B, H, L, D)
     full = length - length % window_size
     outs = []
-    if full:
-        outs.append(F.scaled_dot_product_attention(
-            *(t[:, :, :full].unflatten(2, (-1, window_size)) for t in (qs, ks, vs)), scale=scale).flatten(2, 3))
+    if full:  # 4-D (B, H * nW, N, D): SDPA's fused CPU/CUDA kernels take 4-D inputs only
+        windows = (t[:, :, :full].reshape(batch, heads * (full // window_size), window_size, dim)
+                   for t in (qs, ks, vs))
+        outs.append(F.scaled_dot_product_attention(*windows, scale=scale).view(batch, heads, full, dim))
     if full < length:
         outs.append(F.scaled_dot_product_attention(qs[:, :, full:], ks[:, :, full:], vs[:, :, full:], scale=scale))
     out_s = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
@@ -94,5 +95,6 @@ def gather_windows(q, k, v, index, window_size):
 
 
 def sdpa_windows(qw, kw, vw, scale=None):
-    """SDPA on windows that are already gathered and contiguous (B, H, nW, N, D)."""
+    """SDPA on windows that are already gathered and contiguous: pass them 4-D,
+    (B, H * nW, N, D) (gather_windows(...)[i].flatten(1, 2)), as SDPA's fused kernels need."""
     return F.scaled_dot_product_attention(qw, kw, vw, scale=scale)

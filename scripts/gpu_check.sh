@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# The one command to run on a lent GPU machine (CUDA torch, triton, nvcc, ninja; no network):
+#
+#     bash scripts/gpu_check.sh OUTDIR
+#
+# Steps, each under `timeout`, all within GPU_CHECK_BUDGET seconds (default 570 = 9.5 min);
+# a failing step does not stop the others:
+#   1. info          nvidia-smi, versions, rsir_kernels.available_backends()
+#   2. build         python3 setup.py build_ext --inplace (the C++/CUDA extension)
+#   3. bench_attn    benchmarks/bench_attn.py with its GPU defaults (bf16, batch 64, RSIR-T)
+#   4. tests         python3 -m pytest tests -q (junit xml)
+#   5. bench_model   benchmarks/bench_model.py (RSIR-T 224x224, batch 64, bf16 autocast)
+#   6. sanitizers    compute-sanitizer memcheck and racecheck on the GPU tests of the C++/CUDA
+#                    backend (tests/test_cpp.py) and of the Triton backend (tests/test_triton.py),
+#                    when compute-sanitizer and the test file exist (skipped with a note if not)
+# The benchmarks come before the full test suite and the sanitizers, so that a slow step
+# late in the run can't cost the main job.
+#
+# OUTDIR receives at most 8 files (what a lent machine hands back): summary.txt (step exit
+# codes, times and the benchmark tables), gpu_check.tar.gz (every log and result),
+# bench_attn_cuda_bfloat16.json/.png, bench_model_cuda_bfloat16.json, junit.xml, tests.log, build.log.
+# GPU_CHECK_KEEP_ALL=1 copies every log into OUTDIR/all/ too.
+# Environment: PYTHON (default: scripts/pick_python.sh), GPU_CHECK_BUDGET (seconds),
+# BENCH_ATTN_ARGS / BENCH_MODEL_ARGS (extra arguments), SANITIZE_CPP / SANITIZE_TRITON
+# (the pytest arguments of the sanitizer runs), GPU_CHECK_SKIP (step names to skip, e.g.
+# "build tests" for a dry run of the script on a CPU machine).
+set -u
+
+if [ $# -lt 1 ]; then
+  echo "usage: bash scripts/gpu_check.sh OUTDIR" >&2
+  exit 2
+fi
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$1"
+OUTDIR=$(cd "$1" && pwd)
+cd "$ROOT" || exit 2
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+mkdir -p "$WORK/results"
+PY=${PYTHON:-$(bash scripts/pick_python.sh)}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+BUDGET=${GPU_CHECK_BUDGET:-570}
+START=$(date +%s)
+STEPS=()
+SUMMARY="$WORK/summary.txt"
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+# run_step NAME CAP RESERVE CMD...: runs CMD with a timeout of min(CAP, time left - RESERVE),
+# where RESERVE is kept for the steps after it; output in $WORK/NAME.log.
+run_step() {
+  local name=$1 cap=$2 reserve=$3
+  shift 3
+  case " ${GPU_CHECK_SKIP:-} " in *" $name "*) note_step "$name" "GPU_CHECK_SKIP"; return 0 ;; esac
+  local left=$(( START + BUDGET - $(date +%s) - reserve ))
+  local limit=$cap
+  if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  if [ "$limit" -lt 10 ]; then
+    echo "== $name: skipped, out of time" | tee -a "$WORK/$name.log"
+    STEPS+=("$name|skipped (out of time)|0")
+    return 0
+  fi
+  echo "== [$(elapsed)s] $name (timeout ${limit}s)"
+  local t0
+  t0=$(date +%s)
+  { echo "\$ $*"; echo; } > "$WORK/$name.log"
+  timeout -k 10 "$limit" "$@" >> "$WORK/$name.log" 2>&1
+  local rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  local what="exit $rc"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then what="exit $rc (timed out after ${limit}s)"; fi
+  STEPS+=("$name|$what|$took")
+  tail -n 4 "$WORK/$name.log" | sed 's/^/   | /'
+  return 0
+}
+
+note_step() {  # note_step NAME TEXT: a step that did not run, and why
+  echo "== $1: $2" | tee "$WORK/$1.log"
+  STEPS+=("$1|skipped ($2)|0")
+}
+
+# ---------------------------------------------------------------- 1. info
+run_step info 30 0 bash -c "
+  nvidia-smi || echo 'nvidia-smi: not found';
+  echo; '$PY' --version; command -v nvcc && nvcc --version | tail -n 2;
+  command -v compute-sanitizer || echo 'compute-sanitizer: not found';
+  '$PY' -c 'import torch, platform; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available() and torch.cuda.get_device_name())';
+  '$PY' -c 'import triton; print(\"triton\", triton.__version__)';
+  git -C '$ROOT' rev-parse HEAD 2>/dev/null; git -C '$ROOT' status --short 2>/dev/null | head -n 20"
+
+# ---------------------------------------------------------------- 2. build
+run_step build 180 300 "$PY" setup.py build_ext --inplace
+run_step backends 30 0 "$PY" -c "import rsir_kernels as rk; [print(f'{n:10s}', s) for n, s in rk.available_backends().items()]"
+
+# ---------------------------------------------------------------- 3. benchmarks of the primitive
+# shellcheck disable=SC2086
+run_step bench_attn 150 180 "$PY" benchmarks/bench_attn.py --no-progress --out "$WORK/results" ${BENCH_ATTN_ARGS:-}
+
+# ---------------------------------------------------------------- 4. the test suite on the GPU
+run_step tests 180 90 "$PY" -m pytest tests -q -ra --junitxml="$WORK/junit.xml"
+
+# ---------------------------------------------------------------- 5. the model
+# shellcheck disable=SC2086
+run_step bench_model 90 30 "$PY" benchmarks/bench_model.py --no-progress --out "$WORK/results" ${BENCH_MODEL_ARGS:-}
+
+# ---------------------------------------------------------------- 6. compute-sanitizer
+# The caching allocator would hide an out-of-bounds access inside a pooled block: off.
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)
+for tool in memcheck racecheck; do
+  for which in cpp triton; do
+    name="sanitize_${tool}_${which}"
+    file="tests/test_${which}.py"
+    if [ -z "$SAN" ]; then note_step "$name" "compute-sanitizer not found"; continue; fi
+    if [ ! -f "$file" ]; then note_step "$name" "$file does not exist yet"; continue; fi
+    if [ "$which" = cpp ]; then args=${SANITIZE_CPP:-"$file -k gpu -x -q"}; else args=${SANITIZE_TRITON:-"$file -k gpu -x -q"}; fi
+    # shellcheck disable=SC2086
+    run_step "$name" 75 0 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 99 \
+      "$PY" -m pytest $args
+  done
+done
+
+# ---------------------------------------------------------------- summary and bundle
+{
+  echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ)  commit $(git rev-parse HEAD 2>/dev/null || echo unknown)  total $(elapsed)s of ${BUDGET}s"
+  echo
+  printf '%-26s %-40s %s\n' step result seconds
+  for s in "${STEPS[@]}"; do
+    IFS='|' read -r n r t <<< "$s"
+    printf '%-26s %-40s %s\n' "$n" "$r" "$t"
+  done
+  for f in backends bench_attn bench_model; do
+    if [ -f "$WORK/$f.log" ]; then echo; echo "---- $f"; grep -v '^\s*\[' "$WORK/$f.log" | tail -n 60; fi
+  done
+  if [ -f "$WORK/tests.log" ]; then echo; echo "---- tests (tail)"; tail -n 25 "$WORK/tests.log"; fi
+  for f in "$WORK"/sanitize_*.log; do
+    [ -f "$f" ] && { echo; echo "---- $(basename "$f" .log) (tail)"; tail -n 8 "$f"; }
+  done
+} > "$SUMMARY"
+cat "$SUMMARY"
+
+tar -czf "$WORK.tar.gz" -C "$(dirname "$WORK")" "$(basename "$WORK")" 2>/dev/null
+cp "$WORK.tar.gz" "$OUTDIR/gpu_check.tar.gz"
+cp "$SUMMARY" "$OUTDIR/summary.txt"
+for f in "$WORK"/results/bench_attn_*.json "$WORK"/results/bench_attn_*.png \
+         "$WORK"/results/bench_model_*.json "$WORK/junit.xml" "$WORK/tests.log" "$WORK/build.log"; do
+  [ -f "$f" ] && cp "$f" "$OUTDIR/"
+done
+if [ "${GPU_CHECK_KEEP_ALL:-0}" = 1 ]; then mkdir -p "$OUTDIR/all" && cp -r "$WORK"/. "$OUTDIR/all/"; fi
+rm -rf "$WORK" "$WORK.tar.gz"
+echo "results in $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"
+
+failed=0
+for s in "${STEPS[@]}"; do
+  IFS='|' read -r n r t <<< "$s"
+  case "$r" in "exit 0"|skipped*) ;; *) failed=1 ;; esac
+done
+exit $failed

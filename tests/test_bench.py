@@ -1,0 +1,217 @@
+"""The benchmarks tell the truth: bench_attn.py --quick end to end, and the arithmetic of
+benchmarks/measure.py (bytes saved for backward, bandwidth) on hand-computed cases."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import measure  # noqa: E402
+
+
+# ---------------------------------------------------------------- bytes saved for backward
+
+def test_saved_bytes_of_a_product_counts_both_factors():
+    x = torch.randn(10, 3, requires_grad=True)      # 30 floats: 120 bytes
+    y = torch.randn(10, 3, requires_grad=True)
+    with measure.SavedTensorsCounter() as c:
+        z = x * y                                    # mul saves x and y
+    assert c.count == 2
+    assert c.nbytes == 2 * 30 * 4
+    assert c.nbytes_excluding(x) == 30 * 4
+    assert c.nbytes_excluding(x, y) == 0
+    z.sum().backward()                               # the hooks leave backward working
+    assert torch.equal(x.grad, y.detach())
+
+
+def test_saved_bytes_counts_one_storage_once():
+    packed = torch.randn(4, 2, 5, requires_grad=True)   # 40 floats: 160 bytes
+    a, b = packed.unbind(1)                               # two views of one storage
+    with measure.SavedTensorsCounter() as c:
+        out = a * b                                       # saves both views
+        out2 = a * a                                      # the same view twice
+    assert c.count == 4
+    assert c.nbytes == 160                                # one storage, counted once
+    (out + out2).sum().backward()
+    assert packed.grad is not None
+
+
+def test_saved_bytes_counts_the_whole_storage_of_a_view():
+    big = torch.randn(100)                                # 400 bytes
+    w = torch.randn(10, requires_grad=True)
+    view = big[:10]                                       # 40 bytes of elements, 400 of storage
+    with measure.SavedTensorsCounter() as c:
+        (w * view).sum()                                  # saves view only (w's gradient needs it;
+    assert c.count == 1                                   # view needs no gradient, so w is not saved)
+    assert c.nbytes == 400
+
+
+def test_saved_bytes_helper_and_no_grad():
+    x = torch.randn(8, 8, requires_grad=True)             # 256 bytes
+    total, without_inputs = measure.saved_bytes(lambda t: (t @ t).exp(), x, exclude=(x,))
+    # mm saves x (as both operands: one storage), exp saves its result (8 x 8 floats)
+    assert total == 256 + 256
+    assert without_inputs == 256
+    with torch.no_grad(), measure.SavedTensorsCounter() as c:
+        x * x
+    assert c.nbytes == 0
+
+
+# ---------------------------------------------------------------- bandwidth arithmetic
+
+def test_attention_io_bytes_by_hand():
+    # B=2, L=49, H=4, D=16, bf16: q, k, v, out each 2*49*4*16 = 6272 elements of 2 bytes
+    assert measure.attention_io_bytes(2, 49, 4, 16, 2) == 4 * 6272 * 2 == 50176
+
+
+def test_bandwidth_by_hand():
+    assert measure.copy_bytes(1000) == 2000
+    assert measure.bandwidth(3e9, 1e-3) == pytest.approx(3e12)           # 3 GB in 1 ms: 3 TB/s
+    # 1.5e9 bytes in 1 ms is 1.5 TB/s, half of a 3 TB/s copy
+    assert measure.bandwidth_fraction(1_500_000_000, 1e-3, 3e12) == pytest.approx(0.5)
+    assert measure.bandwidth_fraction(1, 1.0, None) != measure.bandwidth_fraction(1, 1.0, None)   # NaN
+    assert measure.bandwidth(1, 0.0) != measure.bandwidth(1, 0.0)
+
+
+def test_summarize_and_ratio():
+    s = measure.summarize([0.004, 0.001, 0.002, 0.003, 0.005])   # seconds
+    assert s["median"] == pytest.approx(3.0) and s["n"] == 5
+    assert s["min"] == pytest.approx(1.0) and s["max"] == pytest.approx(5.0)
+    assert s["q1"] == pytest.approx(2.0) and s["q3"] == pytest.approx(4.0) and s["iqr"] == pytest.approx(2.0)
+    assert measure.summarize([0.002])["iqr"] == 0
+    assert measure.ratio(6.0, 2.0) == 3.0
+    assert measure.ratio(None, 2.0) is None and measure.ratio(1.0, 0) is None
+
+
+def test_check_close():
+    exact = torch.randn(50, dtype=torch.float64)
+    assert measure.check_close(exact.float(), exact)[0]
+    assert not measure.check_close(exact.float() + 1e-2, exact)[0]
+    bad = exact.float().clone()
+    bad[3] = float("nan")
+    assert not measure.check_close(bad, exact)[0]
+    low = exact.bfloat16()
+    assert measure.check_close(low, exact, low)[0]                       # as good as itself
+    assert not measure.check_close(low + 0.5, exact, low)[0]
+    assert not measure.check_close(exact.float()[:10], exact)[0]         # shape
+
+
+# ---------------------------------------------------------------- the benchmark, end to end
+
+def _run(script, *args, timeout=240):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.pop("TRITON_INTERPRET", None)  # benchmarks never time the interpreter (it would be skipped anyway)
+    return subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_attn_quick(tmp_path):
+    proc = _run("bench_attn.py", "--quick", "--device", "cpu", "--no-progress", "--threads", "1",
+                "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "bench_attn_cpu_float32.json" in files, files
+    report = json.loads((tmp_path / "bench_attn_cpu_float32.json").read_text())
+
+    assert report["device"]["kind"] == "cpu" and report["device"]["name"]
+    assert report["versions"]["torch"] == torch.__version__ and "triton" in report["versions"]
+    assert report["git"]["commit"]
+    assert report["date"][:2] == "20"
+    assert report["args"]["quick"] is True and report["args"]["batch"] == 2
+    assert report["all_checks_passed"] is True
+    assert [s["stage"] for s in report["shapes"]] == [1, 4]
+    for shape in report["shapes"]:
+        names = [r["name"] for r in shape["rows"]]
+        assert {"reference", "paper", "torch", "sdpa-windows"} <= set(names), names
+        for r in shape["rows"]:
+            assert r["status"] == "ok" and r["check"]["passed"], r
+            for key in ("fwd_ms", "fwdbwd_ms"):
+                assert r[key]["median"] > 0 and r[key]["n"] >= 1 and r[key]["iqr"] >= 0
+            for key in ("speedup_vs_torch_fwd", "speedup_vs_torch_fwdbwd", "speedup_vs_paper_fwd",
+                        "ratio_to_sdpa_windows_fwd", "ratio_to_sdpa_windows_fwdbwd"):
+                assert r[key] > 0, (r["name"], key)
+            assert r["saved_bytes"] >= r["saved_bytes_excluding_inputs"] > 0
+        torch_row = next(r for r in shape["rows"] if r["name"] == "torch")
+        assert torch_row["speedup_vs_torch_fwd"] == pytest.approx(1.0)
+        # the packed qkv is saved by every path that keeps q, k, v: at least its size
+        qkv_bytes = 3 * shape["batch"] * shape["length"] * shape["channels"] * 4
+        assert shape["io_bytes"] == 4 * qkv_bytes // 3
+        ref = next(r for r in shape["rows"] if r["name"] == "reference")
+        assert ref["saved_bytes"] >= qkv_bytes
+        assert shape["index_check"]["backend"] in names and shape["index_check"]["fwd_checked_ms"]["median"] > 0
+    assert "reference" in proc.stdout and "x torch" in proc.stdout
+
+
+def test_bench_model_quick(tmp_path):
+    proc = _run("bench_model.py", "--quick", "--device", "cpu", "--no-progress", "--threads", "1",
+                "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "bench_model_cpu_float32.json").read_text())
+    assert report["device"]["kind"] == "cpu" and report["git"]["commit"]
+    rows = {r["backend"]: r for r in report["rows"]}
+    assert "reference" in rows
+    ref = rows["reference"]
+    assert ref["train_step_ms"]["median"] > 0 and ref["train_images_per_s"] > 0
+    assert ref["infer_images_per_s"] > 0 and ref["saved_bytes_per_image"] > 0
+
+
+@pytest.mark.gpu
+def test_bench_attn_quick_gpu(tmp_path):
+    """The CUDA paths: event timing, peak memory, copy bandwidth (bf16, the GPU defaults)."""
+    proc = _run("bench_attn.py", "--quick", "--device", "cuda", "--no-progress", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "bench_attn_cuda_bfloat16.json").read_text())
+    assert report["device"]["kind"] == "cuda" and report["all_checks_passed"] is True
+    copy = report["copy_bandwidth"]
+    assert copy["bytes_moved"] == 2 * copy["tensor_bytes"] and copy["bytes_per_s"] > 1e10
+    for shape in report["shapes"]:
+        for r in shape["rows"]:
+            assert r["peak_fwdbwd"]["peak_above_start_bytes"] > 0
+            assert 0 < r["copy_bw_fraction_fwd"] < 2, r["name"]   # io bytes / time over the copy bandwidth
+    assert "%copyBW" in proc.stdout
+
+
+# ---------------------------------------------------------------- the check and the FAILED path
+
+def test_check_row_catches_a_wrong_row_and_passes_the_baselines():
+    import bench_attn as ba
+    shape = ba.Shape(stage=1, height=14, width=14, channels=32, heads=2)
+    inp = ba.make_inputs(shape, 1, "cpu", torch.float32)
+    exact = ba.exact_reference(inp, torch.float64)
+    rows = {r.name: r for r in ba.baseline_rows(inp) + [ba.backend_row("reference", inp)]}
+    for name, row in rows.items():
+        assert ba.check_row(row, exact, None)["passed"], name
+    good = rows["torch"]
+    wrong = ba.Row("wrong", "backend", lambda qkv: good.fn(qkv) * 1.001, good.leaves, good.dout, good.expected)
+    result = ba.check_row(wrong, exact, None)
+    assert not result["passed"] and "FAILED" in result["detail"]
+
+    def boom(qkv):
+        raise RuntimeError("kernel exploded")
+    crashed = ba.check_row(ba.Row("boom", "backend", boom, good.leaves, good.dout, good.expected), exact, None)
+    assert not crashed["passed"] and "kernel exploded" in crashed["detail"]
+
+
+def test_table_prints_failed_rows_without_speedups():
+    import bench_attn as ba
+    timing = {"median": 2.0, "iqr": 0.1}
+    ok = {"name": "torch", "kind": "baseline", "status": "ok", "fwd_ms": timing, "fwdbwd_ms": timing,
+          "speedup_vs_torch_fwd": 1.0, "speedup_vs_torch_fwdbwd": 1.0, "speedup_vs_paper_fwd": None,
+          "ratio_to_sdpa_windows_fwd": None, "saved_bytes": 2 ** 20}
+    bad = {"name": "cpp", "kind": "backend", "status": "FAILED", "check": {"passed": False, "detail": "out: rel err 1"}}
+    report = {"device": {"kind": "cpu"}, "shapes": [{"stage": 1, "height": 56, "width": 56, "rows": [bad, ok],
+                                                     "index_check": None, "skipped_backends": {"triton": "no GPU"}}]}
+    table = ba.format_table(report)
+    line = next(line for line in table.splitlines() if " cpp " in line)
+    assert "FAILED" in line and line.split("FAILED", 1)[1].strip() == ""   # no figures after it
+    assert "cpp FAILED (not timed" in table and "triton not run: no GPU" in table
