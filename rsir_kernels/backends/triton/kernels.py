@@ -1,0 +1,340 @@
+"""@triton.jit kernels of the fused gather-window-attention-scatter, forward and backward.
+
+No torch in here: pointers, strides, sizes and constexpr tile shapes only (launch.py sets
+them up). Works with triton 3.6 and 3.9 (tl.dot(input_precision=...), tl.trans, tl.permute,
+tl.reshape, 3-D tl.dot, tl.exp2).
+
+Index space: row (b, g) of `index` is cut into segments of SEG consecutive positions, one per
+program (with HPP heads of group g). A segment is either
+  - one window in one BLOCK-row tile (SINGLE, WPP = 1),
+  - WPP > 1 tiny windows (N < 16) in one tile of WPP x NB slots (SINGLE and PACKED): row r is
+    slot r % NB of window r // NB, and the products run as batched 3-D dots, one batch per
+    window, so no product ever mixes two windows (a NaN stays in its window),
+  - or one window of N > BLOCK rows walked in BLOCK_M x BLOCK_N tiles (not SINGLE):
+    FlashAttention's online softmax in the forward, two deterministic passes in the backward.
+Every token row a program reads or writes belongs to it alone: no atomics, and bitwise
+deterministic results.
+
+A token index outside 0..L-1 is masked out: its row is neither loaded (it reads as zeros,
+and as a key it takes no part in any softmax) nor stored.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# BF16_FIX is set for bf16 inputs under TRITON_INTERPRET=1 only: the interpreter of triton
+# 3.9 gets bf16 tl.dot wrong and converts fp32 -> bf16 by truncation. With it, _mm multiplies
+# the same bf16 values in fp32 and _cast rounds to nearest even first, as the GPU does.
+
+
+@triton.jit
+def _mm(a, b, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
+    """a @ b, fp32 accumulation."""
+    if BF16_FIX:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, BF16_FIX: tl.constexpr):
+    """fp32 x -> dtype, rounding to nearest even."""
+    if BF16_FIX:
+        u = x.to(tl.uint32, bitcast=True)
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _tokens(idx_base, stride_il, pos, valid, L):
+    """Token ids at index positions `pos` (int64, 0 where masked) and which are usable."""
+    tok = tl.load(idx_base + pos.to(tl.int64) * stride_il, mask=valid, other=-1).to(tl.int64)
+    ok = valid & (tok >= 0) & (tok < L)
+    return tl.where(ok, tok, 0), ok
+
+
+@triton.jit
+def _segment_tokens(idx_base, stride_il, seg_start, seg_end, N, L, BLOCK: tl.constexpr,
+                    WPP: tl.constexpr, NB: tl.constexpr):
+    """Token ids of a SINGLE tile: row r is slot r % NB of the segment's window r // NB."""
+    offs = tl.arange(0, BLOCK)
+    if WPP == 1:
+        pos = seg_start + offs
+        valid = pos < seg_end
+    else:
+        slot = offs % NB
+        pos = seg_start + (offs // NB) * N + slot
+        valid = (slot < N) & (pos < seg_end)
+    return _tokens(idx_base, stride_il, pos, valid, L)
+
+
+# ALIGN (a power of two <= 16, from the launcher) divides every batch, token and head stride
+# of the row tensors, and their head-dim stride is 1 (else ALIGN is 1): the hints let Triton
+# vectorise row loads when D is not a multiple of 16 (D = 24: 8-element, 16-byte accesses).
+
+
+@triton.jit
+def _head_ptr(P, b, h, stride_b, stride_h, ALIGN: tl.constexpr):
+    return P + tl.multiple_of(b * stride_b + h * stride_h, ALIGN)
+
+
+@triton.jit
+def _load_rows(base, tok, ok, stride_l, stride_d, offs_d, D, ALIGN: tl.constexpr):
+    rows = tl.multiple_of(tok * stride_l, ALIGN)
+    ptrs = base + rows[:, None] + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _store_rows(base, tok, ok, stride_l, stride_d, offs_d, D, value, ALIGN: tl.constexpr):
+    rows = tl.multiple_of(tok * stride_l, ALIGN)
+    ptrs = base + rows[:, None] + offs_d[None, :] * stride_d
+    tl.store(ptrs, value, mask=ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _program_coords(num_mtiles, num_seg, num_chunks, G):
+    """Flat program id -> (query tile, segment, head chunk, group, batch); segment fastest."""
+    pid = tl.program_id(0)
+    mt = pid % num_mtiles
+    rest = pid // num_mtiles
+    seg = rest % num_seg
+    rest = rest // num_seg
+    chunk = rest % num_chunks
+    rest = rest // num_chunks
+    return mt, seg, chunk, rest % G, (rest // G).to(tl.int64)
+
+
+@triton.jit
+def _fwd_packed(q, k, v, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
+    """Softmax(q k^T) v of WPP windows of NB slots each, batched (3-D dots): no product ever
+    mixes two windows, so a NaN or inf stays in its own window. Returns 2-D (acc, m, l)."""
+    q3 = tl.reshape(q, (WPP, NB, BLOCK_D))
+    k3 = tl.reshape(k, (WPP, NB, BLOCK_D))
+    v3 = tl.reshape(v, (WPP, NB, BLOCK_D))
+    ok3 = tl.reshape(ok, (WPP, NB))
+    s = _mm(q3, tl.permute(k3, (0, 2, 1)), DOT_PREC, BF16_FIX) * qk_scale
+    s = tl.where(ok3[:, :, None] & ok3[:, None, :], s, float("-inf"))
+    m = tl.max(s, 2)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m[:, :, None])
+    l = tl.sum(p, 2)
+    acc = _mm(_cast(p, v.dtype, BF16_FIX), v3, DOT_PREC, BF16_FIX)
+    return tl.reshape(acc, (ROWS, BLOCK_D)), tl.reshape(m, (ROWS,)), tl.reshape(l, (ROWS,))
+
+
+@triton.jit
+def _bwd_packed(q, k, v, do, lse2, delta, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
+    """The backward of _fwd_packed: 2-D (dq, dk, dv) before the softmax scale of dq and dk."""
+    q3 = tl.reshape(q, (WPP, NB, BLOCK_D))
+    k3 = tl.reshape(k, (WPP, NB, BLOCK_D))
+    v3 = tl.reshape(v, (WPP, NB, BLOCK_D))
+    do3 = tl.reshape(do, (WPP, NB, BLOCK_D))
+    ok3 = tl.reshape(ok, (WPP, NB))
+    lse3 = tl.reshape(lse2, (WPP, NB))
+    delta3 = tl.reshape(delta, (WPP, NB))
+    s = _mm(q3, tl.permute(k3, (0, 2, 1)), DOT_PREC, BF16_FIX) * qk_scale
+    p = tl.where(ok3[:, :, None] & ok3[:, None, :], tl.exp2(s - lse3[:, :, None]), 0.0)
+    dp = _mm(do3, tl.permute(v3, (0, 2, 1)), DOT_PREC, BF16_FIX)
+    ds = _cast(p * (dp - delta3[:, :, None]), q.dtype, BF16_FIX)
+    p = _cast(p, q.dtype, BF16_FIX)
+    dv = _mm(tl.permute(p, (0, 2, 1)), do3, DOT_PREC, BF16_FIX)
+    dq = _mm(ds, k3, DOT_PREC, BF16_FIX)
+    dk = _mm(tl.permute(ds, (0, 2, 1)), q3, DOT_PREC, BF16_FIX)
+    return tl.reshape(dq, (ROWS, BLOCK_D)), tl.reshape(dk, (ROWS, BLOCK_D)), tl.reshape(dv, (ROWS, BLOCK_D))
+
+
+@triton.jit
+def window_attn_fwd_kernel(
+    Q, K, V, IDX, OUT, LSE,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_ib, stride_ig, stride_il,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_ll,
+    L, G, HG, N, SEG, num_seg, num_mtiles, num_chunks,
+    qk_scale,  # softmax scale * log2(e): scores live in the log2 domain
+    D: tl.constexpr, HPP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    BF16_FIX: tl.constexpr, ALIGN: tl.constexpr, NUM_TILES: tl.constexpr, WPP: tl.constexpr,
+    NB: tl.constexpr,
+):
+    mt, seg, chunk, g, b = _program_coords(num_mtiles, num_seg, num_chunks, G)
+    seg_start = seg * SEG
+    seg_end = tl.minimum(seg_start + SEG, L)
+    offs_d = tl.arange(0, BLOCK_D)
+    idx_base = IDX + b * stride_ib + g.to(tl.int64) * stride_ig
+    if SINGLE:  # the segment is one tile: its rows are both the queries and the keys
+        tok_m, ok_m = _segment_tokens(idx_base, stride_il, seg_start, seg_end, N, L, BLOCK_M, WPP, NB)
+    else:
+        pos_m = seg_start + mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, pos_m < seg_end, L)
+    for hh in tl.static_range(HPP):
+        h = (g * HG + chunk * HPP + hh).to(tl.int64)
+        qb = _head_ptr(Q, b, h, stride_qb, stride_qh, ALIGN)
+        kb = _head_ptr(K, b, h, stride_kb, stride_kh, ALIGN)
+        vb = _head_ptr(V, b, h, stride_vb, stride_vh, ALIGN)
+        q = _load_rows(qb, tok_m, ok_m, stride_ql, stride_qd, offs_d, D, ALIGN)
+        if SINGLE:
+            k = _load_rows(kb, tok_m, ok_m, stride_kl, stride_kd, offs_d, D, ALIGN)
+            v = _load_rows(vb, tok_m, ok_m, stride_vl, stride_vd, offs_d, D, ALIGN)
+            if PACKED:
+                acc, m, l = _fwd_packed(q, k, v, ok_m, qk_scale, WPP, NB, BLOCK_M, BLOCK_D, DOT_PREC, BF16_FIX)
+            else:
+                s = _mm(q, tl.trans(k), DOT_PREC, BF16_FIX) * qk_scale
+                s = tl.where(ok_m[:, None] & ok_m[None, :], s, float("-inf"))
+                m = tl.max(s, 1)
+                m = tl.where(m == float("-inf"), 0.0, m)  # masked rows have no key at all
+                p = tl.exp2(s - m[:, None])
+                l = tl.sum(p, 1)
+                acc = _mm(_cast(p, v.dtype, BF16_FIX), v, DOT_PREC, BF16_FIX)
+        else:  # online softmax over the window's key tiles
+            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for start_n in range(0, NUM_TILES * BLOCK_N, BLOCK_N):
+                pos_n = seg_start + start_n + tl.arange(0, BLOCK_N)
+                tok_n, ok_n = _tokens(idx_base, stride_il, pos_n, pos_n < seg_end, L)
+                k = _load_rows(kb, tok_n, ok_n, stride_kl, stride_kd, offs_d, D, ALIGN)
+                v = _load_rows(vb, tok_n, ok_n, stride_vl, stride_vd, offs_d, D, ALIGN)
+                s = _mm(q, tl.trans(k), DOT_PREC, BF16_FIX) * qk_scale
+                s = tl.where(ok_m[:, None] & ok_n[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_use)
+                p = tl.exp2(s - m_use[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _mm(_cast(p, v.dtype, BF16_FIX), v, DOT_PREC, BF16_FIX)
+                m = m_new
+            m = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.where(l == 0.0, 1.0, l)
+        out = _cast(acc / l[:, None], OUT.dtype.element_ty, BF16_FIX)
+        ob = _head_ptr(OUT, b, h, stride_ob, stride_oh, ALIGN)
+        _store_rows(ob, tok_m, ok_m, stride_ol, stride_od, offs_d, D, out, ALIGN)
+        lse = (m + tl.log2(l)) * LN2
+        tl.store(LSE + b * stride_lb + h * stride_lh + tok_m * stride_ll, lse, mask=ok_m)
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, lse2, delta, mask, qk_scale, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
+    """One query tile x one key tile: (P, dS) with P = exp(S - lse), dS = P * (dO V^T - delta)."""
+    s = _mm(q, tl.trans(k), DOT_PREC, BF16_FIX) * qk_scale
+    p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = _mm(do, tl.trans(v), DOT_PREC, BF16_FIX)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _query_rows(qb, dob, ob, lseb, tok, ok, stride_ql, stride_qd, stride_dol, stride_dod,
+                stride_ol, stride_od, stride_ll, offs_d, D, ALIGN: tl.constexpr):
+    """A query tile's q, dO, lse (log2 domain) and delta = rowsum(dO * O)."""
+    q = _load_rows(qb, tok, ok, stride_ql, stride_qd, offs_d, D, ALIGN)
+    do = _load_rows(dob, tok, ok, stride_dol, stride_dod, offs_d, D, ALIGN)
+    o = _load_rows(ob, tok, ok, stride_ol, stride_od, offs_d, D, ALIGN)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse = tl.load(lseb + tok * stride_ll, mask=ok, other=0.0)
+    return q, do, lse * LOG2E, delta
+
+
+@triton.jit
+def window_attn_bwd_kernel(
+    DO, Q, K, V, O, LSE, IDX, DQKV,
+    stride_dob, stride_dol, stride_doh, stride_dod,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_ll,
+    stride_ib, stride_ig, stride_il,
+    stride_gb, stride_gl, stride_gs, stride_gh, stride_gd,  # dqkv (B, L, 3, H, D)
+    L, G, HG, N, SEG, num_seg, num_chunks,
+    qk_scale, sm_scale,
+    D: tl.constexpr, HPP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    BF16_FIX: tl.constexpr, ALIGN: tl.constexpr, NUM_TILES: tl.constexpr, WPP: tl.constexpr,
+    NB: tl.constexpr,
+):
+    _, seg, chunk, g, b = _program_coords(1, num_seg, num_chunks, G)
+    seg_start = seg * SEG
+    seg_end = tl.minimum(seg_start + SEG, L)
+    offs_d = tl.arange(0, BLOCK_D)
+    idx_base = IDX + b * stride_ib + g.to(tl.int64) * stride_ig
+    out_ty = DQKV.dtype.element_ty
+    if SINGLE:
+        tok, ok = _segment_tokens(idx_base, stride_il, seg_start, seg_end, N, L, BLOCK_M, WPP, NB)
+    for hh in tl.static_range(HPP):
+        h = (g * HG + chunk * HPP + hh).to(tl.int64)
+        qb = _head_ptr(Q, b, h, stride_qb, stride_qh, ALIGN)
+        kb = _head_ptr(K, b, h, stride_kb, stride_kh, ALIGN)
+        vb = _head_ptr(V, b, h, stride_vb, stride_vh, ALIGN)
+        dob = _head_ptr(DO, b, h, stride_dob, stride_doh, ALIGN)
+        ob = _head_ptr(O, b, h, stride_ob, stride_oh, ALIGN)
+        lseb = LSE + b * stride_lb + h * stride_lh
+        dqb = _head_ptr(DQKV, b, h, stride_gb, stride_gh, ALIGN)
+        dkb = dqb + tl.multiple_of(stride_gs, ALIGN)
+        dvb = dqb + tl.multiple_of(2 * stride_gs, ALIGN)
+        if SINGLE:
+            q, do, lse2, delta = _query_rows(qb, dob, ob, lseb, tok, ok, stride_ql, stride_qd, stride_dol,
+                                             stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN)
+            k = _load_rows(kb, tok, ok, stride_kl, stride_kd, offs_d, D, ALIGN)
+            v = _load_rows(vb, tok, ok, stride_vl, stride_vd, offs_d, D, ALIGN)
+            if PACKED:
+                dq, dk, dv = _bwd_packed(q, k, v, do, lse2, delta, ok, qk_scale, WPP, NB, BLOCK_M, BLOCK_D,
+                                         DOT_PREC, BF16_FIX)
+            else:
+                p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok[:, None] & ok[None, :], qk_scale,
+                                  DOT_PREC, BF16_FIX)
+                p = _cast(p, q.dtype, BF16_FIX)
+                ds = _cast(ds, q.dtype, BF16_FIX)
+                dv = _mm(tl.trans(p), do, DOT_PREC, BF16_FIX)
+                dq = _mm(ds, k, DOT_PREC, BF16_FIX)
+                dk = _mm(tl.trans(ds), q, DOT_PREC, BF16_FIX)
+            dq = dq * sm_scale
+            dk = dk * sm_scale
+            _store_rows(dqb, tok, ok, stride_gl, stride_gd, offs_d, D, _cast(dq, out_ty, BF16_FIX), ALIGN)
+            _store_rows(dkb, tok, ok, stride_gl, stride_gd, offs_d, D, _cast(dk, out_ty, BF16_FIX), ALIGN)
+            _store_rows(dvb, tok, ok, stride_gl, stride_gd, offs_d, D, _cast(dv, out_ty, BF16_FIX), ALIGN)
+        else:
+            # pass 1, key tiles outer: dK, dV; pass 2, query tiles outer: dQ (recomputes P)
+            for start_n in range(0, NUM_TILES * BLOCK_N, BLOCK_N):
+                pos_n = seg_start + start_n + tl.arange(0, BLOCK_N)
+                tok_n, ok_n = _tokens(idx_base, stride_il, pos_n, pos_n < seg_end, L)
+                k = _load_rows(kb, tok_n, ok_n, stride_kl, stride_kd, offs_d, D, ALIGN)
+                v = _load_rows(vb, tok_n, ok_n, stride_vl, stride_vd, offs_d, D, ALIGN)
+                dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                for start_m in range(0, NUM_TILES * BLOCK_M, BLOCK_M):
+                    pos_m = seg_start + start_m + tl.arange(0, BLOCK_M)
+                    tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, pos_m < seg_end, L)
+                    q, do, lse2, delta = _query_rows(qb, dob, ob, lseb, tok_m, ok_m, stride_ql, stride_qd, stride_dol,
+                                                     stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN)
+                    p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
+                                      DOT_PREC, BF16_FIX)
+                    dv += _mm(tl.trans(_cast(p, q.dtype, BF16_FIX)), do, DOT_PREC, BF16_FIX)
+                    dk += _mm(tl.trans(_cast(ds, q.dtype, BF16_FIX)), q, DOT_PREC, BF16_FIX)
+                _store_rows(dkb, tok_n, ok_n, stride_gl, stride_gd, offs_d, D,
+                            _cast(dk * sm_scale, out_ty, BF16_FIX), ALIGN)
+                _store_rows(dvb, tok_n, ok_n, stride_gl, stride_gd, offs_d, D, _cast(dv, out_ty, BF16_FIX), ALIGN)
+            for start_m in range(0, NUM_TILES * BLOCK_M, BLOCK_M):
+                pos_m = seg_start + start_m + tl.arange(0, BLOCK_M)
+                tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, pos_m < seg_end, L)
+                q, do, lse2, delta = _query_rows(qb, dob, ob, lseb, tok_m, ok_m, stride_ql, stride_qd, stride_dol,
+                                                 stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN)
+                dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                for start_n in range(0, NUM_TILES * BLOCK_N, BLOCK_N):
+                    pos_n = seg_start + start_n + tl.arange(0, BLOCK_N)
+                    tok_n, ok_n = _tokens(idx_base, stride_il, pos_n, pos_n < seg_end, L)
+                    k = _load_rows(kb, tok_n, ok_n, stride_kl, stride_kd, offs_d, D, ALIGN)
+                    v = _load_rows(vb, tok_n, ok_n, stride_vl, stride_vd, offs_d, D, ALIGN)
+                    p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
+                                      DOT_PREC, BF16_FIX)
+                    dq += _mm(_cast(ds, q.dtype, BF16_FIX), k, DOT_PREC, BF16_FIX)
+                _store_rows(dqb, tok_m, ok_m, stride_gl, stride_gd, offs_d, D,
+                            _cast(dq * sm_scale, out_ty, BF16_FIX), ALIGN)

@@ -1,0 +1,210 @@
+"""Launchers of the Triton kernels and their torch.library ops.
+
+`forward_into` / `backward_into` write into caller-given buffers (tests poison them with NaN
+first); the ops `rsir::window_attention_triton` and `rsir::window_attention_triton_backward`
+allocate with torch.empty and call them. The ops are `torch.library.custom_op` with
+`register_fake` (DESIGN.md section 6: this registration runs eagerly, under
+torch.compile(fullgraph=True) and passes opcheck, with the interpreter as on a GPU).
+Inputs are assumed valid (rsir_kernels.ops checks them); the kernels still mask every load
+and store by the token index, so a bad index never touches memory out of bounds.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from ..reference import fake_backward, fake_forward
+from .kernels import window_attn_bwd_kernel, window_attn_fwd_kernel
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_HEAD_DIM = 128
+MAX_WINDOW = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """How a launch tiles the work (see kernels.py): `seg` index positions per program, in one
+    block_m (= block_n) tile when `single`, else walked in block_m x block_n tiles."""
+    window: int      # effective window size min(N, L)
+    seg: int         # index positions per program: `seg // window` whole windows
+    block_m: int
+    block_n: int
+    block_d: int
+    heads_per_program: int
+    single: bool
+    windows_per_program: int  # > 1: that many windows of 16 slots each, batched 3-D dots
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=None)
+def _min_programs(device: torch.device) -> int:
+    """Programs a launch should have to fill the GPU (a few per SM); 1 under the interpreter."""
+    if device.type != "cuda" or INTERPRET:
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def make_config(batch: int, length: int, heads: int, groups: int, dim: int, window_size: int,
+                dtype: torch.dtype, device: torch.device, tile: Optional[int] = None) -> Config:
+    """The launch shape for these sizes; `tile` forces the multi-tile path with that tile (tests)."""
+    n = min(window_size, length)
+    block_d = max(16, triton.next_power_of_2(dim))
+    # fp32 tiles take twice the registers and its ieee dots run on FMA units: smaller tiles
+    max_tile = 8192 if dtype != torch.float32 else 2048
+    # tiny windows: several per program (~32 tokens, at most 8 windows), each window in its
+    # own 16-slot batch of 3-D dots
+    wpp = 1
+    if n < 16 and tile is None:
+        wpp = min(triton.next_power_of_2(triton.cdiv(32, n)), triton.next_power_of_2(triton.cdiv(length, n)),
+                  max(1, max_tile // (16 * block_d)), 8)
+    block = 16 * wpp if wpp > 1 else max(16, triton.next_power_of_2(n))
+    single = tile is None and block <= 128 and block * block_d <= max_tile
+    if not single:
+        wpp, block = 1, tile or (64 if dtype != torch.float32 or block_d <= 32 else 32)
+    # a tile's registers grow with block * (block + block_d): 2 to 8 warps (no spills on sm_90
+    # for bf16 in an offline compile, except a little for head dim 128 backward)
+    num_warps = (2 if block_d <= 64 else 4) if block <= 32 else (4 if block <= 64 and block_d <= 64 else 8)
+    if dtype == torch.float32:  # fp32 tiles and FMA dots: twice the registers
+        num_warps = min(8, 2 * num_warps)
+    # heads of one group share the token indices: several per program while the grid stays full
+    per_group = heads // groups
+    hpp = 1
+    if single:
+        programs = batch * groups * triton.cdiv(length, wpp * n)
+        for cand in range(min(per_group, 8), 0, -1):
+            if per_group % cand == 0 and programs * (per_group // cand) >= _min_programs(device):
+                hpp = cand
+                break
+    return Config(window=n, seg=wpp * n, block_m=block, block_n=block, block_d=block_d,
+                  heads_per_program=hpp, single=single, windows_per_program=wpp, num_warps=num_warps)
+
+
+def _dot_precision(dtype: torch.dtype):
+    return "ieee" if dtype == torch.float32 else None  # fp32: no tf32, for the 1e-5 tolerance
+
+
+def _row_align(*tensors) -> int:
+    """Largest power of two <= 16 dividing every stride but the last (which must be 1) of the
+    row tensors: the kernels' alignment hint (kernels.py, ALIGN)."""
+    align = 16
+    for t in tensors:
+        if t.stride(-1) != 1:
+            return 1
+        for s in t.stride()[:-1]:
+            align = math.gcd(align, s)
+    return align
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _grid_sizes(q, index, cfg: Config):
+    batch, length, heads, _ = q.shape
+    groups = index.shape[1]
+    num_seg = triton.cdiv(length, cfg.seg)
+    num_chunks = heads // groups // cfg.heads_per_program
+    return batch, length, groups, heads // groups, num_seg, num_chunks
+
+
+def forward_into(q, k, v, index, window_size: int, scale: float, out, lse,
+                 config: Optional[Config] = None) -> None:
+    """Writes out (B, L, H, D) and lse (B, H, L) float32, both in the original token order."""
+    batch, length, heads, dim = q.shape
+    cfg = config or make_config(batch, length, heads, index.shape[1], dim, window_size, q.dtype, q.device)
+    batch, length, groups, per_group, num_seg, num_chunks = _grid_sizes(q, index, cfg)
+    num_mtiles = 1 if cfg.single else triton.cdiv(cfg.seg, cfg.block_m)
+    grid = (num_mtiles * num_seg * num_chunks * groups * batch,)
+    if grid[0] == 0:
+        return
+    with _device_guard(q):
+        window_attn_fwd_kernel[grid](
+            q, k, v, index, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *index.stride(), *out.stride(), *lse.stride(),
+            length, groups, per_group, cfg.window, cfg.seg, num_seg, num_mtiles, num_chunks,
+            float(scale) * math.log2(math.e),
+            D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
+            DOT_PREC=_dot_precision(q.dtype), BF16_FIX=INTERPRET and q.dtype == torch.bfloat16,
+            ALIGN=_row_align(q, k, v, out), NUM_TILES=triton.cdiv(cfg.seg, cfg.block_m),
+            WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
+            num_warps=cfg.num_warps, num_stages=1 if cfg.single else 2)
+
+
+def backward_into(dout, q, k, v, out, lse, index, window_size: int, scale: float, dqkv,
+                  config: Optional[Config] = None) -> None:
+    """Writes dq, dk, dv into dqkv (B, L, 3, H, D), each row at its original token position."""
+    batch, length, heads, dim = q.shape
+    cfg = config or make_config(batch, length, heads, index.shape[1], dim, window_size, q.dtype, q.device)
+    batch, length, groups, per_group, num_seg, num_chunks = _grid_sizes(q, index, cfg)
+    grid = (num_seg * num_chunks * groups * batch,)
+    if grid[0] == 0:
+        return
+    with _device_guard(q):
+        window_attn_bwd_kernel[grid](
+            dout, q, k, v, out, lse, index, dqkv,
+            *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            *index.stride(), *dqkv.stride(),
+            length, groups, per_group, cfg.window, cfg.seg, num_seg, num_chunks,
+            float(scale) * math.log2(math.e), float(scale),
+            D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
+            DOT_PREC=_dot_precision(q.dtype), BF16_FIX=INTERPRET and q.dtype == torch.bfloat16,
+            ALIGN=_row_align(dout, q, k, v, out, dqkv), NUM_TILES=triton.cdiv(cfg.seg, cfg.block_m),
+            WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
+            num_warps=cfg.num_warps,
+            num_stages=1 if cfg.single else 2)
+
+
+def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
+    """Why the Triton kernels can't run these inputs, or None."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32 only)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if min(window_size, q.shape[1]) > MAX_WINDOW:
+        return f"window size {window_size} > {MAX_WINDOW}"
+    if q.device.type == "cpu":
+        return None if INTERPRET else "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)"
+    if q.device.type != "cuda":
+        return f"device type {q.device.type!r} is not supported (CUDA only)"
+    return None
+
+
+# ---------------------------------------------------------------- the ops
+
+@torch.library.custom_op("rsir::window_attention_triton", mutates_args=())
+def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                         window_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    forward_into(q, k, v, index, window_size, scale, out, lse)
+    return out, lse
+
+
+@window_attention_fwd.register_fake
+def _(q, k, v, index, window_size, scale):
+    return fake_forward(q)
+
+
+@torch.library.custom_op("rsir::window_attention_triton_backward", mutates_args=())
+def window_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor,
+                         window_size: int, scale: float) -> torch.Tensor:
+    batch, length, heads, dim = q.shape
+    dqkv = torch.empty((batch, length, 3, heads, dim), dtype=q.dtype, device=q.device)
+    backward_into(dout, q, k, v, out, lse, index, window_size, scale, dqkv)
+    return dqkv
+
+
+@window_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, index, window_size, scale):
+    return fake_backward(q)
