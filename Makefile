@@ -22,7 +22,9 @@ ext: env
 
 # C++ unit tests of the torch-free cores (CMake + ctest).
 ctest:
-	@echo "ctest: no C++ cores yet"
+	cmake -S . -B build/cmake -DRSIR_SANITIZE=ON -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/cmake -j2
+	ctest --test-dir build/cmake --output-on-failure
 
 test: env ext ctest
 	$(PYTHON) -m pytest tests -q

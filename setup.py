@@ -11,7 +11,6 @@ Other knobs: RSIR_NO_CUDA=1 builds the CPU part only; TORCH_CUDA_ARCH_LIST overr
 default CUDA targets (sm_80 and sm_90, plus PTX for newer GPUs); MAX_JOBS limits ninja.
 """
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -42,51 +41,52 @@ def _extensions():
         return [], None
 
     sources = [_rel("torch", "ops.cpp"), _rel("kernels", "cpu", "dispatch.cpp"),
-               _rel("kernels", "cpu", "kernel_generic.cpp"), _rel("kernels", "cpu", "kernel_avx_fma.cpp")]
-    cxx = ["-O3"]
+               _rel("kernels", "cpu", "kernel_generic.cpp"), _rel("kernels", "cpu", "kernel_avx2.cpp")]
+    cxx = ["-O3", "-Wno-psabi"]
     link = []
     if sys.platform.startswith("linux"):
         # at::parallel_for runs on torch's OpenMP pool only when the caller is built with OpenMP.
         cxx += ["-fopenmp"]
         link += ["-fopenmp"]
-    define_macros = []
-    nvcc_home = cpp_extension.CUDA_HOME or (os.path.dirname(os.path.dirname(shutil.which("nvcc")))
-                                             if shutil.which("nvcc") else None)
-    with_cuda = (torch.version.cuda is not None and nvcc_home is not None
-                 and os.environ.get("RSIR_NO_CUDA", "0") in ("", "0"))
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
                   extra_link_args=link)
+    cpu_ext = cpp_extension.CppExtension("rsir_kernels._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+    # CUDA: from torch's CUDA version and nvcc (torch's CUDA_HOME), never from a GPU being present.
+    with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+                 and os.environ.get("RSIR_NO_CUDA", "0") in ("", "0"))
+    ext = cpu_ext
     if with_cuda:
-        sources += [_rel("torch", "ops_cuda.cpp"), _rel("kernels", "cuda", "window_attention.cu")]
-        define_macros.append(("RSIR_WITH_CUDA", None))
         nvcc = ["-O3", "-std=c++17", "-lineinfo"]
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                      "-gencode=arch=compute_90,code=compute_90"]
-        ext = cpp_extension.CUDAExtension("rsir_kernels._C", sources, define_macros=define_macros,
-                                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
-    else:
-        ext = cpp_extension.CppExtension("rsir_kernels._C", sources, define_macros=define_macros,
-                                         extra_compile_args={"cxx": cxx}, **kwargs)
+        cuda_sources = [_rel("torch", "ops_cuda.cpp"), _rel("kernels", "cuda", "window_attention.cu")]
+        ext = cpp_extension.CUDAExtension(
+            "rsir_kernels._C", sources + cuda_sources,
+            define_macros=[("RSIR_WITH_CUDA", None)], extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
 
     class BuildExtension(cpp_extension.BuildExtension):
-        """torch's BuildExtension; a failed build warns and leaves the pure-Python package."""
+        """torch's BuildExtension; a failed CUDA build falls back to the CPU part, and a failed
+        CPU build warns and leaves the pure-Python package (unless RSIR_REQUIRE_EXT=1)."""
 
         def run(self):
             try:
                 super().run()
+                return
             except Exception as exc:  # noqa: BLE001  (CompileError, missing compiler, ...)
                 if REQUIRE_EXT:
                     raise
-                _warn(f"the C++ extension failed to build ({type(exc).__name__}: {exc})")
-
-        def build_extension(self, extension):
-            try:
-                super().build_extension(extension)
-            except Exception as exc:  # noqa: BLE001
-                if REQUIRE_EXT:
-                    raise
-                _warn(f"building {extension.name} failed ({type(exc).__name__}: {exc})")
+                error = exc
+            if self.extensions and self.extensions[0] is not cpu_ext:
+                print(f"warning: rsir_kernels: the CUDA build failed ({type(error).__name__}: {error}); "
+                      "building the CPU part only", file=sys.stderr)
+                self.extensions = [cpu_ext]
+                try:
+                    super().run()
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+            _warn(f"the C++ extension failed to build ({type(error).__name__}: {error})")
 
     return [ext], BuildExtension.with_options(no_python_abi_suffix=False)
 

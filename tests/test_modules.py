@@ -97,9 +97,13 @@ def test_gradients_reach_every_parameter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
-def test_compile_fullgraph_matches_eager(monkeypatch):
+def test_compile_fullgraph_matches_eager():
     import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config, "fallback_random", True)  # eager's RNG stream in compiled code
+    with inductor_config.patch(fallback_random=True):  # eager's RNG stream in compiled code
+        _compile_fullgraph_matches_eager()
+
+
+def _compile_fullgraph_matches_eager():
     torch.manual_seed(0)
     module = rk.RSIRAttention(32, 4)
     x = torch.randn(2, 14, 14, 32, requires_grad=True)

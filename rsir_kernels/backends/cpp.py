@@ -8,6 +8,7 @@ unavailable and says why and how to build it.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -21,8 +22,8 @@ CUDA_MAX_WINDOW = 256
 _BUILD_HINT = ("build it with `python setup.py build_ext --inplace` (or `make ext`) in the source tree, "
                "or `pip install --no-build-isolation .`")
 
-try:
-    from .. import _C  # noqa: F401  (loading the library registers the rsir_ext ops)
+try:  # loading the library registers the rsir_ext ops
+    _C = importlib.import_module(__name__.rsplit(".", 2)[0] + "._C")
 except ImportError as exc:  # not built, or built against another torch
     _C = None
     _why = f"the C++ extension rsir_kernels._C did not load ({exc}); {_BUILD_HINT}"

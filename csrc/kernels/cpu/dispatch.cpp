@@ -1,0 +1,84 @@
+// Run-time choice of the kernel build for this processor, and the per-thread scratch.
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+#include "rsir/params.h"
+#include "window_attention_cpu.h"
+
+namespace rsir {
+namespace cpu {
+
+namespace generic {
+void forward(const WindowAttentionParams& p, int64_t begin, int64_t end);
+void backward(const WindowAttentionParams& p, int64_t begin, int64_t end);
+}  // namespace generic
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define RSIR_X86_DISPATCH 1
+namespace avx2 {
+void forward(const WindowAttentionParams& p, int64_t begin, int64_t end);
+void backward(const WindowAttentionParams& p, int64_t begin, int64_t end);
+}  // namespace avx2
+#else
+#define RSIR_X86_DISPATCH 0
+#endif
+
+namespace {
+
+using Kernel = void (*)(const WindowAttentionParams&, int64_t, int64_t);
+
+struct Table {
+  Kernel forward, backward;
+  const char* name;
+};
+
+Table pick() {
+#if RSIR_X86_DISPATCH
+  const char* force = std::getenv("RSIR_CPU_ISA");  // "generic" forces the baseline build
+  const bool generic_only = force && force[0] == 'g';
+  __builtin_cpu_init();
+  if (!generic_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return {avx2::forward, avx2::backward, "avx2+fma"};
+#endif
+  return {generic::forward, generic::backward, "generic"};
+}
+
+const Table& table() {
+  static const Table t = pick();
+  return t;
+}
+
+struct Scratch {
+  void* ptr = nullptr;
+  int64_t bytes = 0;
+  ~Scratch() { std::free(ptr); }
+};
+
+}  // namespace
+
+void* thread_scratch(int64_t bytes) {
+  thread_local Scratch s;
+  if (bytes > s.bytes) {
+    std::free(s.ptr);
+    const int64_t rounded = (bytes + 4095) / 4096 * 4096;
+    s.ptr = std::aligned_alloc(64, (size_t)rounded);
+    if (!s.ptr) {
+      s.bytes = 0;
+      throw std::bad_alloc();
+    }
+    s.bytes = rounded;
+  }
+  return s.ptr;
+}
+
+int64_t num_work_items(const WindowAttentionParams& p) { return p.B * p.G * p.num_windows(); }
+
+void run_forward(const WindowAttentionParams& p, int64_t begin, int64_t end) { table().forward(p, begin, end); }
+
+void run_backward(const WindowAttentionParams& p, int64_t begin, int64_t end) { table().backward(p, begin, end); }
+
+const char* isa_name() { return table().name; }
+
+}  // namespace cpu
+}  // namespace rsir

@@ -1,0 +1,402 @@
+// CUDA kernels of the window attention (see window_attention_cuda.h).
+//
+// Block (w, h, b): the window's token ids go to shared memory (invalid index values become
+// -1 and are skipped). Keys (and values) are staged in shared-memory tiles of `tk` rows,
+// padded to D + 1 floats per row so that lanes reading different rows hit different banks.
+// A warp takes one query row at a time: lane l scores keys l, l + 32, ... of the tile,
+// online softmax across tiles (max / sum by warp shuffles), and lane l accumulates output
+// dims l, l + 32, ... (DPL = ceil(D / 32) per lane). The backward runs the same loop twice:
+// per query row for dq (keys and values tiled), per key row for dk and dv (queries and
+// output gradients tiled), recomputing P from the saved log-sum-exp.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "window_attention_cuda.h"
+
+namespace rsir {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kSmemBudget = 48 * 1024;  // no opt-in needed on any GPU
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__device__ __forceinline__ int64_t row_offset(const int64_t* s, int64_t b, int64_t t, int64_t h) {
+  return b * s[0] + t * s[1] + h * s[2];
+}
+
+// Shared-memory layout (floats unless said), the same for every kernel:
+//   tok[N] (int), lse[N], delta[N], tileA[tk][D+1], tileB[tk][D+1], then per warp:
+//   rowA[D], rowB[D], bufA[tk], bufB[tk].
+struct Layout {
+  int tk;
+  size_t bytes;
+};
+
+__host__ __device__ inline size_t smem_bytes(int n, int d, int tk) {
+  return sizeof(float) * (3 * (size_t)n + 2 * (size_t)tk * (d + 1) + (size_t)kWarps * (2 * d + 2 * tk));
+}
+
+inline Layout pick_layout(int n, int d) {
+  int tk = (n + 7) / 8 * 8;
+  while (tk > 8 && smem_bytes(n, d, tk) > (size_t)kSmemBudget) tk -= 8;
+  return {tk, smem_bytes(n, d, tk)};
+}
+
+struct Smem {
+  int* tok;
+  float *lse, *delta, *tileA, *tileB, *rowA, *rowB, *bufA, *bufB;
+};
+
+__device__ inline Smem carve(float* base, int n, int d, int tk, int warp) {
+  Smem s;
+  s.tok = reinterpret_cast<int*>(base);
+  s.lse = base + n;
+  s.delta = s.lse + n;
+  s.tileA = s.delta + n;
+  s.tileB = s.tileA + (size_t)tk * (d + 1);
+  float* w = s.tileB + (size_t)tk * (d + 1) + (size_t)warp * (2 * d + 2 * tk);
+  s.rowA = w;
+  s.rowB = w + d;
+  s.bufA = w + 2 * d;
+  s.bufB = w + 2 * d + tk;
+  return s;
+}
+
+// Token ids of window w (index values outside 0..L-1 become -1); returns the window's length.
+__device__ inline int load_tokens(const WindowAttentionParams& p, int* tok, int64_t b, int64_t g, int64_t w) {
+  const int64_t start = w * p.N;
+  const int n = (int)min((int64_t)p.N, p.L - start);
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const int64_t off = b * p.index_stride[0] + g * p.index_stride[1] + (start + j) * p.index_stride[2];
+    const int64_t t = p.index_bytes == 4 ? (int64_t) static_cast<const int32_t*>(p.index)[off]
+                                         : static_cast<const int64_t*>(p.index)[off];
+    tok[j] = (t >= 0 && t < p.L) ? (int)t : -1;
+  }
+  return n;
+}
+
+// tile[r][d] = x[b, tok[j0 + r], h, d] as float (rows of invalid tokens: 0).
+template <class T>
+__device__ inline void load_tile(float* tile, const T* x, const int64_t* s, const int* tok, int j0, int rows,
+                                 int64_t b, int64_t h, int d_) {
+  for (int e = threadIdx.x; e < rows * d_; e += blockDim.x) {
+    const int r = e / d_, d = e % d_;
+    const int t = tok[j0 + r];
+    tile[r * (d_ + 1) + d] = t >= 0 ? to_f(x[row_offset(s, b, t, h) + d * s[3]]) : 0.0f;
+  }
+}
+
+template <class T>
+__device__ inline void load_row(float* row, const T* x, const int64_t* s, int t, int64_t b, int64_t h, int d_) {
+  for (int d = threadIdx.x & 31; d < d_; d += 32) row[d] = to_f(x[row_offset(s, b, t, h) + d * s[3]]);
+}
+
+// ---------------------------------------------------------------- forward
+
+template <class T, int DPL>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const WindowAttentionParams p, int tk) {
+  extern __shared__ float smem_f[];
+  const int64_t w = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t g = h / (p.H / p.G);
+  const int D = (int)p.D, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int nmax = (int)min(p.N, p.L);
+  Smem sm = carve(smem_f, nmax, D, tk, warp);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const float scale = (float)p.scale;
+  const int n = load_tokens(p, sm.tok, b, g, w);
+  __syncthreads();
+  const int tiles = (n + tk - 1) / tk;
+  const int rounds = (n + kWarps - 1) / kWarps;
+  for (int r = 0; r < rounds; ++r) {
+    const int i = r * kWarps + warp;
+    const int ti = i < n ? sm.tok[i] : -1;
+    if (ti >= 0) load_row(sm.rowA, q, p.q_stride, ti, b, h, D);
+    float m = -INFINITY, l = 0.0f, acc[DPL];
+#pragma unroll
+    for (int c = 0; c < DPL; ++c) acc[c] = 0.0f;
+    for (int t = 0; t < tiles; ++t) {
+      const int j0 = t * tk, rows = min(tk, n - j0);
+      if (tiles > 1 || r == 0) {
+        __syncthreads();
+        load_tile(sm.tileA, k, p.k_stride, sm.tok, j0, rows, b, h, D);
+        load_tile(sm.tileB, v, p.v_stride, sm.tok, j0, rows, b, h, D);
+      }
+      __syncthreads();
+      if (ti < 0) continue;  // warp-uniform
+      float tmax = -INFINITY;
+      for (int jj = lane; jj < rows; jj += 32) {
+        float s = -INFINITY;
+        if (sm.tok[j0 + jj] >= 0) {
+          const float* kr = sm.tileA + jj * (D + 1);
+          float dot = 0.0f;
+          for (int d = 0; d < D; ++d) dot = fmaf(sm.rowA[d], kr[d], dot);
+          s = dot * scale;
+        }
+        sm.bufA[jj] = s;
+        tmax = fmaxf(tmax, s);
+      }
+      tmax = warp_max(tmax);
+      if (tmax == -INFINITY) continue;  // no valid key in this tile
+      const float m_new = fmaxf(m, tmax);
+      const float corr = expf(m - m_new);  // 0 on the first tile
+      float psum = 0.0f;
+      for (int jj = lane; jj < rows; jj += 32) {
+        const float e = expf(sm.bufA[jj] - m_new);
+        sm.bufA[jj] = e;
+        psum += e;
+      }
+      l = l * corr + warp_sum(psum);
+      m = m_new;
+      __syncwarp();
+#pragma unroll
+      for (int c = 0; c < DPL; ++c) {
+        const int d = lane + 32 * c;
+        float a = acc[c] * corr;
+        if (d < D)
+          for (int jj = 0; jj < rows; ++jj) a = fmaf(sm.bufA[jj], sm.tileB[jj * (D + 1) + d], a);
+        acc[c] = a;
+      }
+      __syncwarp();
+    }
+    if (ti >= 0) {
+      T* o = static_cast<T*>(p.out) + row_offset(p.out_stride, b, ti, h);
+      const float inv = 1.0f / l;
+#pragma unroll
+      for (int c = 0; c < DPL; ++c) {
+        const int d = lane + 32 * c;
+        if (d < D) o[d * p.out_stride[3]] = from_f<T>(acc[c] * inv);
+      }
+      if (lane == 0)
+        static_cast<float*>(p.lse)[b * p.lse_stride[0] + h * p.lse_stride[1] + ti * p.lse_stride[2]] = m + logf(l);
+    }
+    __syncwarp();
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+template <class T, int DPL>
+__global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentionParams p, int tk) {
+  extern __shared__ float smem_f[];
+  const int64_t w = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t g = h / (p.H / p.G);
+  const int D = (int)p.D, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int nmax = (int)min(p.N, p.L);
+  Smem sm = carve(smem_f, nmax, D, tk, warp);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* o = static_cast<const T*>(p.out);
+  const T* dout = static_cast<const T*>(p.dout);
+  const float* lse = static_cast<const float*>(p.lse);
+  const float scale = (float)p.scale;
+  const int n = load_tokens(p, sm.tok, b, g, w);
+  __syncthreads();
+  // lse and delta = rowsum(dO * O) of every query of the window
+  for (int i = warp; i < n; i += kWarps) {
+    const int ti = sm.tok[i];
+    float part = 0.0f;
+    if (ti >= 0)
+      for (int d = lane; d < D; d += 32)
+        part += to_f(dout[row_offset(p.dout_stride, b, ti, h) + d * p.dout_stride[3]]) *
+                to_f(o[row_offset(p.out_stride, b, ti, h) + d * p.out_stride[3]]);
+    part = warp_sum(part);
+    if (lane == 0) {
+      sm.delta[i] = part;
+      sm.lse[i] = ti >= 0 ? lse[b * p.lse_stride[0] + h * p.lse_stride[1] + ti * p.lse_stride[2]] : 0.0f;
+    }
+  }
+  __syncthreads();
+  const int tiles = (n + tk - 1) / tk;
+  const int rounds = (n + kWarps - 1) / kWarps;
+
+  // Phase 1: dq_i = scale * sum_j dS_ij k_j (warp per query i; K in tileA, V in tileB).
+  for (int r = 0; r < rounds; ++r) {
+    const int i = r * kWarps + warp;
+    const int ti = i < n ? sm.tok[i] : -1;
+    if (ti >= 0) {
+      load_row(sm.rowA, q, p.q_stride, ti, b, h, D);
+      load_row(sm.rowB, dout, p.dout_stride, ti, b, h, D);
+    }
+    float acc[DPL];
+#pragma unroll
+    for (int c = 0; c < DPL; ++c) acc[c] = 0.0f;
+    for (int t = 0; t < tiles; ++t) {
+      const int j0 = t * tk, rows = min(tk, n - j0);
+      if (tiles > 1 || r == 0) {
+        __syncthreads();
+        load_tile(sm.tileA, k, p.k_stride, sm.tok, j0, rows, b, h, D);
+        load_tile(sm.tileB, v, p.v_stride, sm.tok, j0, rows, b, h, D);
+      }
+      __syncthreads();
+      if (ti < 0) continue;
+      __syncwarp();
+      for (int jj = lane; jj < rows; jj += 32) {
+        float ds = 0.0f;
+        if (sm.tok[j0 + jj] >= 0) {
+          const float* kr = sm.tileA + jj * (D + 1);
+          const float* vr = sm.tileB + jj * (D + 1);
+          float s = 0.0f, dp = 0.0f;
+          for (int d = 0; d < D; ++d) {
+            s = fmaf(sm.rowA[d], kr[d], s);
+            dp = fmaf(sm.rowB[d], vr[d], dp);
+          }
+          const float pij = expf(s * scale - sm.lse[i]);
+          ds = pij * (dp - sm.delta[i]);
+        }
+        sm.bufA[jj] = ds;
+      }
+      __syncwarp();
+#pragma unroll
+      for (int c = 0; c < DPL; ++c) {
+        const int d = lane + 32 * c;
+        if (d < D)
+          for (int jj = 0; jj < rows; ++jj) acc[c] = fmaf(sm.bufA[jj], sm.tileA[jj * (D + 1) + d], acc[c]);
+      }
+      __syncwarp();
+    }
+    if (ti >= 0) {
+      T* dq = static_cast<T*>(p.dq) + row_offset(p.dq_stride, b, ti, h);
+#pragma unroll
+      for (int c = 0; c < DPL; ++c) {
+        const int d = lane + 32 * c;
+        if (d < D) dq[d * p.dq_stride[3]] = from_f<T>(acc[c] * scale);
+      }
+    }
+    __syncwarp();
+  }
+
+  // Phase 2: dk_j = scale * sum_i dS_ij q_i, dv_j = sum_i P_ij dO_i (warp per key j; Q in
+  // tileA, dO in tileB).
+  for (int r = 0; r < rounds; ++r) {
+    const int j = r * kWarps + warp;
+    const int tj = j < n ? sm.tok[j] : -1;
+    __syncthreads();  // every warp is done with rowA / rowB of phase 1 or the previous round
+    if (tj >= 0) {
+      load_row(sm.rowA, k, p.k_stride, tj, b, h, D);
+      load_row(sm.rowB, v, p.v_stride, tj, b, h, D);
+    }
+    float dk_acc[DPL], dv_acc[DPL];
+#pragma unroll
+    for (int c = 0; c < DPL; ++c) dk_acc[c] = dv_acc[c] = 0.0f;
+    for (int t = 0; t < tiles; ++t) {
+      const int i0 = t * tk, rows = min(tk, n - i0);
+      if (tiles > 1 || r == 0) {
+        __syncthreads();
+        load_tile(sm.tileA, q, p.q_stride, sm.tok, i0, rows, b, h, D);
+        load_tile(sm.tileB, dout, p.dout_stride, sm.tok, i0, rows, b, h, D);
+      }
+      __syncthreads();
+      if (tj < 0) continue;
+      __syncwarp();
+      for (int ii = lane; ii < rows; ii += 32) {
+        float pij = 0.0f, ds = 0.0f;
+        if (sm.tok[i0 + ii] >= 0) {
+          const float* qr = sm.tileA + ii * (D + 1);
+          const float* gr = sm.tileB + ii * (D + 1);
+          float s = 0.0f, dp = 0.0f;
+          for (int d = 0; d < D; ++d) {
+            s = fmaf(qr[d], sm.rowA[d], s);
+            dp = fmaf(gr[d], sm.rowB[d], dp);
+          }
+          pij = expf(s * scale - sm.lse[i0 + ii]);
+          ds = pij * (dp - sm.delta[i0 + ii]);
+        }
+        sm.bufA[ii] = pij;
+        sm.bufB[ii] = ds;
+      }
+      __syncwarp();
+#pragma unroll
+      for (int c = 0; c < DPL; ++c) {
+        const int d = lane + 32 * c;
+        if (d < D)
+          for (int ii = 0; ii < rows; ++ii) {
+            dv_acc[c] = fmaf(sm.bufA[ii], sm.tileB[ii * (D + 1) + d], dv_acc[c]);
+            dk_acc[c] = fmaf(sm.bufB[ii], sm.tileA[ii * (D + 1) + d], dk_acc[c]);
+          }
+      }
+      __syncwarp();
+    }
+    if (tj >= 0) {
+      T* dk = static_cast<T*>(p.dk) + row_offset(p.dk_stride, b, tj, h);
+      T* dv = static_cast<T*>(p.dv) + row_offset(p.dv_stride, b, tj, h);
+#pragma unroll
+      for (int c = 0; c < DPL; ++c) {
+        const int d = lane + 32 * c;
+        if (d < D) {
+          dk[d * p.dk_stride[3]] = from_f<T>(dk_acc[c] * scale);
+          dv[d * p.dv_stride[3]] = from_f<T>(dv_acc[c]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- launch
+
+template <class T, int DPL, bool Fwd>
+cudaError_t launch_typed(const WindowAttentionParams& p, cudaStream_t stream) {
+  const int nmax = (int)(p.N < p.L ? p.N : p.L);
+  const Layout lay = pick_layout(nmax, (int)p.D);
+  const dim3 grid((unsigned)p.num_windows(), (unsigned)p.H, (unsigned)p.B);
+  if (Fwd)
+    forward_kernel<T, DPL><<<grid, kThreads, lay.bytes, stream>>>(p, lay.tk);
+  else
+    backward_kernel<T, DPL><<<grid, kThreads, lay.bytes, stream>>>(p, lay.tk);
+  return cudaGetLastError();
+}
+
+template <class T, bool Fwd>
+cudaError_t launch_dpl(const WindowAttentionParams& p, cudaStream_t stream) {
+  switch ((p.D + 31) / 32) {
+    case 1: return launch_typed<T, 1, Fwd>(p, stream);
+    case 2: return launch_typed<T, 2, Fwd>(p, stream);
+    case 3: return launch_typed<T, 3, Fwd>(p, stream);
+    default: return launch_typed<T, 4, Fwd>(p, stream);
+  }
+}
+
+template <bool Fwd>
+cudaError_t launch(const WindowAttentionParams& p, cudaStream_t stream) {
+  if (p.D < 1 || p.D > kMaxHeadDim || p.N < 1 || (p.N < p.L ? p.N : p.L) > kMaxWindow || p.G < 1 ||
+      p.H % p.G != 0 || p.H > 65535 || p.B > 65535 || p.num_windows() > 0x7fffffff)
+    return cudaErrorInvalidValue;
+  if (p.B == 0 || p.L == 0 || p.H == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_dpl<float, Fwd>(p, stream);
+    case DType::kFloat16: return launch_dpl<__half, Fwd>(p, stream);
+    case DType::kBFloat16: return launch_dpl<__nv_bfloat16, Fwd>(p, stream);
+    default: return cudaErrorInvalidValue;  // float64: not supported on CUDA
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_forward(const WindowAttentionParams& p, cudaStream_t stream) { return launch<true>(p, stream); }
+cudaError_t launch_backward(const WindowAttentionParams& p, cudaStream_t stream) { return launch<false>(p, stream); }
+
+}  // namespace cuda
+}  // namespace rsir

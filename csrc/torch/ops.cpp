@@ -1,0 +1,73 @@
+// The torch binding: op schemas (TORCH_LIBRARY(rsir_ext)), the CPU implementations, and the
+// Python module rsir_kernels._C whose import loads this library and so registers the ops.
+// The CUDA implementations are in ops_cuda.cpp (built only with CUDA).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "kernels/cpu/window_attention_cpu.h"
+#include "params_from_tensors.h"
+
+namespace rsir_ext {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& index, int64_t window_size, double scale) {
+  check_qkv(q, k, v, index, window_size, scale);
+  TORCH_CHECK(q.device().is_cpu(), "rsir_ext: the CPU kernel got tensors on ", q.device());
+  rsir::WindowAttentionParams p = make_params(q, k, v, index, window_size, scale);
+  auto outputs = forward_outputs(p, q);
+  if (q.numel() == 0) return outputs;
+  at::parallel_for(0, rsir::cpu::num_work_items(p), 1,
+                   [&](int64_t begin, int64_t end) { rsir::cpu::run_forward(p, begin, end); });
+  return outputs;
+}
+
+at::Tensor backward_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index, int64_t window_size,
+                        double scale) {
+  check_qkv(q, k, v, index, window_size, scale);
+  check_backward(dout, q, out, lse);
+  TORCH_CHECK(q.device().is_cpu(), "rsir_ext: the CPU kernel got tensors on ", q.device());
+  rsir::WindowAttentionParams p = make_params(q, k, v, index, window_size, scale);
+  at::Tensor dqkv = backward_outputs(p, dout, out, lse, q);
+  if (q.numel() == 0) return dqkv;
+  at::parallel_for(0, rsir::cpu::num_work_items(p), 1,
+                   [&](int64_t begin, int64_t end) { rsir::cpu::run_backward(p, begin, end); });
+  return dqkv;
+}
+
+}  // namespace
+}  // namespace rsir_ext
+
+TORCH_LIBRARY(rsir_ext, m) {
+  m.def("window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor index, int window_size, float scale)"
+        " -> (Tensor, Tensor)");
+  m.def("window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor index,"
+        " int window_size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rsir_ext, CPU, m) {
+  m.impl("window_attention_fwd", &rsir_ext::forward_cpu);
+  m.impl("window_attention_bwd", &rsir_ext::backward_cpu);
+}
+
+// The Python module: importing it loads this library (registering the ops above).
+// with_cuda: whether the CUDA kernels were compiled in; cpu_isa: the CPU kernel build in use.
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "rsir_kernels C++/CUDA extension", -1,
+                                          nullptr, nullptr, nullptr, nullptr, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (!m) return nullptr;
+#ifdef RSIR_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(m, "cpu_isa", rsir::cpu::isa_name());
+  return m;
+}
+}
