@@ -4,7 +4,7 @@
 PYTHON ?= $(shell bash scripts/pick_python.sh)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: env ext ctest test test-py bench bench-model summary clean
+.PHONY: env ext ctest test bench bench-model summary gpu-check clean
 
 env:
 ifeq ($(PYTHON),.venv/bin/python)
@@ -34,6 +34,11 @@ bench: env ext
 
 bench-model: env ext
 	$(PYTHON) benchmarks/bench_model.py
+
+# On a lent GPU machine: build, the GPU test suite, compute-sanitizer, both benchmarks.
+OUT ?= benchmarks/results/gpu_check
+gpu-check:
+	bash scripts/gpu_check.sh $(OUT)
 
 summary: env
 	$(PYTHON) -m rsir_kernels.models
