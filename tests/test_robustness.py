@@ -109,3 +109,22 @@ def test_autocast_bf16_through_the_module():
     assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
     out.float().sum().backward()
     assert module.qkv.weight.grad is not None and torch.isfinite(module.qkv.weight.grad).all()
+
+
+def test_explicit_backend_beyond_its_limits_raises():
+    if "triton" not in runnable_backends():
+        pytest.skip("triton does not run here")
+    q, k, v = make_qkv(1, 20, 2, 160, requires_grad=False)
+    with pytest.raises(ValueError, match="backend 'triton' cannot run these inputs: .*head dim"):
+        rk.window_attention(q, k, v, make_index(1, 20, 1), 7, backend="triton")
+
+
+@pytest.mark.gpu
+def test_auto_beyond_every_kernels_limits_falls_back_with_one_warning():
+    """Head dim 160 on CUDA: neither fused kernel takes it; auto warns once and runs the reference."""
+    from rsir_kernels import ops
+    ops._warned.clear()
+    q, k, v = make_qkv(1, 20, 2, 160)
+    index = make_index(1, 20, 1)
+    with pytest.warns(RuntimeWarning, match="uses 'reference'"):
+        assert_matches_reference(lambda *a, **kw: rk.window_attention(*a, **kw), q, k, v, index, 7)
