@@ -41,7 +41,8 @@ def _extensions():
         return [], None
 
     sources = [_rel("torch", "ops.cpp"), _rel("kernels", "cpu", "dispatch.cpp"),
-               _rel("kernels", "cpu", "kernel_generic.cpp"), _rel("kernels", "cpu", "kernel_avx2.cpp")]
+               _rel("kernels", "cpu", "kernel_generic.cpp"), _rel("kernels", "cpu", "kernel_avx2.cpp"),
+               _rel("kernels", "cpu", "kernel_avx512.cpp")]
     cxx = ["-O3", "-Wno-psabi"]
     link = []
     if sys.platform.startswith("linux"):

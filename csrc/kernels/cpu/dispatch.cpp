@@ -1,6 +1,7 @@
 // Run-time choice of the kernel build for this processor, and the per-thread scratch.
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #include "rsir/params.h"
@@ -20,6 +21,10 @@ namespace avx2 {
 void forward(const WindowAttentionParams& p, int64_t begin, int64_t end);
 void backward(const WindowAttentionParams& p, int64_t begin, int64_t end);
 }  // namespace avx2
+namespace avx512 {
+void forward(const WindowAttentionParams& p, int64_t begin, int64_t end);
+void backward(const WindowAttentionParams& p, int64_t begin, int64_t end);
+}  // namespace avx512
 #else
 #define RSIR_X86_DISPATCH 0
 #endif
@@ -35,10 +40,17 @@ struct Table {
 
 Table pick() {
 #if RSIR_X86_DISPATCH
-  const char* force = std::getenv("RSIR_CPU_ISA");  // "generic" forces the baseline build
+  // RSIR_CPU_ISA: "generic" forces the baseline build, "avx2" caps the choice at AVX2 + FMA
+  const char* force = std::getenv("RSIR_CPU_ISA");
   const bool generic_only = force && force[0] == 'g';
+  const bool avx2_at_most = force && std::strncmp(force, "avx2", 4) == 0;
   __builtin_cpu_init();
-  if (!generic_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!generic_only && !avx2_at_most && has_avx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl"))
+    return {avx512::forward, avx512::backward, "avx512"};
+  if (!generic_only && has_avx2)
     return {avx2::forward, avx2::backward, "avx2+fma"};
 #endif
   return {generic::forward, generic::backward, "generic"};

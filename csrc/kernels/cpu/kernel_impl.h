@@ -1,20 +1,22 @@
 // The CPU kernels, written once and compiled once per instruction set: each translation unit
-// (kernel_generic.cpp, kernel_avx2.cpp) includes the standard headers first, then
-// (optionally) switches the target with `#pragma GCC target`, then includes this file inside a
-// namespace of its own, so no inline function is shared between instruction sets (no ODR
-// mix-ups at link time). Do not include standard headers from here.
+// (kernel_generic.cpp, kernel_avx2.cpp, kernel_avx512.cpp) includes the standard headers first,
+// then (optionally) switches the target with `#pragma GCC target`, then includes this file
+// inside a namespace of its own, so no inline function is shared between instruction sets (no
+// ODR mix-ups at link time). Do not include standard headers from here.
 //
-// Needs before inclusion: <cstdint>, <cstring>, <cmath>, rsir/params.h,
-// kernels/cpu/window_attention_cpu.h; macro RSIR_WIDE_VECTORS (1: 256-bit registers). Where
-// the target has FMA, `a * b + c` on vectors is contracted to it (GCC/Clang default).
+// Needs before inclusion: <cstdint>, <cstring>, <cmath> (and <immintrin.h> for
+// RSIR_WIDE_VECTORS == 2), rsir/params.h, kernels/cpu/window_attention_cpu.h; macro
+// RSIR_WIDE_VECTORS (1: 256-bit registers, 2: AVX-512). Where the target has FMA, `a * b + c`
+// on vectors is contracted to it (GCC/Clang default).
 //
 // Per work item (b, g, w) and per head h of group g:
 //   gather the window's rows into per-thread scratch (compute type: float, or double for
-//   double inputs; zero padding to multiples of 8; K (and V in the backward) also
-//   transposed), then small GEMMs on register tiles (4 x 16 floats with AVX2, 4 x 8
-//   otherwise) written with GCC/Clang vector extensions, the softmax with a vectorised exp,
-//   and every output row written straight to its token. The rows of the items kLookahead
-//   ahead are prefetched (random rows: otherwise every item waits on its cache misses).
+//   double inputs; zero padding to multiples of PAD = 8, 16 with AVX-512; K (and V in the
+//   backward) also transposed), then small GEMMs on register tiles (8 x 32 floats with
+//   AVX-512, 4 x 16 with AVX2, 4 x 8 otherwise) written with GCC/Clang vector extensions, the
+//   softmax with a vectorised exp, and every output row written straight to its token. The
+//   rows of the item kLookahead ahead are prefetched a few at a time during the current one
+//   (random rows: otherwise every item waits on its cache misses).
 // All sums run in a fixed order that does not depend on the thread: bitwise deterministic.
 
 #if !defined(RSIR_WIDE_VECTORS)
@@ -87,11 +89,13 @@ template <> struct Elem<BF16> {
 
 // ---------------------------------------------------------------- the GEMM micro-kernel
 
-// VL lanes of the compute type as a GCC/Clang vector: VL = 8 where registers are 256 bits
-// (RSIR_WIDE_VECTORS: one AVX register of floats, two of doubles), else 4 (SSE2 / NEON:
-// GCC would lower wider generic vectors through the stack). Loads and stores go through
-// memcpy: no alignment assumed. All padded sizes are multiples of 8, so of VL.
-constexpr int VL = RSIR_WIDE_VECTORS ? 8 : 4;
+// VL lanes of the compute type as a GCC/Clang vector: VL = 16 where registers are 512 bits
+// (RSIR_WIDE_VECTORS == 2: one AVX-512 register of floats, two of doubles), 8 where they are
+// 256 bits (RSIR_WIDE_VECTORS == 1), else 4 (SSE2 / NEON: GCC would lower wider generic
+// vectors through the stack). Loads and stores go through memcpy: no alignment assumed.
+// All padded sizes are multiples of PAD = max(8, VL), so of VL.
+constexpr int VL = RSIR_WIDE_VECTORS == 2 ? 16 : RSIR_WIDE_VECTORS ? 8 : 4;
+constexpr int PAD = VL > 8 ? VL : 8;
 template <class A> struct VecT;
 template <> struct VecT<float> { typedef float type __attribute__((vector_size(4 * VL))); };
 template <> struct VecT<double> { typedef double type __attribute__((vector_size(8 * VL))); };
@@ -101,6 +105,10 @@ typedef int32_t VI __attribute__((vector_size(4 * VL)));
 // Sum of the lanes, in a fixed order (pairwise).
 template <class V>
 static inline auto hsum(V v) -> decltype(v[0] + v[0]) {
+  if (VL == 16)
+    return (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4 % VL] + v[5 % VL]) + (v[6 % VL] + v[7 % VL]))) +
+           (((v[8 % VL] + v[9 % VL]) + (v[10 % VL] + v[11 % VL])) +
+            ((v[12 % VL] + v[13 % VL]) + (v[14 % VL] + v[15 % VL])));
   if (VL == 8) return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4 % VL] + v[5 % VL]) + (v[6 % VL] + v[7 % VL]));
   return (v[0] + v[1]) + (v[2] + v[3]);
 }
@@ -110,56 +118,61 @@ static inline V vload(const A* p) { V v; std::memcpy(&v, p, sizeof(V)); return v
 template <class V, class A>
 static inline void vstore(A* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 
-// One 4 x (8 * NV) tile of C = A * B: NV vectors per row, 4 * NV accumulators in registers
-// while k runs (per k: NV vector loads of B, four broadcasts of A, 4 * NV multiply-adds).
-// TA: A is given transposed (stored [k][i], leading dimension lda): C = A^T B.
-template <int NV, bool TA, class A>
+// One MR x (VL * NV) tile of C = A * B: NV vectors per row, MR * NV accumulators in
+// registers while k runs (per k: NV vector loads of B, MR broadcasts of A, MR * NV
+// multiply-adds). TA: A is given transposed (stored [k][i], leading dimension lda): C = A^T B.
+// Every element's sum runs over k in order whatever the tile shape.
+template <int MR, int NV, bool TA, class A>
 static inline void gemm_tile(A* __restrict c, int64_t ldc, const A* __restrict a0, int64_t lda,
                              const A* __restrict b, int64_t ldb, int64_t K) {
   typedef typename VecT<A>::type V;
-  const A* a1 = a0 + lda;
-  const A* a2 = a1 + lda;
-  const A* a3 = a2 + lda;
-  V c0[NV], c1[NV], c2[NV], c3[NV];
-  for (int v = 0; v < NV; ++v) c0[v] = c1[v] = c2[v] = c3[v] = V{};
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
   for (int64_t k = 0; k < K; ++k, b += ldb) {
-    const A x0 = TA ? a0[k * lda] : a0[k], x1 = TA ? a0[k * lda + 1] : a1[k];
-    const A x2 = TA ? a0[k * lda + 2] : a2[k], x3 = TA ? a0[k * lda + 3] : a3[k];
-    for (int v = 0; v < NV; ++v) {
-      const V bv = vload<V>(b + VL * v);
-      // contracted to FMA where the target has it (GCC/Clang contract by default)
-      c0[v] = x0 * bv + c0[v];
-      c1[v] = x1 * bv + c1[v];
-      c2[v] = x2 * bv + c2[v];
-      c3[v] = x3 * bv + c3[v];
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = vload<V>(b + VL * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const A x = TA ? a0[k * lda + r] : a0[r * lda + k];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = x * bv[v] + acc[r][v];  // contracted to FMA
     }
   }
-  for (int v = 0; v < NV; ++v) {
-    vstore(c + VL * v, c0[v]);
-    vstore(c + ldc + VL * v, c1[v]);
-    vstore(c + 2 * ldc + VL * v, c2[v]);
-    vstore(c + 3 * ldc + VL * v, c3[v]);
-  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(c + r * ldc + VL * v, acc[r][v]);
 }
 
-// C[M x Nc] = A[M x K] * B[K x Nc]; M % 4 == 0, Nc % 8 == 0; row-major with leading
-// dimensions lda, ldb, ldc. Floats: 4 x 16 tiles (8 accumulators: enough independent FMA
-// chains to cover the FMA latency), a 4 x 8 tile for an odd last column block; doubles:
-// 4 x 8 tiles (two registers per row already).
+// C[M x Nc] = A[M x K] * B[K x Nc]; M % 4 == 0, Nc % PAD == 0; row-major with leading
+// dimensions lda, ldb, ldc. Tiles of kRows x (VL * kWide) with 2 * 4 = 8 (AVX2: 4 x 16
+// floats, enough independent FMA chains to cover the FMA latency) or 8 * 2 = 16 (AVX-512:
+// 8 x 32 floats; 32 registers) accumulators, narrower tiles for the last column block and a
+// 4-row tile for the last rows. Doubles: 4 x 8 tiles (two registers per row already).
 // gemm_t: the same with A given transposed (stored [K x M], leading dimension lda): C = A^T B.
+template <int N> struct IntC { static constexpr int value = N; };
+
 template <bool TA, class A>
 static void gemm_any(A* __restrict C, int64_t ldc, const A* __restrict Am, int64_t lda,
                      const A* __restrict Bm, int64_t ldb, int64_t M, int64_t Nc, int64_t K) {
-  // 256-bit floats: 4 x 16 tiles (two vectors a row), else 4 x 8 (two 128-bit vectors of
-  // floats, or one 8-lane vector of doubles = two registers): 8 accumulator registers.
-  constexpr int kWide = (sizeof(A) == 4 && RSIR_WIDE_VECTORS) ? 2 : (8 / VL);
-  constexpr int kNarrow = 8 / VL;
-  for (int64_t i = 0; i < M; i += 4) {
+  constexpr bool kF = sizeof(A) == 4;
+  constexpr int kWide = (kF && RSIR_WIDE_VECTORS) ? 2 : (PAD / VL);
+  constexpr int kNarrow = PAD / VL;
+  constexpr int kRows = (kF && RSIR_WIDE_VECTORS == 2) ? 8 : 4;
+  auto row_block = [&](auto rows_tag, int64_t i) {
+    constexpr int R = decltype(rows_tag)::value;
     const A* a = TA ? Am + i : Am + i * lda;
     int64_t j = 0;
-    for (; j + VL * kWide <= Nc; j += VL * kWide) gemm_tile<kWide, TA>(C + i * ldc + j, ldc, a, lda, Bm + j, ldb, K);
-    for (; j < Nc; j += 8) gemm_tile<kNarrow, TA>(C + i * ldc + j, ldc, a, lda, Bm + j, ldb, K);
-  }
+    for (; j + VL * kWide <= Nc; j += VL * kWide) gemm_tile<R, kWide, TA>(C + i * ldc + j, ldc, a, lda, Bm + j, ldb, K);
+    for (; j < Nc; j += VL * kNarrow) gemm_tile<R, kNarrow, TA>(C + i * ldc + j, ldc, a, lda, Bm + j, ldb, K);
+  };
+  int64_t i = 0;
+  for (; i + kRows <= M; i += kRows) row_block(IntC<kRows>{}, i);
+  for (; i < M; i += 4) row_block(IntC<4>{}, i);
 }
 template <class A>
 static void gemm(A* C, int64_t ldc, const A* Am, int64_t lda, const A* Bm, int64_t ldb, int64_t M, int64_t Nc,
@@ -179,6 +192,44 @@ static inline void transpose(A* __restrict cols, int64_t ldc, const A* __restric
   for (int64_t i = 0; i < m; ++i)
     for (int64_t d = 0; d < D; ++d) cols[d * ldc + i] = rows[i * ldr + d];
 }
+
+#if RSIR_WIDE_VECTORS == 2
+// AVX-512 floats: 16 x 16 blocks transposed in registers (4 rounds of 16 shuffles) instead of
+// 16 * 16 scalar moves with strided stores. Also writes cols[d * ldc + i] = 0 for m <= i <
+// round_up(m, 16) (rows past m read as zeros); rows[i * ldr + d] is read for d < round_up(D, 16)
+// (the padding columns only reach output rows >= D, which are not stored). ldr % 16 == 0.
+static inline void transpose(float* __restrict cols, int64_t ldc, const float* __restrict rows, int64_t ldr,
+                             int64_t m, int64_t D) {
+  for (int64_t i0 = 0; i0 < m; i0 += 16) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512 r[16], t[16];
+      for (int k = 0; k < 16; ++k)
+        r[k] = i0 + k < m ? _mm512_loadu_ps(rows + (i0 + k) * ldr + d0) : _mm512_setzero_ps();
+      for (int k = 0; k < 16; k += 2) {  // per 128-bit lane L: rows k, k + 1 of columns 4L .. 4L + 3
+        t[k] = _mm512_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm512_unpackhi_ps(r[k], r[k + 1]);
+      }
+      for (int g = 0; g < 16; g += 4) {  // r[g + c], lane L: rows g .. g + 3 of column 4L + c
+        r[g] = _mm512_shuffle_ps(t[g], t[g + 2], 0x44);
+        r[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], 0xEE);
+        r[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+        r[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+      }
+      for (int c = 0; c < 4; ++c) {  // column 4L + c: lane L of r[c], r[4 + c], r[8 + c], r[12 + c]
+        const __m512 s0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), s1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+        const __m512 s2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+        const __m512 s3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+        t[c] = _mm512_shuffle_f32x4(s0, s2, 0x88);       // column c
+        t[8 + c] = _mm512_shuffle_f32x4(s0, s2, 0xDD);   // column 8 + c
+        t[4 + c] = _mm512_shuffle_f32x4(s1, s3, 0x88);   // column 4 + c
+        t[12 + c] = _mm512_shuffle_f32x4(s1, s3, 0xDD);  // column 12 + c
+      }
+      const int64_t nd = imin(16, D - d0);
+      for (int64_t k = 0; k < nd; ++k) _mm512_storeu_ps(cols + (d0 + k) * ldc + i0, t[k]);
+    }
+  }
+}
+#endif
 
 // ---------------------------------------------------------------- softmax rows
 
@@ -216,11 +267,93 @@ static inline VI lane_ids(int64_t j) {
 // inv[i] = 1 / row sum; lse_i = ln 2 * y_max + log(sum) stored through lse_at(i).
 // Three passes: scale, mask and max per row; one flat exp loop over the whole block (tight:
 // its constants stay in registers; per-row exp loops were ~6 % slower overall); row sums.
-template <class LseAt>
-static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, float* inv, LseAt lse_at) {
+#if RSIR_WIDE_VECTORS == 2
+// ln x on 16 lanes for the row sums (x in [1, 2^126): normal, positive; NaN in, NaN out):
+// Cephes logf (x = 2^e * (1 + f), f in [sqrt(1/2) - 1, sqrt(2) - 1), degree-8 polynomial,
+// ln 2 split in two), ~1e-7 relative, the accuracy of std::log in float.
+static inline VF log_v(VF x) {
+  const VI xi = (VI)x;
+  VF e = __builtin_convertvector(((xi >> 23) & 0xff) - 126, VF);  // x = 2^e * mant, mant in [1/2, 1)
+  VF mant = (VF)((xi & 0x007fffff) | 0x3f000000);
+  const auto small = mant < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  const VF f = small ? (mant + mant) - 1.0f : mant - 1.0f;  // exact
+  const VF z = f * f;
+  VF y = VF{} + 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  VF r = f + y;
+  r = r + e * 0.693359375f;
+  return x == x ? r : x;
+}
+
+// Horizontal max / sum of 16 floats (a fixed shuffle tree: deterministic).
+static inline float hmax16(VF v) { return _mm512_reduce_max_ps((__m512)v); }
+static inline float hsum16(VF v) { return _mm512_reduce_add_ps((__m512)v); }
+
+// AVX-512: two passes per row instead of four over the block (32 registers: the exp's
+// constants stay in registers across rows): (1) the max of y = log2(e) * scale * S over the
+// row; (2) e = 2^(y - y_max) by one FMA + exp (0 beyond column m), stored, and summed.
+template <class LseAt, class Pump>
+static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, float* inv, float* rmax, LseAt lse_at,
+                                Pump pump) {
+  const float ninf = -__builtin_inff();
+  const float scale2 = (float)((double)scale * 1.4426950408889634);  // base 2: log2(e) folded in
+  const int64_t mfull = m / VL * VL;  // columns below mfull need no mask
+  for (int64_t i = 0; i < m; ++i) {
+    pump();
+    float* s = S + i * mp;
+    VF vmax = VF{} + ninf;
+    int64_t j = 0;
+    for (; j < mfull; j += VL) {
+      const VF x = vload<VF>(s + j) * scale2;
+      vmax = vmax > x ? vmax : x;
+    }
+    if (j < mp) {  // the last, partial vector: columns >= m masked
+      VF x = vload<VF>(s + j) * scale2;
+      x = lane_ids(j) < (int32_t)m ? x : VF{} + ninf;
+      vmax = vmax > x ? vmax : x;
+    }
+    const float mx = hmax16(vmax);
+    VF vsum = VF{};
+    for (j = 0; j < mfull; j += VL) {
+      const VF e = exp2_approx_v(vload<VF>(s + j) * scale2 - mx);
+      vstore(s + j, e);
+      vsum += e;
+    }
+    if (j < mp) {
+      VF e = exp2_approx_v(vload<VF>(s + j) * scale2 - mx);
+      e = lane_ids(j) < (int32_t)m ? e : VF{};
+      vstore(s + j, e);
+      vsum += e;
+    }
+    inv[i] = hsum16(vsum);
+    rmax[i] = mx;
+  }
+  for (int64_t i0 = 0; i0 < m; i0 += VL) {  // lse and 1 / sum, 16 rows at a time
+    const VF sum = vload<VF>(inv + i0);
+    const VF l = vload<VF>(rmax + i0) * 0.69314718055994531f + log_v(sum);
+    vstore(inv + i0, 1.0f / sum);
+    for (int64_t i = i0; i < imin(m, i0 + VL); ++i) *lse_at(i) = l[i - i0];
+  }
+}
+#else
+template <class LseAt, class Pump>
+static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, float* inv, float* rmax, LseAt lse_at,
+                                Pump pump) {
   const float ninf = -__builtin_inff();
   const float scale2 = (float)((double)scale * 1.4426950408889634);  // base 2: log2(e) folded in
   for (int64_t i = 0; i < m; ++i) {
+    pump();
     float* s = S + i * mp;
     VF vmax = VF{} + ninf;
     for (int64_t j = 0; j < mp; j += VL) {
@@ -244,10 +377,13 @@ static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, fl
     inv[i] = 1.0f / sum;
   }
 }
+#endif
 
-template <class LseAt>
-static inline void softmax_rows(double* S, int64_t m, int64_t mp, double scale, double* inv, LseAt lse_at) {
+template <class LseAt, class Pump>
+static inline void softmax_rows(double* S, int64_t m, int64_t mp, double scale, double* inv, double*, LseAt lse_at,
+                                Pump pump) {
   for (int64_t i = 0; i < m; ++i) {
+    pump();
     double* s = S + i * mp;
     double mx = -__builtin_inf();
     for (int64_t j = 0; j < m; ++j) {
@@ -265,14 +401,46 @@ static inline void softmax_rows(double* S, int64_t m, int64_t mp, double scale, 
   }
 }
 
+#if RSIR_WIDE_VECTORS == 2
+// Backward: P <- exp(scale * S - lse_i) = 2^(log2(e) * (scale * S - lse_i)),
+// dS <- P * (dP - delta_i) for rows i < m (both 0 beyond column m). AVX-512: one pass per row
+// (32 registers: the exp's constants stay in registers across rows).
+template <class Pump>
+static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, float scale, const float* lse,
+                             const float* delta, Pump pump) {
+  const float scale2 = (float)((double)scale * 1.4426950408889634);  // base 2, as the forward
+  const int64_t mfull = m / VL * VL;  // columns below mfull need no mask
+  for (int64_t i = 0; i < m; ++i) {
+    pump();
+    float* pr = P + i * mp;
+    float* dr = dS + i * mp;
+    const float l = lse[i] * 1.44269504088896341f;
+    const float di = delta[i];
+    int64_t j = 0;
+    for (; j < mfull; j += VL) {
+      const VF e = exp2_approx_v(vload<VF>(pr + j) * scale2 - l);
+      vstore(pr + j, e);
+      vstore(dr + j, e * (vload<VF>(dr + j) - di));
+    }
+    if (j < mp) {  // the last, partial vector: columns >= m masked
+      VF e = exp2_approx_v(vload<VF>(pr + j) * scale2 - l);
+      e = lane_ids(j) < (int32_t)m ? e : VF{};
+      vstore(pr + j, e);
+      vstore(dr + j, e * (vload<VF>(dr + j) - di));
+    }
+  }
+}
+#else
 // Backward: P <- exp(scale * S - lse_i) = 2^(log2(e) * (scale * S - lse_i)),
 // dS <- P * (dP - delta_i) for rows i < m (both 0 beyond column m); the exp runs as one flat
 // loop over the block, as in the forward.
+template <class Pump>
 static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, float scale, const float* lse,
-                             const float* delta) {
+                             const float* delta, Pump pump) {
   const float ninf = -__builtin_inff();
   const float scale2 = (float)((double)scale * 1.4426950408889634);  // base 2, as the forward
   for (int64_t i = 0; i < m; ++i) {
+    pump();
     float* s = P + i * mp;
     const float l = lse[i] * 1.44269504088896341f;
     for (int64_t j = 0; j < mp; j += VL) {
@@ -288,11 +456,13 @@ static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, float s
     for (int64_t j = 0; j < mp; j += VL) vstore(dr + j, vload<VF>(pr + j) * (vload<VF>(dr + j) - di));
   }
 }
+#endif
 
+template <class Pump>
 static inline void grad_rows(double* P, double* dS, int64_t m, int64_t mp, double scale, const double* lse,
-                             const double* delta) {
+                             const double* delta, Pump pump) {
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < mp; ++j) {
+    for (int64_t j = (pump(), 0); j < mp; ++j) {
       const double e = j < m ? std::exp(P[i * mp + j] * scale - lse[i]) : 0.0;
       P[i * mp + j] = e;
       dS[i * mp + j] = e * (dS[i * mp + j] - delta[i]);
@@ -373,16 +543,42 @@ static inline void prefetch(const void* p) {
 #endif
 }
 
+// Deferred prefetches: the addresses of the next item's rows, issued a few at a time while
+// the current item computes (pump, from the softmax's row loop). Issued in one burst, the
+// hundreds of prefetches of an item fill the miss buffers and stall the core until the first
+// lines arrive; spread out, they overlap with the arithmetic.
+struct PrefetchQueue {
+  const void** addr = nullptr;
+  int64_t n = 0, pos = 0, cap = 0;
+  void push(const void* p) {
+    if (n < cap) addr[n++] = p;
+    else prefetch(p);
+  }
+  void pump(int64_t k) {
+    const int64_t e = imin(n, pos + k);
+    for (; pos < e; ++pos) prefetch(addr[pos]);
+  }
+  void drain() {
+    pump(n);
+    n = pos = 0;
+  }
+};
+
+// Prefetch lines per row of D elements of T (at most).
+template <class T>
+static inline int64_t prefetch_lines(int64_t D) { return D * (int64_t)sizeof(T) / 64 + 2; }
+
 template <class T>
 static inline void prefetch_rows(const T* x, const int64_t* s, int64_t b, int64_t h0, int64_t nh,
-                                 const int64_t* tok, int64_t m, int64_t D) {
+                                 const int64_t* tok, int64_t m, int64_t D, PrefetchQueue& pq) {
   const int64_t line = 64 / (int64_t)sizeof(T);
   const int64_t span = s[3] == 1 ? D : 1;  // a non-unit dim stride: the first element only
   for (int64_t i = 0; i < m; ++i)
     for (int64_t hh = 0; hh < nh; ++hh) {
       const T* row = x + offset4(s, b, tok[i], h0 + hh);
-      for (int64_t d = 0; d < span; d += line) prefetch(row + d);
-      prefetch(row + span - 1);  // the row may straddle one more line
+      for (int64_t d = 0; d < span; d += line) pq.push(row + d);
+      const T* last = row + span - 1;  // the row may straddle one more line
+      if (((uintptr_t)last >> 6) != ((uintptr_t)(row + (span - 1) / line * line) >> 6)) pq.push(last);
     }
 }
 
@@ -398,6 +594,11 @@ static inline A* carve(char*& cursor, int64_t count) {
 // this each item would wait on its cache misses one row at a time.
 constexpr int kLookahead = 1;
 
+template <class T>
+static inline int64_t prefetch_queue_cap(int64_t wp, int64_t hpg, int64_t D, int64_t arrays) {
+  return arrays * hpg * wp * prefetch_lines<T>(D);
+}
+
 struct ItemTokens {
   int64_t* tok;
   int64_t b, g, m;
@@ -409,28 +610,46 @@ struct TokenRing {
   const WindowAttentionParams& p;
   int64_t begin, end;
   Prefetch prefetch;
+  PrefetchQueue queue;  // the rows of the item ahead, to be prefetched during this one
 
-  TokenRing(const WindowAttentionParams& p_, char*& cursor, int64_t wp, int64_t begin_, int64_t end_, Prefetch pf)
+  // queue_cap: prefetch addresses per item, at most (see prefetch_queue_cap)
+  TokenRing(const WindowAttentionParams& p_, char*& cursor, int64_t wp, int64_t queue_cap, int64_t begin_,
+            int64_t end_, Prefetch pf)
       : p(p_), begin(begin_), end(end_), prefetch(pf) {
     for (int s = 0; s <= kLookahead; ++s) slot[s].tok = carve<int64_t>(cursor, wp);
+    queue.addr = carve<const void*>(cursor, queue_cap);
+    queue.cap = queue_cap;
     for (int64_t it = begin; it < end && it < begin + kLookahead; ++it) load(it);
+    queue.drain();
   }
   void load(int64_t item) {
     ItemTokens& t = slot[(item - begin) % (kLookahead + 1)];
     t.m = window_tokens(p, item, t.tok, &t.b, &t.g);
-    prefetch(t);
+    prefetch(t, queue);
   }
-  // The tokens of `item` (called for begin, begin + 1, ... in order); starts reading ahead.
+  // The tokens of `item` (called for begin, begin + 1, ... in order); queues the prefetches of
+  // the item ahead (whatever the previous item left unissued is issued now).
   const ItemTokens& get(int64_t item) {
+    queue.drain();
     if (item + kLookahead < end) load(item + kLookahead);
     return slot[(item - begin) % (kLookahead + 1)];
   }
+  // Issue the queued prefetches spread over `steps` calls of pump().
+  int64_t per_step(int64_t steps) const { return steps > 0 ? (queue.n + steps - 1) / steps : queue.n; }
+  void pump(int64_t k) { queue.pump(k); }
 };
 
+// Bytes of scratch for the token ring: token lists and the prefetch queue (arrays: the number
+// of row arrays prefetched per item).
+template <class T>
+static inline int64_t ring_bytes(int64_t wp, int64_t hpg, int64_t D, int64_t arrays) {
+  return (kLookahead + 1) * round_up(wp * 8, 64) + round_up(prefetch_queue_cap<T>(wp, hpg, D, arrays) * 8, 64);
+}
+
 template <class Prefetch>
-static inline TokenRing<Prefetch> make_ring(const WindowAttentionParams& p, char*& cursor, int64_t wp, int64_t begin,
-                                            int64_t end, Prefetch pf) {
-  return TokenRing<Prefetch>(p, cursor, wp, begin, end, pf);
+static inline TokenRing<Prefetch> make_ring(const WindowAttentionParams& p, char*& cursor, int64_t wp,
+                                            int64_t queue_cap, int64_t begin, int64_t end, Prefetch pf) {
+  return TokenRing<Prefetch>(p, cursor, wp, queue_cap, begin, end, pf);
 }
 
 // ---------------------------------------------------------------- forward
@@ -439,7 +658,7 @@ template <class T>
 static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t end) {
   using A = typename Elem<T>::acc;  // compute type, also the lse type
   const int64_t D = p.D, hpg = p.heads_per_group();
-  const int64_t dp = round_up(D, 8), wp = round_up(imin(p.N, p.L), 8);
+  const int64_t dp = round_up(D, PAD), wp = round_up(imin(p.N, p.L), PAD);
   const A scale = (A)p.scale;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -447,7 +666,8 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
   T* out = static_cast<T*>(p.out);
   A* lse = static_cast<A*>(p.lse);
 
-  const int64_t bytes = 64 * 8 + (kLookahead + 1) * round_up(wp * 8, 64) +
+  const int64_t qcap = prefetch_queue_cap<T>(wp, hpg, D, 4);
+  const int64_t bytes = 64 * 8 + ring_bytes<T>(wp, hpg, D, 4) +
                         5 * round_up(wp * dp * (int64_t)sizeof(A), 64) +
                         round_up(wp * wp * (int64_t)sizeof(A), 64) + 2 * round_up(wp * (int64_t)sizeof(A), 64);
   char* cursor = static_cast<char*>(thread_scratch(bytes));
@@ -457,20 +677,22 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
   A* O = carve<A>(cursor, wp * dp);   // rows i, cols d
   A* S = carve<A>(cursor, wp * wp);   // scores, then probabilities
   A* inv = carve<A>(cursor, wp);
+  A* rmax = carve<A>(cursor, wp);
 
-  auto ring = make_ring(p, cursor, wp, begin, end, [&](const ItemTokens& t) {
+  auto ring = make_ring(p, cursor, wp, qcap, begin, end, [&](const ItemTokens& t, PrefetchQueue& pq) {
     const int64_t h0 = t.g * hpg;
-    prefetch_rows(q, p.q_stride, t.b, h0, hpg, t.tok, t.m, D);
-    prefetch_rows(k, p.k_stride, t.b, h0, hpg, t.tok, t.m, D);
-    prefetch_rows(v, p.v_stride, t.b, h0, hpg, t.tok, t.m, D);
-    prefetch_rows(out, p.out_stride, t.b, h0, hpg, t.tok, t.m, D);
+    prefetch_rows(q, p.q_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
+    prefetch_rows(k, p.k_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
+    prefetch_rows(v, p.v_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
+    prefetch_rows(out, p.out_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
   });
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
+    const int64_t pk = ring.per_step(hpg * it.m);  // prefetches per softmax row
     const int64_t* tok = it.tok;
     const int64_t b = it.b, g = it.g, m = it.m;
     if (m == 0) continue;
-    const int64_t mp = round_up(m, 8), mr = round_up(m, 4);
+    const int64_t mp = round_up(m, PAD), mr = round_up(m, 4);
     // zero padding (identical for every head of the item; the gathers below overwrite the rest)
     std::memset(Q, 0, sizeof(A) * mp * dp);
     std::memset(KT, 0, sizeof(A) * dp * mp);
@@ -483,7 +705,9 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
       gather_rows(V, dp, v, p.v_stride, b, h, tok, m, D);
       gemm(S, mp, Q, dp, KT, mp, mr, mp, D);  // S = Q K^T
       A* lse_bh = lse + b * p.lse_stride[0] + h * p.lse_stride[1];
-      softmax_rows(S, m, mp, scale, inv, [&](int64_t i) { return lse_bh + tok[i] * p.lse_stride[2]; });
+      softmax_rows(
+          S, m, mp, scale, inv, rmax, [&](int64_t i) { return lse_bh + tok[i] * p.lse_stride[2]; },
+          [&] { ring.pump(pk); });
       for (int64_t i = m; i < mr; ++i)
         for (int64_t j = 0; j < mp; ++j) S[i * mp + j] = 0;
       gemm(O, dp, S, mp, V, dp, mr, dp, m);  // O = P V
@@ -503,7 +727,7 @@ template <class T>
 static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t end) {
   using A = typename Elem<T>::acc;
   const int64_t D = p.D, hpg = p.heads_per_group();
-  const int64_t dp = round_up(D, 8), wp = round_up(imin(p.N, p.L), 8);
+  const int64_t dp = round_up(D, PAD), wp = round_up(imin(p.N, p.L), PAD);
   const A scale = (A)p.scale;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -516,7 +740,8 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   T* dv = static_cast<T*>(p.dv);
 
   const int64_t mat = round_up(wp * dp * (int64_t)sizeof(A), 64);
-  const int64_t bytes = 64 * 8 + (kLookahead + 1) * round_up(wp * 8, 64) + 10 * mat +
+  const int64_t qcap = prefetch_queue_cap<T>(wp, hpg, D, 5);
+  const int64_t bytes = 64 * 8 + ring_bytes<T>(wp, hpg, D, 5) + 10 * mat +
                         2 * round_up(wp * wp * (int64_t)sizeof(A), 64) +
                         2 * round_up(wp * (int64_t)sizeof(A), 64);
   char* cursor = static_cast<char*>(thread_scratch(bytes));
@@ -533,20 +758,21 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   A* lrow = carve<A>(cursor, wp);
   A* delta = carve<A>(cursor, wp);
 
-  auto ring = make_ring(p, cursor, wp, begin, end, [&](const ItemTokens& t) {
+  auto ring = make_ring(p, cursor, wp, qcap, begin, end, [&](const ItemTokens& t, PrefetchQueue& pq) {
     const int64_t h0 = t.g * hpg;
-    prefetch_rows(q, p.q_stride, t.b, h0, hpg, t.tok, t.m, D);
-    prefetch_rows(k, p.k_stride, t.b, h0, hpg, t.tok, t.m, D);
-    prefetch_rows(v, p.v_stride, t.b, h0, hpg, t.tok, t.m, D);
-    prefetch_rows(out, p.out_stride, t.b, h0, hpg, t.tok, t.m, D);
-    prefetch_rows(dout, p.dout_stride, t.b, h0, hpg, t.tok, t.m, D);
+    prefetch_rows(q, p.q_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
+    prefetch_rows(k, p.k_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
+    prefetch_rows(v, p.v_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
+    prefetch_rows(out, p.out_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
+    prefetch_rows(dout, p.dout_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
   });
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
+    const int64_t pk = ring.per_step(hpg * it.m);  // prefetches per softmax row
     const int64_t* tok = it.tok;
     const int64_t b = it.b, g = it.g, m = it.m;
     if (m == 0) continue;
-    const int64_t mp = round_up(m, 8), mr = round_up(m, 4);
+    const int64_t mp = round_up(m, PAD), mr = round_up(m, 4);
     std::memset(Q, 0, sizeof(A) * mp * dp);
     std::memset(K, 0, sizeof(A) * mp * dp);
     std::memset(KT, 0, sizeof(A) * dp * mp);
@@ -573,7 +799,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
       }
       gemm(P, mp, Q, dp, KT, mp, mr, mp, D);    // S = Q K^T
       gemm(dS, mp, dO, dp, VT, mp, mr, mp, D);  // dP = dO V^T
-      grad_rows(P, dS, m, mp, scale, lrow, delta);  // P = exp(S * scale - lse), dS = P * (dP - delta)
+      grad_rows(P, dS, m, mp, scale, lrow, delta, [&] { ring.pump(pk); });  // P = exp(S * scale - lse), dS = P * (dP - delta)
       for (int64_t i = m; i < mp; ++i)
         for (int64_t j = 0; j < mp; ++j) P[i * mp + j] = dS[i * mp + j] = 0;
       gemm(dQ, dp, dS, mp, K, dp, mr, dp, m);      // dQ = dS K
