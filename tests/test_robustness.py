@@ -22,7 +22,7 @@ def _fn(name):
 
 
 # The Triton interpreter runs kernels in Python: fewer examples keep CI inside its time.
-EXAMPLES = {"triton": 8} if DEVICE == "cpu" else {}
+EXAMPLES = {"triton": 20} if DEVICE == "cpu" else {}
 
 
 @st.composite
@@ -34,7 +34,11 @@ def problems(draw, dtypes):
         dim=draw(st.sampled_from([8, 16, 24, 32, 40])), window=draw(st.sampled_from([1, 3, 16, 49, 64])),
         dtype=draw(st.sampled_from(dtypes)), packed=draw(st.booleans()),
         index_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
-        scale=draw(st.sampled_from([None, 0.1, 1.0])), seed=draw(st.integers(0, 2 ** 16)))
+        # Scales that keep the softmax unsaturated: at scale 1 and D = 32, a two-token window's
+        # P is ~1e-3 off one-hot and dS = P * (dP - delta) cancels, so PyTorch's own fp32
+        # autograd misses 1e-5 on dq (8.8e-5, test_saturated_softmax_limits below), and fp16
+        # kernels, whose delta = rowsum(dO * O) uses the rounded O, miss 2x the fp16 autograd.
+        scale=draw(st.sampled_from([None, 0.1, 0.25])), seed=draw(st.integers(0, 2 ** 16)))
 
 
 def _check_problem(name, p):
@@ -49,7 +53,7 @@ def test_property_every_backend_matches_reference(name):
     dtypes = [d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
               if name in runnable_backends(d)]
 
-    @settings(max_examples=EXAMPLES.get(name, 25), deadline=None, derandomize=True, database=None,
+    @settings(max_examples=EXAMPLES.get(name, 60), deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow])
     @given(problems(dtypes))
     def check(p):
@@ -128,3 +132,20 @@ def test_auto_beyond_every_kernels_limits_falls_back_with_one_warning():
     index = make_index(1, 20, 1)
     with pytest.warns(RuntimeWarning, match="uses 'reference'"):
         assert_matches_reference(lambda *a, **kw: rk.window_attention(*a, **kw), q, k, v, index, 7)
+
+
+def test_saturated_softmax_limits():
+    """Documents the conditioning limit the property test's scales avoid (benchmarks/NOTES.md):
+    scale 1 at D = 32 saturates a two-token window's softmax, and no fp32 computation of dq,
+    PyTorch's autograd included, is within 1e-5 of float64 relative to max |dq|."""
+    from util import max_rel_error
+    q, k, v = make_qkv(1, 2, 1, 32, packed=False, seed=0, device="cpu")
+    index = make_index(1, 2, 1, seed=1, device="cpu")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+
+    def dq(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = reference.window_attention_reference(*leaves, index, 3, 1.0)
+        return torch.autograd.grad(out, leaves[0], dout.to(dtype))[0]
+
+    assert max_rel_error(dq(torch.float32), dq(torch.float64)) > 1e-5
