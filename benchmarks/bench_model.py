@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,124 +30,13 @@ for _p in (str(HERE), str(ROOT)):
         sys.path.insert(0 if _p == str(HERE) else len(sys.path), _p)
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
-import measure  # noqa: E402
-from bench_attn import DTYPES, Progress, Timer, TimingPolicy, environment, load_average  # noqa: E402
-from rsir_kernels import backends  # noqa: E402
-from rsir_kernels.models import rsir_base, rsir_tiny  # noqa: E402
-from rsir_kernels.modules import RSIRAttention  # noqa: E402
-
-
-def attention_inputs(model_name: str, image: int, device, dtype):
-    """One q-like tensor per stage, to ask each backend whether it can run the model."""
-    model_fn = {"tiny": rsir_tiny, "base": rsir_base}[model_name]
-    config = model_fn().config
-    out = []
-    for i, (dim, heads) in enumerate(zip(config.stage_dims(), config.num_heads)):
-        side = image // (4 * 2 ** i)
-        out.append(torch.empty(1, side * side, heads, dim // heads, device=device, dtype=dtype))
-    return out, config.window_size ** 2
-
-
-def select_backends(requested, qs, window_size):
-    chosen, skipped = [], {}
-    for name in backends.names():
-        if requested is not None and name not in requested:
-            continue
-        b = backends.get(name)
-        reason = b.unavailable or next((r for r in (b.cannot_run(q, window_size) for q in qs) if r), None)
-        if reason is None and "triton" in name and qs[0].device.type == "cpu":
-            import os
-            if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-                reason = "TRITON_INTERPRET=1: the interpreter is never benchmarked"
-        (skipped.__setitem__(name, reason) if reason else chosen.append(name))
-    return chosen, skipped
-
-
-def build(model_name, backend, device, seed):
-    """The same weights and the same RS-Win generator seed for every backend."""
-    torch.manual_seed(seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    model_fn = {"tiny": rsir_tiny, "base": rsir_base}[model_name]
-    return model_fn(backend=backend, generator=generator).to(device), generator
-
-
-def bench_backend(name, args, device, dtype, images, labels, timer, progress) -> dict:
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
-    row = {"backend": name}
-    model, generator = build(args.model, name, device, args.seed)
-    batch = images.shape[0]
-
-    # correctness: logits vs the reference backend, same weights, same token orders. The
-    # orders are recorded in the reference run and replayed: IR-Win sorts tokens by their
-    # channel mean, so rounding differences of a few ulps between backends could otherwise
-    # swap near-tied tokens between windows and change the logits for no fault of the kernel.
-    model.eval()
-    attention = [m for m in model.modules() if isinstance(m, RSIRAttention)]
-    orders = {id(m): [] for m in attention}
-    with torch.inference_mode(), autocast:
-        generator.manual_seed(args.seed + 1)
-        for m in attention:
-            m.backend = "reference"
-            m.token_order = (lambda x, h, w, m=m, f=m.token_order: orders[id(m)].append(f(x, h, w)) or orders[id(m)][-1])
-        expected = model(images).float()
-        for m in attention:
-            m.backend = name
-            m.token_order = (lambda x, h, w, it=iter(orders[id(m)]): next(it))
-        logits = model(images).float()
-    for m in attention:
-        del m.token_order  # back to the method: fresh orders at every forward
-    err = float((logits - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
-    # A sanity check of the whole model (bench_attn.py checks the op precisely): fp32 1e-4;
-    # under bf16/fp16 autocast the backends round differently inside 22 blocks: 1e-1.
-    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 1e-1
-    row["logits_rel_err_vs_reference"] = err
-    row["check_passed"] = bool(err <= tol and torch.isfinite(logits).all())
-    progress.step(f"{name} check")
-
-    # bytes saved for backward in a training forward
-    model.train()
-    params = list(model.parameters())
-    with autocast:
-        total, activations = measure.saved_bytes(lambda x: nn.functional.cross_entropy(model(x), labels), images,
-                                                 exclude=params + [images])
-    row["saved_bytes_total"] = total
-    row["saved_bytes_per_image"] = activations / batch
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def train_step():
-        with autocast:
-            loss = nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    if device.type == "cuda":
-        train_step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        train_step()
-        torch.cuda.synchronize()
-        row["train_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        row["train_peak_above_start_bytes"] = row["train_peak_bytes"] - before
-    row["train_step_ms"] = measure.summarize(timer(train_step))
-    row["train_images_per_s"] = batch / (row["train_step_ms"]["median"] / 1e3)
-    progress.step(f"{name} train")
-
-    model.eval()
-
-    def infer():
-        with torch.inference_mode(), autocast:
-            return model(images)
-    row["infer_ms"] = measure.summarize(timer(infer))
-    row["infer_images_per_s"] = batch / (row["infer_ms"]["median"] / 1e3)
-    progress.step(f"{name} infer")
-    return row
-
+from cli_common import DTYPES, start_run  # noqa: E402
+from model_measure import attention_inputs, bench_backend, select_backends  # noqa: E402
+from progress import Progress  # noqa: E402
+from report import MODEL_DEFINITIONS, args_record, format_model_table, model_output_stem, write_json  # noqa: E402
+from run_info import environment, load_average  # noqa: E402
+from timing import Timer, TimingPolicy  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -178,20 +66,22 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = args.device, DTYPES[args.dtype]
-    args.dtype = str(dtype).replace("torch.", "")
+def timing_policy(args) -> TimingPolicy:
     if args.quick:
         policy = TimingPolicy(warmup=1, min_reps=2, max_reps=2, budget_s=0.0)
-    elif device.type == "cuda":
+    elif args.device.type == "cuda":
         policy = TimingPolicy(warmup=3, min_reps=10, max_reps=30, budget_s=2.0)
     else:
         policy = TimingPolicy(warmup=1, min_reps=3, max_reps=5, budget_s=5.0)
     if args.repeats:
         policy.max_reps, policy.min_reps = args.repeats, min(policy.min_reps, args.repeats)
+    return policy
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, dtype = start_run(args)
+    policy = timing_policy(args)
     timer = Timer(device, policy)
 
     qs, window_size = attention_inputs(args.model, args.image, device, dtype)
@@ -199,17 +89,9 @@ def main(argv=None) -> int:
     if "reference" not in names:
         names.insert(0, "reference")
     report = environment(device)
-    report.update(benchmark="bench_model",
-                  args={k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
+    report.update(benchmark="bench_model", args=args_record(args),
                   timing={"policy": dataclasses.asdict(policy)}, skipped_backends=skipped,
-                  definitions={"saved_bytes_per_image": "unique storages saved for backward in one training "
-                                                        "forward (incl. loss), leaving out the parameters and the "
-                                                        "images, / batch (under autocast the low-precision copies "
-                                                        "of the weights count)",
-                               "saved_bytes_total": "the same with parameters and images, for the whole batch",
-                               "train_step": "forward + cross-entropy + backward + AdamW step + zero_grad",
-                               "infer": "forward under inference_mode, eval()",
-                               "speedup_vs_reference": "reference median / backend median"})
+                  definitions=MODEL_DEFINITIONS)
     print(f"bench_model: RSIR-{'T' if args.model == 'tiny' else 'B'} {args.image}x{args.image} batch {args.batch} "
           f"{args.dtype} on {report['device']['name']} ({device}); backends {', '.join(names)}", flush=True)
     gen = torch.Generator().manual_seed(args.seed)
@@ -235,29 +117,10 @@ def main(argv=None) -> int:
     report["elapsed_s"] = time.perf_counter() - t_start
     report["host"]["load_average_end"] = load_average()
 
-    gpu = device.type == "cuda"
-    head = f"{'backend':<10} {'train ms':>9} {'img/s':>8} {'x ref':>6} {'infer ms':>9} {'img/s':>8} {'x ref':>6} " \
-           f"{'saved MB/img':>12}" + (f" {'peak MB':>8}" if gpu else "") + "  check"
-    print("\n" + head + "\n" + "-" * len(head))
-    for r in rows:
-        if "train_step_ms" not in r:
-            print(f"{r['backend']:<10} FAILED: {r.get('error', '')}")
-            continue
-        line = (f"{r['backend']:<10} {r['train_step_ms']['median']:9.1f} {r['train_images_per_s']:8.1f} "
-                f"{r.get('train_speedup_vs_reference', float('nan')):6.2f} {r['infer_ms']['median']:9.1f} "
-                f"{r['infer_images_per_s']:8.1f} {r.get('infer_speedup_vs_reference', float('nan')):6.2f} "
-                f"{r['saved_bytes_per_image'] / 2 ** 20:12.1f}")
-        if gpu:
-            line += f" {r.get('train_peak_above_start_bytes', 0) / 2 ** 20:8.0f}"
-        line += f"  {'ok' if r['check_passed'] else 'FAILED'} (logits rel err {r['logits_rel_err_vs_reference']:.1e})"
-        print(line)
-    for name, why in skipped.items():
-        print(f"    {name} not run: {why}")
+    print(format_model_table(rows, skipped, gpu=device.type == "cuda"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / (f"bench_model_{device.type}_{args.dtype}" + ("" if args.model == "tiny" else f"_{args.model}")
-                      + ".json")
-    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    path = write_json(report, out_dir / (model_output_stem(device, args.dtype, args.model) + ".json"))
     print(f"wrote {path} ({report['elapsed_s']:.1f} s)")
     return 0 if all(r.get("check_passed") for r in rows) else 1
 

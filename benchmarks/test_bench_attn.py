@@ -21,27 +21,30 @@ import time
 import pytest
 import torch
 
-import bench_attn as ba
+import cases
+import checks
+import cli_common
+import timing
 from rsir_kernels import backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = ba.DTYPES[os.environ.get("RSIR_BENCH_DTYPE", "bfloat16" if DEVICE.type == "cuda" else "float32")]
+DTYPE = cli_common.DTYPES[os.environ.get("RSIR_BENCH_DTYPE", "bfloat16" if DEVICE.type == "cuda" else "float32")]
 BATCH = int(os.environ.get("RSIR_BENCH_BATCH", "64" if DEVICE.type == "cuda" else "2"))
 MODEL = os.environ.get("RSIR_BENCH_MODEL", "tiny")
 TIME_PER_CASE = float(os.environ.get("RSIR_BENCH_TIME", "0.5"))  # seconds of timed rounds per benchmark
-SHAPES = ba.stage_shapes(MODEL)
-ROWS = [n for n in backends.names() if backends.get(n).unavailable is None] + list(ba.BASELINES)
+SHAPES = cases.stage_shapes(MODEL)
+ROWS = [n for n in backends.names() if backends.get(n).unavailable is None] + list(cases.BASELINES)
 
 
 @functools.lru_cache(maxsize=1)
 def _inputs_for(stage: int):
     """Inputs, rows and the reference of one stage (cached: one stage at a time)."""
     shape = SHAPES[stage - 1]
-    inp = ba.make_inputs(shape, BATCH, DEVICE, DTYPE)
-    names, skipped = ba.select_backends(None, inp.qkv[:, :, 0])
-    rows = {r.name: r for r in [ba.backend_row(n, inp) for n in names] + ba.baseline_rows(inp)}
-    exact = ba.exact_reference(inp, torch.float64)
-    low = ba.exact_reference(inp, DTYPE, upcast=False) if DTYPE in (torch.float16, torch.bfloat16) else None
+    inp = cases.make_inputs(shape, BATCH, DEVICE, DTYPE)
+    names, skipped = cases.select_backends(None, inp.qkv[:, :, 0])
+    rows = {r.name: r for r in [cases.backend_row(n, inp) for n in names] + cases.baseline_rows(inp)}
+    exact = checks.exact_reference(inp, torch.float64)
+    low = checks.exact_reference(inp, DTYPE, upcast=False) if DTYPE in (torch.float16, torch.bfloat16) else None
     return shape, rows, skipped, exact, low, {}
 
 
@@ -65,9 +68,9 @@ def test_window_attention(benchmark, stage, row_name, mode):
         pytest.skip(f"{row_name}: {skipped.get(row_name, 'not run')}")
     row = rows[row_name]
     if row_name not in checked:
-        checked[row_name] = ba.check_row(row, exact, low)
+        checked[row_name] = checks.check_row(row, exact, low)
     assert checked[row_name]["passed"], f"{row_name} does not match the reference: {checked[row_name]['detail']}"
-    fn = ba.forward_fn(row) if mode == "fwd" else ba.forward_backward_fn(row)
+    fn = timing.forward_fn(row) if mode == "fwd" else timing.forward_backward_fn(row)
     benchmark.group = f"stage{stage} {shape.describe()} B{BATCH} {str(DTYPE).replace('torch.', '')} {mode}"
     benchmark.extra_info.update(stage=stage, shape=shape.describe(), batch=BATCH, dtype=str(DTYPE),
                                 device=str(DEVICE), row=row_name, kind=row.kind, mode=mode)

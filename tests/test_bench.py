@@ -184,34 +184,35 @@ def test_bench_attn_quick_gpu(tmp_path):
 # ---------------------------------------------------------------- the check and the FAILED path
 
 def test_check_row_catches_a_wrong_row_and_passes_the_baselines():
-    import bench_attn as ba
-    shape = ba.Shape(stage=1, height=14, width=14, channels=32, heads=2)
-    inp = ba.make_inputs(shape, 1, "cpu", torch.float32)
-    exact = ba.exact_reference(inp, torch.float64)
-    rows = {r.name: r for r in ba.baseline_rows(inp) + [ba.backend_row("reference", inp)]}
+    import cases  # benchmarks/ is on sys.path
+    import checks
+    shape = cases.Shape(stage=1, height=14, width=14, channels=32, heads=2)
+    inp = cases.make_inputs(shape, 1, "cpu", torch.float32)
+    exact = checks.exact_reference(inp, torch.float64)
+    rows = {r.name: r for r in cases.baseline_rows(inp) + [cases.backend_row("reference", inp)]}
     for name, row in rows.items():
-        assert ba.check_row(row, exact, None)["passed"], name
+        assert checks.check_row(row, exact, None)["passed"], name
     good = rows["torch"]
-    wrong = ba.Row("wrong", "backend", lambda qkv: good.fn(qkv) * 1.001, good.leaves, good.dout, good.expected)
-    result = ba.check_row(wrong, exact, None)
+    wrong = cases.Row("wrong", "backend", lambda qkv: good.fn(qkv) * 1.001, good.leaves, good.dout, good.expected)
+    result = checks.check_row(wrong, exact, None)
     assert not result["passed"] and "FAILED" in result["detail"]
 
     def boom(qkv):
         raise RuntimeError("kernel exploded")
-    crashed = ba.check_row(ba.Row("boom", "backend", boom, good.leaves, good.dout, good.expected), exact, None)
+    crashed = checks.check_row(cases.Row("boom", "backend", boom, good.leaves, good.dout, good.expected), exact, None)
     assert not crashed["passed"] and "kernel exploded" in crashed["detail"]
 
 
 def test_table_prints_failed_rows_without_speedups():
-    import bench_attn as ba
+    import report  # benchmarks/ is on sys.path
     timing = {"median": 2.0, "iqr": 0.1}
     ok = {"name": "torch", "kind": "baseline", "status": "ok", "fwd_ms": timing, "fwdbwd_ms": timing,
           "speedup_vs_torch_fwd": 1.0, "speedup_vs_torch_fwdbwd": 1.0, "speedup_vs_paper_fwd": None,
           "ratio_to_sdpa_windows_fwd": None, "saved_bytes": 2 ** 20}
     bad = {"name": "cpp", "kind": "backend", "status": "FAILED", "check": {"passed": False, "detail": "out: rel err 1"}}
-    report = {"device": {"kind": "cpu"}, "shapes": [{"stage": 1, "height": 56, "width": 56, "rows": [bad, ok],
+    result = {"device": {"kind": "cpu"}, "shapes": [{"stage": 1, "height": 56, "width": 56, "rows": [bad, ok],
                                                      "index_check": None, "skipped_backends": {"triton": "no GPU"}}]}
-    table = ba.format_table(report)
+    table = report.format_table(result)
     line = next(line for line in table.splitlines() if " cpp " in line)
     assert "FAILED" in line and line.split("FAILED", 1)[1].strip() == ""   # no figures after it
     assert "cpp FAILED (not timed" in table and "triton not run: no GPU" in table
