@@ -20,7 +20,10 @@ class RSIRAttention(nn.Module):
     RS-Win draws a fresh permutation at every forward, in training and in eval alike (the
     paper's Algorithm 1 has no eval branch). Pass a seeded `generator` (on any device) to
     make the draws reproducible: two modules with equal weights and equally seeded
-    generators give equal outputs, call after call.
+    generators give equal outputs, call after call. torch.compile cannot trace a draw from an
+    explicit generator (fullgraph=True then fails): to compile, leave `generator=None` and
+    seed torch's global RNG (torch._inductor.config.fallback_random = True makes compiled
+    draws equal eager ones).
 
     Args:
         dim: channels C; num_heads: heads K (C % K == 0).
