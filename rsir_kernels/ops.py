@@ -109,8 +109,7 @@ def _qkvpacked_setup(ctx, inputs, output):
 
 def _qkvpacked_backward(ctx, dout, _dlse):
     qkv, out, lse, index = ctx.saved_tensors
-    dqkv = backends.get(ctx.backend).backward(dout.contiguous(), *qkv.unbind(2), out, lse, index,
-                                              ctx.window_size, ctx.scale)
+    dqkv = backends.get(ctx.backend).backward(dout, *qkv.unbind(2), out, lse, index, ctx.window_size, ctx.scale)
     return dqkv, None, None, None, None
 
 

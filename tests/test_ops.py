@@ -169,3 +169,21 @@ def test_available_backends_reports_every_backend():
     for name in ("triton", "cpp"):
         assert name in status
         assert status[name].available or status[name].reason
+
+
+def test_strided_output_gradient_reaches_every_backend():
+    """The backward ops read dout in place: a non-contiguous dout (here a transposed view) must
+    give the gradients of its values, on every backend that runs here."""
+    from rsir_kernels import backends
+    q, k, v = make_qkv(2, 30, 4, 8, device="cpu")
+    index = make_index(2, 30, 2, device="cpu")
+    dout = torch.randn(2, 4, 30, 8).transpose(1, 2)  # (B, L, H, D), not contiguous
+    expected = torch.autograd.grad(reference.window_attention_reference(q, k, v, index, 7), (q, k, v), dout)
+    probe = q.detach()
+    for name in backends.names():
+        b = backends.get(name)
+        if b.unavailable or b.cannot_run(probe, 7):
+            continue
+        out = rk.window_attention(q, k, v, index, 7, backend=name)
+        for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), expected):
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), name

@@ -10,6 +10,7 @@ The contract every backend keeps (DESIGN.md section 1):
         lse      (B, H, L) contiguous, float32 (float64 for float64 inputs): the
                  log-sum-exp of each row's scaled scores, original token order
     backward(dout, q, k, v, out, lse, index, window_size, scale) -> dqkv
+        dout     (B, L, H, D), any strides (kernels read it in place, like q, k, v)
         dqkv     (B, L, 3, H, D) contiguous, q's dtype: dq, dk, dv packed, so that a
                  module whose q, k, v are views of one packed qkv gets its gradient
                  with no torch.cat / torch.stack
@@ -87,7 +88,7 @@ def _register_autograd(backend: Backend) -> None:
 
     def backward(ctx, dout, _dlse):  # lse is an auxiliary output: no gradient flows through it
         q, k, v, out, lse, index = ctx.saved_tensors
-        dqkv = backend.backward(dout.contiguous(), q, k, v, out, lse, index, ctx.window_size, ctx.scale)
+        dqkv = backend.backward(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
         dq, dk, dv = dqkv.unbind(2)
         return dq, dk, dv, None, None, None
 
