@@ -32,7 +32,9 @@ def sync():
 
 
 def device_ms(fn, reps: int = 20) -> float:
-    """Mean GPU time of fn() in ms: the self device time of everything it ran, per call."""
+    """Mean GPU time of fn() in ms: the time of the CUDA kernels and copies it ran, per call.
+    Only events on the device count: summing every event's self device time counted each
+    kernel twice (once more under the op that launched it; H200 run of 2026-11-26)."""
     from torch.profiler import ProfilerActivity, profile
     for _ in range(3):
         fn()
@@ -41,7 +43,8 @@ def device_ms(fn, reps: int = 20) -> float:
         for _ in range(reps):
             fn()
         sync()
-    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    on_device = (torch.autograd.DeviceType.CUDA,)
+    total_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type in on_device)
     return total_us / reps / 1e3
 
 
@@ -75,11 +78,17 @@ def triton_layers(inp, calls: int) -> list[tuple[str, str]]:
     out, lse = torch.empty_like(q), torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device)
     cfg = launch.make_config(q.shape[0], q.shape[1], q.shape[2], index.shape[1], q.shape[3], N,
                              q.dtype, q.device)
+    dout, dqkv = torch.randn_like(q), torch.empty_like(inp.qkv)
+    launch.forward_into(q, k, v, index, N, scale, out, lse, config=cfg)
     layers = [
         ("bare launch (forward_into, config given)",
          lambda: launch.forward_into(q, k, v, index, N, scale, out, lse, config=cfg)),
+        ("bare backward launch (backward_into, config given)",
+         lambda: launch.backward_into(dout, q, k, v, out, lse, index, N, scale, dqkv, config=cfg)),
         ("forward_into (config computed)", lambda: launch.forward_into(q, k, v, index, N, scale, out, lse)),
-        ("custom op rsir::window_attention_triton", lambda: launch.window_attention_fwd(q, k, v, index, N, scale)),
+        ("custom op rsir::window_attention_triton (the op path)",
+         lambda: launch.window_attention_fwd(q, k, v, index, N, scale)),
+        ("launch.forward (what the eager path runs)", lambda: launch.forward(q, k, v, index, N, scale)),
         ("rk.window_attention, no grad, check_index=False",
          lambda: ops.window_attention(q, k, v, inp.index, N, backend="triton", check_index=False)),
         ("rk.window_attention, no grad, check_index=True",

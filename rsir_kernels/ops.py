@@ -13,8 +13,15 @@ import warnings
 from typing import NamedTuple, Optional
 
 import torch
+import torch.utils.flop_counter
 
 from . import backends
+
+try:  # the innermost TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...), or None
+    from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+except ImportError:  # a torch that moved it: always take the op path
+    def _current_dispatch_mode():
+        return True
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -57,6 +64,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     if q.numel() == 0:
         return q * 0 + k * 0 + v * 0  # empty, but connected to the graph
     chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
+    if _plain_eager(q, k, v, index):
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            return chosen.forward_impl(q, k, v, index, window_size, scale)[0]
+        return _EagerAttention.apply(q, k, v, index, window_size, scale, chosen)
     return chosen.forward(q, k, v, index, window_size, scale)[0]
 
 
@@ -77,6 +88,10 @@ def window_attention_qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_si
     if q.numel() == 0:
         return q * 0 + k * 0 + v * 0
     chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
+    if _plain_eager(qkv, index):
+        if not (torch.is_grad_enabled() and qkv.requires_grad):
+            return chosen.forward_impl(q, k, v, index, window_size, scale)[0]
+        return _EagerQKVPacked.apply(qkv, index, window_size, scale, chosen)
     return _qkvpacked(qkv, index, window_size, scale, chosen.name)[0]
 
 
@@ -115,6 +130,69 @@ def _qkvpacked_backward(ctx, dout, _dlse):
 
 torch.library.register_autograd("rsir::window_attention_qkvpacked", _qkvpacked_backward,
                                 setup_context=_qkvpacked_setup)
+
+
+def _qkvpacked_flops(qkv_shape, index_shape, window_size, scale, backend, out_shape=None, **kwargs):
+    # the FLOP counter does not see the backend op this op runs inside
+    batch, length, _, heads, dim = qkv_shape
+    return backends.forward_flops((batch, length, heads, dim), window_size)
+
+
+torch.utils.flop_counter.register_flop_formula(torch.ops.rsir.window_attention_qkvpacked)(_qkvpacked_flops)
+
+
+# ---------------------------------------------------------------- the eager path
+
+def _plain_eager(*tensors: torch.Tensor) -> bool:
+    """True when nothing needs the ops: no torch.compile tracing, no dispatch mode (fake
+    tensors, FLOP counting, ...), plain tensors (no subclass, no functorch transform). Then
+    the backend's implementation runs under the torch.autograd.Functions below, skipping the
+    custom ops' dispatch and autograd glue in Python: on a GPU that host time, not the
+    kernels, bounds the small stages (benchmarks/NOTES.md, "Host time")."""
+    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+        return False
+    return all(type(t) is torch.Tensor and not _functorch_wrapped(t) for t in tensors)
+
+
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """window_attention's forward and backward through chosen.forward_impl / backward_impl:
+    the same computation and saved tensors as the op path."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, index, window_size, scale, chosen):
+        out, lse = chosen.forward_impl(q, k, v, index, window_size, scale)
+        ctx.save_for_backward(q, k, v, out, lse, index)
+        ctx.window_size, ctx.scale, ctx.chosen = window_size, scale, chosen
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse, index = ctx.saved_tensors
+        dqkv = ctx.chosen.backward_impl(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
+        dq, dk, dv = dqkv.unbind(2)
+        return dq, dk, dv, None, None, None, None
+
+
+class _EagerQKVPacked(torch.autograd.Function):
+    """window_attention_qkvpacked's eager twin: the packed gradient comes back as is."""
+
+    @staticmethod
+    def forward(ctx, qkv, index, window_size, scale, chosen):
+        out, lse = chosen.forward_impl(*qkv.unbind(2), index, window_size, scale)
+        ctx.save_for_backward(qkv, out, lse, index)
+        ctx.window_size, ctx.scale, ctx.chosen = window_size, scale, chosen
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        qkv, out, lse, index = ctx.saved_tensors
+        dqkv = ctx.chosen.backward_impl(dout, *qkv.unbind(2), out, lse, index, ctx.window_size, ctx.scale)
+        return dqkv, None, None, None, None
 
 
 # ---------------------------------------------------------------- backend choice

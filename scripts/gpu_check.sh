@@ -10,9 +10,10 @@
 #   3. bench_attn    benchmarks/bench_attn.py with its GPU defaults (bf16, batch 64, RSIR-T)
 #   4. tests         python3 -m pytest tests -q (junit xml)
 #   5. bench_model   benchmarks/bench_model.py (RSIR-T 224x224, batch 64, bf16 autocast)
-#   6. sanitizers    compute-sanitizer memcheck and racecheck on the GPU tests of the C++/CUDA
-#                    backend (tests/test_cpp.py) and of the Triton backend (tests/test_triton.py),
-#                    when compute-sanitizer and the test file exist (skipped with a note if not)
+#   6. breakdown     benchmarks/gpu_breakdown.py: device time against host time per call
+#   7. sanitizers    compute-sanitizer memcheck on the GPU tests of the C++/CUDA backend
+#                    (tests/test_cpp.py) and of the Triton backend (tests/test_triton.py);
+#                    racecheck on scripts/cuda_smoke.py, our kernels only (--kernel-name)
 # The benchmarks come before the full test suite and the sanitizers, so that a slow step
 # late in the run can't cost the main job.
 #
@@ -50,7 +51,7 @@ SUMMARY="$WORK/summary.txt"
 elapsed() { echo $(( $(date +%s) - START )); }
 
 # The steps in order, each with the floor (seconds) kept back for it while earlier steps run.
-ORDER=(info:0 build:0 backends:0 bench_attn:60 tests:60 bench_model:40
+ORDER=(info:0 build:0 backends:0 bench_attn:60 tests:60 bench_model:40 breakdown:40
        sanitize_memcheck_cpp:25 sanitize_memcheck_triton:25 sanitize_racecheck_cpp:25 sanitize_racecheck_triton:25)
 
 skipped() { case " ${GPU_CHECK_SKIP:-} " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -117,6 +118,8 @@ run_step backends 30 "$PY" -c "import rsir_kernels as rk; [print(f'{n:10s}', s) 
 run_step bench_attn 150 "$PY" benchmarks/bench_attn.py --no-progress --out "$WORK/results" ${BENCH_ATTN_ARGS:-}
 
 # ---------------------------------------------------------------- 4. the test suite on the GPU
+# pytest-xdist, where installed, spreads the suite over 8 workers (114 s instead of minutes on an H200)
+if [ -z "${TEST_ARGS+set}" ] && "$PY" -c "import xdist" 2>/dev/null; then TEST_ARGS="-n 8"; fi
 # shellcheck disable=SC2086
 run_step tests 240 "$PY" -m pytest tests -q -ra --junitxml="$WORK/junit.xml" ${TEST_ARGS:-}
 
@@ -124,7 +127,10 @@ run_step tests 240 "$PY" -m pytest tests -q -ra --junitxml="$WORK/junit.xml" ${T
 # shellcheck disable=SC2086
 run_step bench_model 90 "$PY" benchmarks/bench_model.py --no-progress --out "$WORK/results" ${BENCH_MODEL_ARGS:-}
 
-# ---------------------------------------------------------------- 6. compute-sanitizer
+# ---------------------------------------------------------------- 6. device time against host time
+run_step breakdown 120 "$PY" benchmarks/gpu_breakdown.py
+
+# ---------------------------------------------------------------- 7. compute-sanitizer
 # The caching allocator would hide an out-of-bounds access inside a pooled block: off.
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)
 for tool in memcheck racecheck; do
@@ -133,9 +139,17 @@ for tool in memcheck racecheck; do
     file="tests/test_${which}.py"
     if [ -z "$SAN" ]; then note_step "$name" "compute-sanitizer not found"; continue; fi
     if [ ! -f "$file" ]; then note_step "$name" "$file does not exist yet"; continue; fi
+    if [ "$tool" = racecheck ]; then
+      # racecheck instruments every kernel and crawls (pytest of the GPU tests did not finish
+      # in 75 s on an H200): our kernels only, on scripts/cuda_smoke.py's few shapes
+      if [ "$which" = cpp ]; then filter=kns=rsir; else filter=kns=window_attn; fi
+      run_step "$name" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool racecheck --error-exitcode 99 \
+        --kernel-name "$filter" "$PY" scripts/cuda_smoke.py "$which"
+      continue
+    fi
     if [ "$which" = cpp ]; then args=${SANITIZE_CPP:-"$file -k gpu -x -q"}; else args=${SANITIZE_TRITON:-"$file -k gpu --deselect $file::test_64bit_offsets -x -q"}; fi
     # shellcheck disable=SC2086
-    run_step "$name" 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 99 \
+    run_step "$name" 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 99 \
       "$PY" -m pytest $args
   done
 done
@@ -149,7 +163,7 @@ done
     IFS='|' read -r n r t <<< "$s"
     printf '%-26s %-40s %s\n' "$n" "$r" "$t"
   done
-  for f in backends bench_attn bench_model; do
+  for f in backends bench_attn bench_model breakdown; do
     if [ -f "$WORK/$f.log" ]; then echo; echo "---- $f"; grep -v '^\s*\[' "$WORK/$f.log" | tail -n 60; fi
   done
   if [ -f "$WORK/tests.log" ]; then echo; echo "---- tests (tail)"; tail -n 25 "$WORK/tests.log"; fi

@@ -116,3 +116,36 @@ def _compile_fullgraph_matches_eager():
     grad, = torch.autograd.grad(out.square().sum(), x)
     assert torch.allclose(out, eager, atol=1e-5, rtol=1e-5)
     assert torch.allclose(grad, eager_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_module_saves_only_what_its_backward_needs():
+    """The bytes autograd keeps for one RSIRAttention: the qkv projection's input and weight,
+    the packed qkv, the attention output (one storage: the op saves it and so does the output
+    projection, which needs it as its input), the log-sum-exp, the index and the output
+    projection's weight. Counted by storage, from the shapes, for every backend that runs here."""
+    from rsir_kernels import backends
+    batch, height, width, channels, heads = 2, 14, 14, 32, 4
+    length = height * width
+    expected = 4 * (batch * length * channels          # tokens, the qkv projection's input
+                    + 3 * channels * channels          # its weight
+                    + batch * length * 3 * channels    # qkv
+                    + batch * length * channels        # out = the output projection's input
+                    + batch * heads * length           # lse
+                    + channels * channels)             # the output projection's weight
+    expected += 8 * batch * 2 * length                 # index (B, G=2, L) int64
+    x = torch.randn(batch, height, width, channels)
+    for name in backends.names():
+        b = backends.get(name)
+        if b.unavailable or b.cannot_run(x.view(batch, length, heads, -1), 49):
+            continue
+        module = rk.RSIRAttention(channels, heads, 7, backend=name)
+        storages = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            storages[(s.data_ptr(), s.nbytes())] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x.requires_grad_())
+        assert sum(storages.values()) == expected, name

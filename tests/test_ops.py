@@ -187,3 +187,63 @@ def test_strided_output_gradient_reaches_every_backend():
         out = rk.window_attention(q, k, v, index, 7, backend=name)
         for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), expected):
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), name
+
+
+def _runnable(q, window_size):
+    from rsir_kernels import backends
+    return [name for name in backends.names()
+            if not backends.get(name).unavailable and not backends.get(name).cannot_run(q, window_size)]
+
+
+def _forward_and_grads(fn, leaves, dout):
+    out = fn()
+    return (out, *torch.autograd.grad(out, leaves, dout))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "qkvpacked"])
+def test_eager_path_equals_op_path_and_flops_are_counted(packed):
+    """A plain eager call runs the backends' implementations directly (ops._plain_eager); a
+    dispatch mode (here the FLOP counter) sends the same call through the ops. Both paths
+    must give the same bits, and the op path must show the registered FLOP formulas."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from util import DEVICE
+    batch, length, heads, dim, window = 2, 60, 4, 16, 7
+    q, k, v = make_qkv(batch, length, heads, dim, device=DEVICE)
+    qkv = q._base
+    index = make_index(batch, length, 2, device=DEVICE)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    for name in _runnable(q.detach(), window):
+        if packed:
+            call = lambda: rk.window_attention_qkvpacked(qkv, index, window, backend=name)  # noqa: E731
+            leaves = (qkv,)
+        else:
+            call = lambda: rk.window_attention(q, k, v, index, window, backend=name)  # noqa: E731
+            leaves = (q, k, v)
+        assert ops._plain_eager(q, index)
+        eager = _forward_and_grads(call, leaves, dout)
+        with FlopCounterMode(display=False) as counter:
+            through_ops = _forward_and_grads(call, leaves, dout)
+        for a, b in zip(eager, through_ops):
+            assert torch.equal(a, b), name
+        macs = batch * length * heads * window * dim
+        assert counter.get_total_flops() == 2 * 2 * macs + 2 * 5 * macs, name
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer():
+    q, k, v = make_qkv(1, 20, 2, 8, device="cpu")
+    index = make_index(1, 20, 1, device="cpu")
+    out = rk.window_attention(q, k, v, index, 5, backend="reference")
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="(?i)once_differentiable|does not require grad"):
+        torch.autograd.grad(dq.sum(), q)
+
+
+def test_fake_tensors_take_the_op_path():
+    """Under FakeTensorMode (shape inference, tracing) the ops' fake implementations answer."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q = torch.empty(2, 30, 4, 8)
+        index = torch.empty(2, 2, 30, dtype=torch.int64)
+        out = rk.window_attention(q, q, q, index, 7, check_index=False)
+        assert out.shape == (2, 30, 4, 8) and out.dtype == torch.float32
+        assert not ops._plain_eager(q, index)

@@ -17,6 +17,11 @@ The contract every backend keeps (DESIGN.md section 1):
 
 Both are torch.library ops with fake implementations, each backend under names of its
 own. `register` wires autograd for the forward op once, the same way for every backend.
+A backend whose ops are Python functions also hands those functions over (`eager_forward`,
+`eager_backward`): rsir_kernels.ops calls them directly in plain eager calls, skipping the
+dispatcher's round trips through Python (host time that the small stages of a model on a
+GPU feel: benchmarks/NOTES.md), and calls the ops everywhere else (torch.compile, fake
+tensors, dispatch modes such as FLOP counting, tensor subclasses).
 Validation is not the backends' job: rsir_kernels.ops checks every input before any op
 runs, so a backend may assume well-formed arguments.
 """
@@ -40,6 +45,8 @@ class Backend:
     priority: dict           # device type -> rank for backend="auto"; absent: never auto
     unavailable: Optional[str] = None   # why this install can't use it, None if it can
     cannot_run: CanRun = lambda q, n: None
+    eager_forward: Optional[Callable] = None    # the forward op's implementation; None: the op
+    eager_backward: Optional[Callable] = None   # the backward op's implementation; None: the op
 
     @property
     def forward(self):
@@ -48,6 +55,15 @@ class Backend:
     @property
     def backward(self):
         return _resolve(self.backward_op).default
+
+    @property
+    def forward_impl(self):
+        """What a plain eager call runs: the op's implementation itself, or the op."""
+        return self.eager_forward or self.forward
+
+    @property
+    def backward_impl(self):
+        return self.eager_backward or self.backward
 
 
 def _resolve(qualname: str):
@@ -95,22 +111,29 @@ def _register_autograd(backend: Backend) -> None:
     torch.library.register_autograd(backend.forward_op, backward, setup_context=setup_context)
 
 
-def _register_flops(backend: Backend) -> None:
-    """FLOP formulas for torch.utils.flop_counter (which can't see inside an op): q k^T and
-    P v are 2 * N * D multiply-adds per query row; the backward's five products, 5 * N * D."""
-    from torch.utils.flop_counter import register_flop_formula
+def forward_flops(q_shape, window_size: int) -> int:
+    """FLOPs of the forward: q k^T and P v, 2 * N * D multiply-adds per query row (a partial
+    last window counted as full)."""
+    batch, length, heads, dim = q_shape
+    return 2 * 2 * batch * length * heads * min(window_size, length) * dim
 
-    def per_row_macs(q_shape, window_size):
-        batch, length, heads, dim = q_shape
-        return batch * length * heads * min(window_size, length) * dim
+
+def backward_flops(q_shape, window_size: int) -> int:
+    """FLOPs of the backward: its five products, 5 * N * D multiply-adds per query row."""
+    return forward_flops(q_shape, window_size) * 5 // 2
+
+
+def _register_flops(backend: Backend) -> None:
+    """FLOP formulas for torch.utils.flop_counter, which can't see inside an op."""
+    from torch.utils.flop_counter import register_flop_formula
 
     @register_flop_formula(_resolve(backend.forward_op))
     def _forward(q_shape, k_shape, v_shape, index_shape, window_size, scale, out_shape=None, **kw):
-        return 2 * 2 * per_row_macs(q_shape, window_size)
+        return forward_flops(q_shape, window_size)
 
     @register_flop_formula(_resolve(backend.backward_op))
     def _backward(dout_shape, q_shape, *args, out_shape=None, **kw):
-        return 2 * 5 * per_row_macs(q_shape, args[-2])
+        return backward_flops(q_shape, args[-2])
 
 
 # Each module registers itself on import; order does not matter (priority decides "auto").

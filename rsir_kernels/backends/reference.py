@@ -12,23 +12,25 @@ from .. import reference
 from . import Backend, register
 
 
-@torch.library.custom_op("rsir::window_attention", mutates_args=())
-def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-                         window_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+            window_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = reference.window_attention_with_lse(q, k, v, index, window_size, scale)
     return out.contiguous(), lse
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor,
+             window_size: int, scale: float) -> torch.Tensor:
+    return reference.window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale)
+
+
+window_attention_fwd = torch.library.custom_op("rsir::window_attention", mutates_args=())(forward)
+window_attention_bwd = torch.library.custom_op("rsir::window_attention_backward", mutates_args=())(backward)
 
 
 @window_attention_fwd.register_fake
 def _(q, k, v, index, window_size, scale):
     return fake_forward(q)
-
-
-@torch.library.custom_op("rsir::window_attention_backward", mutates_args=())
-def window_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor,
-                         window_size: int, scale: float) -> torch.Tensor:
-    return reference.window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale)
 
 
 @window_attention_bwd.register_fake
@@ -53,4 +55,6 @@ register(Backend(
     forward_op="rsir::window_attention",
     backward_op="rsir::window_attention_backward",
     priority={"cpu": 0, "cuda": 0},
+    eager_forward=forward,
+    eager_backward=backward,
 ))

@@ -31,7 +31,8 @@ if _reason is None:
     from . import launch
 
     register(Backend(name=_NAME, forward_op=_FWD, backward_op=_BWD, priority={"cuda": 30},
-                     cannot_run=launch.cannot_run))
+                     cannot_run=launch.cannot_run, eager_forward=launch.forward,
+                     eager_backward=launch.backward))
 else:
     register(Backend(name=_NAME, forward_op=_FWD, backward_op=_BWD, priority={"cuda": 30},
                      unavailable=_reason))

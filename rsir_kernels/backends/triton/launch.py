@@ -1,8 +1,9 @@
 """Launchers of the Triton kernels and their torch.library ops.
 
 `forward_into` / `backward_into` write into caller-given buffers (tests poison them with NaN
-first); the ops `rsir::window_attention_triton` and `rsir::window_attention_triton_backward`
-allocate with torch.empty and call them. The ops are `torch.library.custom_op` with
+first); `forward` / `backward` allocate with torch.empty and call them, and are the ops
+`rsir::window_attention_triton` and `rsir::window_attention_triton_backward` (and what a
+plain eager call runs directly, rsir_kernels.backends). The ops are `torch.library.custom_op` with
 `register_fake` (DESIGN.md section 6: this registration runs eagerly, under
 torch.compile(fullgraph=True) and passes opcheck, with the interpreter as on a GPU).
 Inputs are assumed valid (rsir_kernels.ops checks them); the kernels still mask every load
@@ -44,6 +45,16 @@ class Config:
     num_warps: int
 
 
+# Host-side integer helpers: triton.cdiv / next_power_of_2 are @jit functions whose host
+# calls cost microseconds each, a launch's worth of them a visible share of its host time.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 @functools.lru_cache(maxsize=None)
 def _min_programs(device: torch.device) -> int:
     """Programs a launch should have to fill the GPU (a few per SM); 1 under the interpreter."""
@@ -52,20 +63,21 @@ def _min_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its arguments; called for every launch
 def make_config(batch: int, length: int, heads: int, groups: int, dim: int, window_size: int,
                 dtype: torch.dtype, device: torch.device, tile: Optional[int] = None) -> Config:
     """The launch shape for these sizes; `tile` forces the multi-tile path with that tile (tests)."""
     n = min(window_size, length)
-    block_d = max(16, triton.next_power_of_2(dim))
+    block_d = max(16, _next_pow2(dim))
     # fp32 tiles take twice the registers and its ieee dots run on FMA units: smaller tiles
     max_tile = 8192 if dtype != torch.float32 else 2048
     # tiny windows: several per program (~32 tokens, at most 8 windows), each window in its
     # own 16-slot batch of 3-D dots
     wpp = 1
     if n < 16 and tile is None:
-        wpp = min(triton.next_power_of_2(triton.cdiv(32, n)), triton.next_power_of_2(triton.cdiv(length, n)),
+        wpp = min(_next_pow2(_cdiv(32, n)), _next_pow2(_cdiv(length, n)),
                   max(1, max_tile // (16 * block_d)), 8)
-    block = 16 * wpp if wpp > 1 else max(16, triton.next_power_of_2(n))
+    block = 16 * wpp if wpp > 1 else max(16, _next_pow2(n))
     single = tile is None and block <= 128 and block * block_d <= max_tile
     if not single:
         wpp, block = 1, tile or (64 if dtype != torch.float32 or block_d <= 32 else 32)
@@ -78,7 +90,7 @@ def make_config(batch: int, length: int, heads: int, groups: int, dim: int, wind
     per_group = heads // groups
     hpp = 1
     if single:
-        programs = batch * groups * triton.cdiv(length, wpp * n)
+        programs = batch * groups * _cdiv(length, wpp * n)
         for cand in range(min(per_group, 8), 0, -1):
             if per_group % cand == 0 and programs * (per_group // cand) >= _min_programs(device):
                 hpp = cand
@@ -110,7 +122,7 @@ def _device_guard(t: torch.Tensor):
 def _grid_sizes(q, index, cfg: Config):
     batch, length, heads, _ = q.shape
     groups = index.shape[1]
-    num_seg = triton.cdiv(length, cfg.seg)
+    num_seg = _cdiv(length, cfg.seg)
     num_chunks = heads // groups // cfg.heads_per_program
     return batch, length, groups, heads // groups, num_seg, num_chunks
 
@@ -121,7 +133,7 @@ def forward_into(q, k, v, index, window_size: int, scale: float, out, lse,
     batch, length, heads, dim = q.shape
     cfg = config or make_config(batch, length, heads, index.shape[1], dim, window_size, q.dtype, q.device)
     batch, length, groups, per_group, num_seg, num_chunks = _grid_sizes(q, index, cfg)
-    num_mtiles = 1 if cfg.single else triton.cdiv(cfg.seg, cfg.block_m)
+    num_mtiles = 1 if cfg.single else _cdiv(cfg.seg, cfg.block_m)
     grid = (num_mtiles * num_seg * num_chunks * groups * batch,)
     if grid[0] == 0:
         return
@@ -134,7 +146,7 @@ def forward_into(q, k, v, index, window_size: int, scale: float, out, lse,
             D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
             DOT_PREC=_dot_precision(q.dtype), BF16_FIX=INTERPRET and q.dtype == torch.bfloat16,
-            ALIGN=_row_align(q, k, v, out), NUM_TILES=triton.cdiv(cfg.seg, cfg.block_m),
+            ALIGN=_row_align(q, k, v, out), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
             WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
             num_warps=cfg.num_warps, num_stages=1 if cfg.single else 2)
 
@@ -158,7 +170,7 @@ def backward_into(dout, q, k, v, out, lse, index, window_size: int, scale: float
             D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
             DOT_PREC=_dot_precision(q.dtype), BF16_FIX=INTERPRET and q.dtype == torch.bfloat16,
-            ALIGN=_row_align(dout, q, k, v, out, dqkv), NUM_TILES=triton.cdiv(cfg.seg, cfg.block_m),
+            ALIGN=_row_align(dout, q, k, v, out, dqkv), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
             WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
             num_warps=cfg.num_warps,
             num_stages=1 if cfg.single else 2)
@@ -181,28 +193,30 @@ def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
 
 # ---------------------------------------------------------------- the ops
 
-@torch.library.custom_op("rsir::window_attention_triton", mutates_args=())
-def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-                         window_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+            window_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
     forward_into(q, k, v, index, window_size, scale, out, lse)
     return out, lse
 
 
-@window_attention_fwd.register_fake
-def _(q, k, v, index, window_size, scale):
-    return fake_forward(q)
-
-
-@torch.library.custom_op("rsir::window_attention_triton_backward", mutates_args=())
-def window_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor,
-                         window_size: int, scale: float) -> torch.Tensor:
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor,
+             window_size: int, scale: float) -> torch.Tensor:
     batch, length, heads, dim = q.shape
     dqkv = torch.empty((batch, length, 3, heads, dim), dtype=q.dtype, device=q.device)
     backward_into(dout, q, k, v, out, lse, index, window_size, scale, dqkv)
     return dqkv
+
+
+window_attention_fwd = torch.library.custom_op("rsir::window_attention_triton", mutates_args=())(forward)
+window_attention_bwd = torch.library.custom_op("rsir::window_attention_triton_backward", mutates_args=())(backward)
+
+
+@window_attention_fwd.register_fake
+def _(q, k, v, index, window_size, scale):
+    return fake_forward(q)
 
 
 @window_attention_bwd.register_fake
