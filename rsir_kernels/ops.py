@@ -7,6 +7,7 @@ backend's backward op. `window_attention_qkvpacked` is the same computation for 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import warnings
@@ -66,7 +67,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
     if _plain_eager(q, k, v, index):
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            return chosen.forward_impl(q, k, v, index, window_size, scale)[0]
+            with _profiled(chosen, "forward"):
+                return chosen.forward_impl(q, k, v, index, window_size, scale)[0]
         return _EagerAttention.apply(q, k, v, index, window_size, scale, chosen)
     return chosen.forward(q, k, v, index, window_size, scale)[0]
 
@@ -90,7 +92,8 @@ def window_attention_qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_si
     chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
     if _plain_eager(qkv, index):
         if not (torch.is_grad_enabled() and qkv.requires_grad):
-            return chosen.forward_impl(q, k, v, index, window_size, scale)[0]
+            with _profiled(chosen, "forward"):
+                return chosen.forward_impl(q, k, v, index, window_size, scale)[0]
         return _EagerQKVPacked.apply(qkv, index, window_size, scale, chosen)
     return _qkvpacked(qkv, index, window_size, scale, chosen.name)[0]
 
@@ -144,17 +147,26 @@ torch.utils.flop_counter.register_flop_formula(torch.ops.rsir.window_attention_q
 # ---------------------------------------------------------------- the eager path
 
 def _plain_eager(*tensors: torch.Tensor) -> bool:
-    """True when nothing needs the ops: no torch.compile tracing, no dispatch mode (fake
-    tensors, FLOP counting, ...), plain tensors (no subclass, no functorch transform). Then
+    """True when nothing needs the ops: no torch.compile or torch.jit tracing, no dispatch
+    mode (fake tensors, FLOP counting, ...), plain tensors (no subclass, no functorch
+    transform). Then
     the backend's implementation runs under the torch.autograd.Functions below, skipping the
     custom ops' dispatch and autograd glue in Python: on a GPU that host time, not the
     kernels, bounds the small stages (benchmarks/NOTES.md, "Host time")."""
-    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _current_dispatch_mode() is not None:
         return False
     return all(type(t) is torch.Tensor and not _functorch_wrapped(t) for t in tensors)
 
 
 _functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _profiled(chosen, what: str):
+    """A named range for torch.profiler (which, on the eager path, sees no op of ours), only
+    while a profiler runs: record_function costs microseconds a call."""
+    if torch.autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function(f"rsir::window_attention_{what} ({chosen.name})")
+    return contextlib.nullcontext()
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -163,7 +175,8 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, index, window_size, scale, chosen):
-        out, lse = chosen.forward_impl(q, k, v, index, window_size, scale)
+        with _profiled(chosen, "forward"):
+            out, lse = chosen.forward_impl(q, k, v, index, window_size, scale)
         ctx.save_for_backward(q, k, v, out, lse, index)
         ctx.window_size, ctx.scale, ctx.chosen = window_size, scale, chosen
         return out
@@ -172,7 +185,8 @@ class _EagerAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse, index = ctx.saved_tensors
-        dqkv = ctx.chosen.backward_impl(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
+        with _profiled(ctx.chosen, "backward"):
+            dqkv = ctx.chosen.backward_impl(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
         dq, dk, dv = dqkv.unbind(2)
         return dq, dk, dv, None, None, None, None
 
@@ -182,7 +196,8 @@ class _EagerQKVPacked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, index, window_size, scale, chosen):
-        out, lse = chosen.forward_impl(*qkv.unbind(2), index, window_size, scale)
+        with _profiled(chosen, "forward"):
+            out, lse = chosen.forward_impl(*qkv.unbind(2), index, window_size, scale)
         ctx.save_for_backward(qkv, out, lse, index)
         ctx.window_size, ctx.scale, ctx.chosen = window_size, scale, chosen
         return out
@@ -191,7 +206,8 @@ class _EagerQKVPacked(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         qkv, out, lse, index = ctx.saved_tensors
-        dqkv = ctx.chosen.backward_impl(dout, *qkv.unbind(2), out, lse, index, ctx.window_size, ctx.scale)
+        with _profiled(ctx.chosen, "backward"):
+            dqkv = ctx.chosen.backward_impl(dout, *qkv.unbind(2), out, lse, index, ctx.window_size, ctx.scale)
         return dqkv, None, None, None, None
 
 

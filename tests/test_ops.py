@@ -247,3 +247,24 @@ def test_fake_tensors_take_the_op_path():
         out = rk.window_attention(q, q, q, index, 7, check_index=False)
         assert out.shape == (2, 30, 4, 8) and out.dtype == torch.float32
         assert not ops._plain_eager(q, index)
+
+
+def test_jit_trace_records_the_op():
+    """torch.jit.trace sees only dispatched ops: a traced call must go through the op, not the
+    eager path's direct kernel call (which would vanish from the traced graph)."""
+    q, k, v = make_qkv(1, 20, 2, 8, device="cpu", requires_grad=False)
+    index = make_index(1, 20, 1, device="cpu")
+    traced = torch.jit.trace(lambda a, b, c: rk.window_attention(a, b, c, index, 5, backend="reference",
+                                                                 check_index=False), (q, k, v))
+    assert "rsir::window_attention" in str(traced.graph)
+    q2, k2, v2 = make_qkv(1, 20, 2, 8, device="cpu", requires_grad=False, seed=9)
+    assert torch.equal(traced(q2, k2, v2), rk.window_attention(q2, k2, v2, index, 5, backend="reference"))
+
+
+def test_profiler_names_the_eager_path():
+    q, k, v = make_qkv(1, 20, 2, 8, device="cpu")
+    index = make_index(1, 20, 1, device="cpu")
+    with torch.profiler.profile() as prof:
+        rk.window_attention(q, k, v, index, 5, backend="reference").sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"rsir::window_attention_forward (reference)", "rsir::window_attention_backward (reference)"} <= names
