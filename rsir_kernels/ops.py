@@ -55,8 +55,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
         backend: "auto" (the fastest that runs these inputs), or one of
             available_backends().
         check_index: verify that every row of index is a permutation (one host sync;
-            skipped while torch.compile traces). Kernels mask their loads and stores, so
-            a bad index unchecked gives wrong numbers, never an out-of-bounds access.
+            skipped while torch.compile traces or a CUDA graph captures). Kernels mask
+            their loads and stores, so a bad index unchecked gives wrong numbers, never an
+            out-of-bounds access.
     Returns:
         out: (B, L, H, D) in q's dtype, in the original token order:
         out[b, t, h] is token t's attention output inside its own window.
@@ -100,7 +101,9 @@ def window_attention_qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_si
 
 def _prepare(q, index, window_size, scale, backend, check_index):
     """Validated inputs -> (the backend to run, index made contiguous, the scale as a float)."""
-    if check_index and not torch.compiler.is_compiling():
+    # the check's host sync can't run while torch.compile traces or a CUDA graph captures
+    capturing = index.is_cuda and torch.cuda.is_current_stream_capturing()
+    if check_index and not torch.compiler.is_compiling() and not capturing:
         _check_index(index)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # (B, G, L) integers: a copy only for an expanded or sliced index, and backends may then
