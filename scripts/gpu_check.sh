@@ -11,7 +11,8 @@
 #   4. tests         python3 -m pytest tests -q (junit xml)
 #   5. bench_model   benchmarks/bench_model.py (RSIR-T 224x224, batch 64, bf16 autocast)
 #   6. breakdown     benchmarks/gpu_breakdown.py: device time against host time per call
-#   7. sanitizers    compute-sanitizer memcheck on the GPU tests of the C++/CUDA backend
+#   7. tune          benchmarks/tune_triton.py: num_warps x heads-per-program at the stage shapes
+#   8. sanitizers    compute-sanitizer memcheck on the GPU tests of the C++/CUDA backend
 #                    (tests/test_cpp.py) and of the Triton backend (tests/test_triton.py);
 #                    racecheck on scripts/cuda_smoke.py, our kernels only (--kernel-name)
 # The benchmarks come before the full test suite and the sanitizers, so that a slow step
@@ -51,7 +52,7 @@ SUMMARY="$WORK/summary.txt"
 elapsed() { echo $(( $(date +%s) - START )); }
 
 # The steps in order, each with the floor (seconds) kept back for it while earlier steps run.
-ORDER=(info:0 build:0 backends:0 bench_attn:60 tests:60 bench_model:40 breakdown:40
+ORDER=(info:0 build:0 backends:0 bench_attn:60 tests:60 bench_model:40 breakdown:40 tune:30
        sanitize_memcheck_cpp:25 sanitize_memcheck_triton:25 sanitize_racecheck_cpp:25 sanitize_racecheck_triton:25)
 
 skipped() { case " ${GPU_CHECK_SKIP:-} " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -130,7 +131,10 @@ run_step bench_model 90 "$PY" benchmarks/bench_model.py --no-progress --out "$WO
 # ---------------------------------------------------------------- 6. device time against host time
 run_step breakdown 120 "$PY" benchmarks/gpu_breakdown.py
 
-# ---------------------------------------------------------------- 7. compute-sanitizer
+# ---------------------------------------------------------------- 7. the Triton launch configurations
+run_step tune 120 "$PY" benchmarks/tune_triton.py
+
+# ---------------------------------------------------------------- 8. compute-sanitizer
 # The caching allocator would hide an out-of-bounds access inside a pooled block: off.
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -n 1)
 for tool in memcheck racecheck; do
@@ -163,7 +167,7 @@ done
     IFS='|' read -r n r t <<< "$s"
     printf '%-26s %-40s %s\n' "$n" "$r" "$t"
   done
-  for f in backends bench_attn bench_model breakdown; do
+  for f in backends bench_attn bench_model breakdown tune; do
     if [ -f "$WORK/$f.log" ]; then echo; echo "---- $f"; grep -v '^\s*\[' "$WORK/$f.log" | tail -n 60; fi
   done
   if [ -f "$WORK/tests.log" ]; then echo; echo "---- tests (tail)"; tail -n 25 "$WORK/tests.log"; fi
