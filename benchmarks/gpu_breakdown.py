@@ -36,7 +36,7 @@ def device_ms(fn, reps: int = 20) -> float:
     Only events on the device count: summing every event's self device time counted each
     kernel twice (once more under the op that launched it; H200 run of 2026-11-26)."""
     from torch.profiler import ProfilerActivity, profile
-    for _ in range(3):
+    for _ in range(min(3, reps)):
         fn()
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -50,7 +50,7 @@ def device_ms(fn, reps: int = 20) -> float:
 
 def host_ms(fn, calls: int) -> float:
     """CPU time per call of `calls` back-to-back calls (no sync inside the loop), in ms."""
-    for _ in range(3):
+    for _ in range(min(3, calls)):
         fn()
     sync()
     t0 = time.perf_counter()
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--stages", default="1,2,3,4")
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=20, help="profiled calls per device-time figure")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
@@ -110,7 +111,9 @@ def main(argv=None) -> int:
         print("gpu_breakdown: needs a CUDA device", file=sys.stderr)
         return 2
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    timer = Timer(device, TimingPolicy(warmup=3, min_reps=10, max_reps=50, budget_s=0.3))
+    few = args.reps < 10  # a smoke run: as few timed calls as the figures allow
+    timer = Timer(device, TimingPolicy(warmup=1 if few else 3, min_reps=args.reps if few else 10,
+                                       max_reps=args.reps if few else 50, budget_s=0.0 if few else 0.3))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
     print(f"gpu_breakdown: {name}, {args.dtype}, batch {args.batch}, "
           f"torch {torch.__version__}; times in ms per call")
@@ -127,8 +130,8 @@ def main(argv=None) -> int:
             fwd, fb = forward_fn(row), forward_backward_fn(row)
             eager_f = cell(lambda: summarize(timer(fwd))["median"])
             eager_fb = cell(lambda: summarize(timer(fb))["median"])
-            print(f"{row.name:14s} {eager_f} {cell(device_ms, fwd)} {cell(host_ms, fwd, args.calls)}   "
-                  f"{eager_fb} {cell(device_ms, fb)} {cell(host_ms, fb, max(1, args.calls // 4))}", flush=True)
+            print(f"{row.name:14s} {eager_f} {cell(device_ms, fwd, args.reps)} {cell(host_ms, fwd, args.calls)}   "
+                  f"{eager_fb} {cell(device_ms, fb, args.reps)} {cell(host_ms, fb, max(1, args.calls // 4))}", flush=True)
         for name, value in triton_layers(inp, args.calls):
             print(f"    triton host: {name:50s} {value}")
     return 0

@@ -37,10 +37,12 @@ def kernel_us(fn, device) -> float:
     return (time.perf_counter() - t0) * 1e6
 
 
-def candidates(base, per_group: int):
-    """base with every num_warps in {2, 4, 8} and every heads-per-program dividing per_group."""
+def candidates(base, per_group: int, warps_list=(2, 4, 8), hpp_list=None):
+    """base with every num_warps in warps_list and every heads-per-program dividing per_group
+    (those in hpp_list only, when given)."""
     hpps = [h for h in range(1, min(per_group, 8) + 1) if per_group % h == 0] if base.single else [1]
-    for warps in (2, 4, 8):
+    hpps = [h for h in hpps if hpp_list is None or h in hpp_list]
+    for warps in warps_list:
         for hpp in hpps:
             yield dataclasses.replace(base, num_warps=warps, heads_per_program=hpp)
 
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--stages", default="1,2,3,4")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--warps", default="2,4,8", help="comma list of num_warps to try")
+    parser.add_argument("--hpp", default=None, help="comma list of heads-per-program to try (default: all)")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -87,7 +91,9 @@ def main(argv=None) -> int:
               f"single {base.single}, windows/program {base.windows_per_program}")
         print(f"  {'warps':>5s} {'heads/prog':>10s} {'fwd us':>8s} {'bwd us':>8s}  check")
         rows = []
-        for cfg in candidates(base, shape.heads // GROUPS):
+        warps = tuple(int(w) for w in args.warps.split(","))
+        hpps = None if args.hpp is None else {int(h) for h in args.hpp.split(",")}
+        for cfg in candidates(base, shape.heads // GROUPS, warps, hpps):
             try:
                 launch.forward_into(q, k, v, index, N, scale, out, lse, config=cfg)
                 launch.backward_into(inp.dout, q, k, v, out, lse, index, N, scale, dqkv, config=cfg)

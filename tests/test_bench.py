@@ -165,6 +165,33 @@ def test_bench_model_quick(tmp_path):
     assert ref["infer_images_per_s"] > 0 and ref["saved_bytes_per_image"] > 0
 
 
+def _interpreted(script, *args):
+    """Runs a GPU-only benchmark script on CPU tensors under the Triton interpreter (its dry run)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_scripts_dry_run():
+    """The scripts a lent GPU runs (gpu_check.sh: breakdown and tune) must not rot between
+    lends: their --device cpu dry runs check every code path but the CUDA timers. tune_triton
+    checks its configuration against the reference before timing it."""
+    proc = _interpreted("tune_triton.py", "--device", "cpu", "--batch", "1", "--stages", "4",
+                        "--warps", "4", "--hpp", "8")
+    assert proc.returncode == 0 and "ok (max rel err" in proc.stdout, proc.stdout + proc.stderr
+    proc = _interpreted("gpu_breakdown.py", "--device", "cpu", "--dtype", "float32", "--batch", "1",
+                        "--stages", "4", "--calls", "1", "--reps", "1")
+    import rsir_kernels as rk
+    cpp_missing = not rk.available_backends()["cpp"].available  # its row then says why, as an ERR cell
+    errors = [line for line in proc.stdout.splitlines()
+              if " ERR " in line and not (cpp_missing and line.startswith("cpp"))]
+    assert proc.returncode == 0 and not errors, proc.stdout + proc.stderr
+    rows = [line.split()[0] for line in proc.stdout.splitlines() if line[:1].isalpha()]
+    assert {"triton", "paper", "torch", "sdpa-windows"} <= set(rows), proc.stdout
+    assert proc.stdout.count("triton host:") == 7
+
+
 @pytest.mark.gpu
 def test_bench_attn_quick_gpu(tmp_path):
     """The CUDA paths: event timing, peak memory, copy bandwidth (bf16, the GPU defaults)."""
