@@ -100,19 +100,23 @@ def window_attention_reference(q, k, v, index, window_size, scale=None, *, upcas
 def window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale):
     """Analytic gradient from the saved log-sum-exp: returns dqkv (B, L, 3, H, D).
 
-    Recomputes P = exp(q k^T * scale - lse) per window; delta = rowsum(dO * O);
-    dV = P^T dO, dS = P * (dO V^T - delta), dQ = dS K * scale, dK = dS^T Q * scale.
+    Recomputes P = exp(q k^T * scale - lse) per window; dP = dO V^T; delta = rowsum(P * dP);
+    dV = P^T dO, dS = P * (dP - delta), dQ = dS K * scale, dK = dS^T Q * scale.
+    delta from P and dP in the compute dtype rather than FlashAttention's rowsum(dO * O): O
+    is rounded to q's dtype, and at a saturated softmax that rounding alone costs fp16/bf16
+    dq its accuracy (benchmarks/NOTES.md). `out` is therefore not read; it stays in the
+    signature, which every backend shares.
     """
     heads = q.shape[2]
     work = compute_dtype(q.dtype)
     idx = head_index(index, heads)
-    qs, ks, vs, dos, os_ = (gather_tokens(t.to(work), idx) for t in (q, k, v, dout, out))
+    qs, ks, vs, dos = (gather_tokens(t.to(work), idx) for t in (q, k, v, dout))
     lse_s = torch.gather(lse.to(work), 2, idx)[..., None]
-    delta = (dos * os_).sum(-1, keepdim=True)
     grads = []
-    for qw, kw, vw, dow, lw, dw in zip(*(split_windows(t, window_size) for t in (qs, ks, vs, dos, lse_s, delta))):
+    for qw, kw, vw, dow, lw in zip(*(split_windows(t, window_size) for t in (qs, ks, vs, dos, lse_s))):
         p = torch.exp((qw @ kw.transpose(-1, -2)) * scale - lw)
-        ds = p * (dow @ vw.transpose(-1, -2) - dw)
+        dp = dow @ vw.transpose(-1, -2)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
         grads.append((ds @ kw * scale, ds.transpose(-1, -2) @ qw * scale, p.transpose(-1, -2) @ dow))
     dq, dk, dv = (scatter_tokens(merge_windows(list(g)), idx) for g in zip(*grads))
     return torch.stack((dq, dk, dv), dim=2).to(q.dtype)

@@ -401,13 +401,23 @@ static inline void softmax_rows(double* S, int64_t m, int64_t mp, double scale, 
   }
 }
 
+// Backward, rows i < m (P and dS 0 beyond column m):
+//   P <- exp(scale * S - lse_i) = 2^(log2(e) * (scale * S - lse_i)),
+//   delta_i = sum_j P_ij dP_ij, dS <- P * (dP - delta_i).
+// delta comes from the very P that dS uses, in the accumulation type, so each row of dS sums to
+// zero up to its rounding. FlashAttention's delta_i = dO_i . O_i reads O rounded to the input
+// dtype: at a saturated softmax (P near one-hot) dS cancels and that rounding alone put fp16 /
+// bf16 dq beyond 2x the same-precision reference's error (benchmarks/NOTES.md). And O is not read.
+static inline void ds_row(const float* pr, float* dr, int64_t mp, float di) {
+  for (int64_t j = 0; j < mp; j += VL) vstore(dr + j, vload<VF>(pr + j) * (vload<VF>(dr + j) - di));
+}
+
 #if RSIR_WIDE_VECTORS == 2
-// Backward: P <- exp(scale * S - lse_i) = 2^(log2(e) * (scale * S - lse_i)),
-// dS <- P * (dP - delta_i) for rows i < m (both 0 beyond column m). AVX-512: one pass per row
-// (32 registers: the exp's constants stay in registers across rows).
+// AVX-512: one pass per row for P and delta (32 registers: the exp's constants stay in
+// registers across rows), then dS.
 template <class Pump>
 static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, float scale, const float* lse,
-                             const float* delta, Pump pump) {
+                             Pump pump) {
   const float scale2 = (float)((double)scale * 1.4426950408889634);  // base 2, as the forward
   const int64_t mfull = m / VL * VL;  // columns below mfull need no mask
   for (int64_t i = 0; i < m; ++i) {
@@ -415,28 +425,27 @@ static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, float s
     float* pr = P + i * mp;
     float* dr = dS + i * mp;
     const float l = lse[i] * 1.44269504088896341f;
-    const float di = delta[i];
+    VF acc = VF{};
     int64_t j = 0;
     for (; j < mfull; j += VL) {
       const VF e = exp2_approx_v(vload<VF>(pr + j) * scale2 - l);
       vstore(pr + j, e);
-      vstore(dr + j, e * (vload<VF>(dr + j) - di));
+      acc += e * vload<VF>(dr + j);
     }
     if (j < mp) {  // the last, partial vector: columns >= m masked
       VF e = exp2_approx_v(vload<VF>(pr + j) * scale2 - l);
       e = lane_ids(j) < (int32_t)m ? e : VF{};
       vstore(pr + j, e);
-      vstore(dr + j, e * (vload<VF>(dr + j) - di));
+      acc += e * vload<VF>(dr + j);
     }
+    ds_row(pr, dr, mp, hsum16(acc));
   }
 }
 #else
-// Backward: P <- exp(scale * S - lse_i) = 2^(log2(e) * (scale * S - lse_i)),
-// dS <- P * (dP - delta_i) for rows i < m (both 0 beyond column m); the exp runs as one flat
-// loop over the block, as in the forward.
+// The exp runs as one flat loop over the block, as in the forward; then delta and dS per row.
 template <class Pump>
 static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, float scale, const float* lse,
-                             const float* delta, Pump pump) {
+                             Pump pump) {
   const float ninf = -__builtin_inff();
   const float scale2 = (float)((double)scale * 1.4426950408889634);  // base 2, as the forward
   for (int64_t i = 0; i < m; ++i) {
@@ -452,21 +461,27 @@ static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, float s
   for (int64_t i = 0; i < m; ++i) {
     const float* pr = P + i * mp;
     float* dr = dS + i * mp;
-    const float di = delta[i];
-    for (int64_t j = 0; j < mp; j += VL) vstore(dr + j, vload<VF>(pr + j) * (vload<VF>(dr + j) - di));
+    VF acc = VF{};
+    for (int64_t j = 0; j < mp; j += VL) acc += vload<VF>(pr + j) * vload<VF>(dr + j);
+    ds_row(pr, dr, mp, hsum(acc));
   }
 }
 #endif
 
 template <class Pump>
 static inline void grad_rows(double* P, double* dS, int64_t m, int64_t mp, double scale, const double* lse,
-                             const double* delta, Pump pump) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = (pump(), 0); j < mp; ++j) {
-      const double e = j < m ? std::exp(P[i * mp + j] * scale - lse[i]) : 0.0;
-      P[i * mp + j] = e;
-      dS[i * mp + j] = e * (dS[i * mp + j] - delta[i]);
+                             Pump pump) {
+  for (int64_t i = 0; i < m; ++i) {
+    pump();
+    double* pr = P + i * mp;
+    double* dr = dS + i * mp;
+    double di = 0.0;
+    for (int64_t j = 0; j < mp; ++j) {
+      pr[j] = j < m ? std::exp(pr[j] * scale - lse[i]) : 0.0;
+      di += pr[j] * dr[j];
     }
+    for (int64_t j = 0; j < mp; ++j) dr[j] = pr[j] * (dr[j] - di);
+  }
 }
 
 // ---------------------------------------------------------------- addressing
@@ -732,7 +747,6 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  const T* out = static_cast<const T*>(p.out);
   const T* dout = static_cast<const T*>(p.dout);
   const A* lse = static_cast<const A*>(p.lse);
   T* dq = static_cast<T*>(p.dq);
@@ -740,10 +754,10 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   T* dv = static_cast<T*>(p.dv);
 
   const int64_t mat = round_up(wp * dp * (int64_t)sizeof(A), 64);
-  const int64_t qcap = prefetch_queue_cap<T>(wp, hpg, D, 5);
-  const int64_t bytes = 64 * 8 + ring_bytes<T>(wp, hpg, D, 5) + 10 * mat +
+  const int64_t qcap = prefetch_queue_cap<T>(wp, hpg, D, 4);
+  const int64_t bytes = 64 * 8 + ring_bytes<T>(wp, hpg, D, 4) + 10 * mat +
                         2 * round_up(wp * wp * (int64_t)sizeof(A), 64) +
-                        2 * round_up(wp * (int64_t)sizeof(A), 64);
+                        round_up(wp * (int64_t)sizeof(A), 64);
   char* cursor = static_cast<char*>(thread_scratch(bytes));
   A* Q = carve<A>(cursor, wp * dp);     // rows i, cols d
   A* K = carve<A>(cursor, wp * dp);     // rows j, cols d
@@ -756,14 +770,12 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   A* P = carve<A>(cursor, wp * wp);     // rows i, cols j
   A* dS = carve<A>(cursor, wp * wp);    // dP, then dS
   A* lrow = carve<A>(cursor, wp);
-  A* delta = carve<A>(cursor, wp);
 
   auto ring = make_ring(p, cursor, wp, qcap, begin, end, [&](const ItemTokens& t, PrefetchQueue& pq) {
     const int64_t h0 = t.g * hpg;
     prefetch_rows(q, p.q_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     prefetch_rows(k, p.k_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     prefetch_rows(v, p.v_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
-    prefetch_rows(out, p.out_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     prefetch_rows(dout, p.dout_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
   });
   for (int64_t item = begin; item < end; ++item) {
@@ -787,19 +799,10 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
       gather_rows(dQ, dp, v, p.v_stride, b, h, tok, m, D);  // V rows (dQ is free until dS K)
       transpose(VT, mp, dQ, dp, m, D);
       gather_rows(dO, dp, dout, p.dout_stride, b, h, tok, m, D);
-      gather_rows(dK, dp, out, p.out_stride, b, h, tok, m, D);  // O rows (dK is free until dS^T Q)
-      for (int64_t i = 0; i < m; ++i) {  // delta_i = dO_i . O_i, lse_i
-        A* orow = dK + i * dp;
-        for (int64_t d = D; d < dp; ++d) orow[d] = 0;
-        typedef typename VecT<A>::type V;
-        V acc = V{};
-        for (int64_t d = 0; d < dp; d += VL) acc += vload<V>(dO + i * dp + d) * vload<V>(orow + d);
-        delta[i] = hsum(acc);
-        lrow[i] = lse[b * p.lse_stride[0] + h * p.lse_stride[1] + tok[i] * p.lse_stride[2]];
-      }
+      for (int64_t i = 0; i < m; ++i) lrow[i] = lse[b * p.lse_stride[0] + h * p.lse_stride[1] + tok[i] * p.lse_stride[2]];
       gemm(P, mp, Q, dp, KT, mp, mr, mp, D);    // S = Q K^T
       gemm(dS, mp, dO, dp, VT, mp, mr, mp, D);  // dP = dO V^T
-      grad_rows(P, dS, m, mp, scale, lrow, delta, [&] { ring.pump(pk); });  // P = exp(S * scale - lse), dS = P * (dP - delta)
+      grad_rows(P, dS, m, mp, scale, lrow, [&] { ring.pump(pk); });  // P = exp(S * scale - lse), dS = P * (dP - rowsum(P * dP))
       for (int64_t i = m; i < mp; ++i)
         for (int64_t j = 0; j < mp; ++j) P[i * mp + j] = dS[i * mp + j] = 0;
       gemm(dQ, dp, dS, mp, K, dp, mr, dp, m);      // dQ = dS K

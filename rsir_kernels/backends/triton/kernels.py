@@ -129,19 +129,20 @@ def _fwd_packed(q, k, v, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr, ROWS
 
 
 @triton.jit
-def _bwd_packed(q, k, v, do, lse2, delta, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr,
+def _bwd_packed(q, k, v, do, lse2, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr,
                 ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
-    """The backward of _fwd_packed: 2-D (dq, dk, dv) before the softmax scale of dq and dk."""
+    """The backward of _fwd_packed: 2-D (dq, dk, dv) before the softmax scale of dq and dk.
+    delta = rowsum(P * dP) on chip, in fp32 (see _bwd_tile_whole)."""
     q3 = tl.reshape(q, (WPP, NB, BLOCK_D))
     k3 = tl.reshape(k, (WPP, NB, BLOCK_D))
     v3 = tl.reshape(v, (WPP, NB, BLOCK_D))
     do3 = tl.reshape(do, (WPP, NB, BLOCK_D))
     ok3 = tl.reshape(ok, (WPP, NB))
     lse3 = tl.reshape(lse2, (WPP, NB))
-    delta3 = tl.reshape(delta, (WPP, NB))
     s = _mm(q3, tl.permute(k3, (0, 2, 1)), DOT_PREC, BF16_FIX) * qk_scale
     p = tl.where(ok3[:, :, None] & ok3[:, None, :], tl.exp2(s - lse3[:, :, None]), 0.0)
     dp = _mm(do3, tl.permute(v3, (0, 2, 1)), DOT_PREC, BF16_FIX)
+    delta3 = tl.sum(p * dp, 2)
     ds = _cast(p * (dp - delta3[:, :, None]), q.dtype, BF16_FIX)
     p = _cast(p, q.dtype, BF16_FIX)
     dv = _mm(tl.permute(p, (0, 2, 1)), do3, DOT_PREC, BF16_FIX)
@@ -232,13 +233,31 @@ def _bwd_tile(q, k, v, do, lse2, delta, mask, qk_scale, DOT_PREC: tl.constexpr, 
 
 
 @triton.jit
+def _bwd_tile_whole(q, k, v, do, lse2, mask, qk_scale, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
+    """_bwd_tile for a tile that holds whole windows: delta = rowsum(P * dP) on chip, in fp32,
+    from the very P that dS uses, so that every row of dS sums to zero up to fp32 rounding.
+    FlashAttention's rowsum(dO * O) reads O rounded to fp16/bf16; at a saturated softmax
+    (P near one-hot) dS = P * (dP - delta) cancels and that rounding alone put dq beyond 2x the
+    same-precision reference's error (benchmarks/NOTES.md). It also spares the read of O."""
+    s = _mm(q, tl.trans(k), DOT_PREC, BF16_FIX) * qk_scale
+    p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = _mm(do, tl.trans(v), DOT_PREC, BF16_FIX)
+    delta = tl.sum(p * dp, 1)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _query_rows(qb, dob, ob, lseb, tok, ok, stride_ql, stride_qd, stride_dol, stride_dod,
-                stride_ol, stride_od, stride_ll, offs_d, D, ALIGN: tl.constexpr):
-    """A query tile's q, dO, lse (log2 domain) and delta = rowsum(dO * O)."""
+                stride_ol, stride_od, stride_ll, offs_d, D, ALIGN: tl.constexpr, WITH_DELTA: tl.constexpr):
+    """A query tile's q, dO, lse (log2 domain) and, WITH_DELTA, delta = rowsum(dO * O) (the
+    multi-tile path, whose tiles see part of a row of P; else zeros, and O is not read)."""
     q = _load_rows(qb, tok, ok, stride_ql, stride_qd, offs_d, D, ALIGN)
     do = _load_rows(dob, tok, ok, stride_dol, stride_dod, offs_d, D, ALIGN)
-    o = _load_rows(ob, tok, ok, stride_ol, stride_od, offs_d, D, ALIGN)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if WITH_DELTA:
+        o = _load_rows(ob, tok, ok, stride_ol, stride_od, offs_d, D, ALIGN)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    else:
+        delta = tl.zeros([q.shape[0]], tl.float32)
     lse = tl.load(lseb + tok * stride_ll, mask=ok, other=0.0)
     return q, do, lse * LOG2E, delta
 
@@ -281,16 +300,16 @@ def window_attn_bwd_kernel(
         dkb = dqb + tl.multiple_of(stride_gs, ALIGN)
         dvb = dqb + tl.multiple_of(2 * stride_gs, ALIGN)
         if SINGLE:
-            q, do, lse2, delta = _query_rows(qb, dob, ob, lseb, tok, ok, stride_ql, stride_qd, stride_dol,
-                                             stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN)
+            q, do, lse2, _ = _query_rows(qb, dob, ob, lseb, tok, ok, stride_ql, stride_qd, stride_dol,
+                                         stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN, False)
             k = _load_rows(kb, tok, ok, stride_kl, stride_kd, offs_d, D, ALIGN)
             v = _load_rows(vb, tok, ok, stride_vl, stride_vd, offs_d, D, ALIGN)
             if PACKED:
-                dq, dk, dv = _bwd_packed(q, k, v, do, lse2, delta, ok, qk_scale, WPP, NB, BLOCK_M, BLOCK_D,
+                dq, dk, dv = _bwd_packed(q, k, v, do, lse2, ok, qk_scale, WPP, NB, BLOCK_M, BLOCK_D,
                                          DOT_PREC, BF16_FIX)
             else:
-                p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok[:, None] & ok[None, :], qk_scale,
-                                  DOT_PREC, BF16_FIX)
+                p, ds = _bwd_tile_whole(q, k, v, do, lse2, ok[:, None] & ok[None, :], qk_scale,
+                                        DOT_PREC, BF16_FIX)
                 p = _cast(p, q.dtype, BF16_FIX)
                 ds = _cast(ds, q.dtype, BF16_FIX)
                 dv = _mm(tl.trans(p), do, DOT_PREC, BF16_FIX)
@@ -314,7 +333,7 @@ def window_attn_bwd_kernel(
                     pos_m = seg_start + start_m + tl.arange(0, BLOCK_M)
                     tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, pos_m < seg_end, L)
                     q, do, lse2, delta = _query_rows(qb, dob, ob, lseb, tok_m, ok_m, stride_ql, stride_qd, stride_dol,
-                                                     stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN)
+                                                     stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN, True)
                     p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
                                       DOT_PREC, BF16_FIX)
                     dv += _mm(tl.trans(_cast(p, q.dtype, BF16_FIX)), do, DOT_PREC, BF16_FIX)
@@ -326,7 +345,7 @@ def window_attn_bwd_kernel(
                 pos_m = seg_start + start_m + tl.arange(0, BLOCK_M)
                 tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, pos_m < seg_end, L)
                 q, do, lse2, delta = _query_rows(qb, dob, ob, lseb, tok_m, ok_m, stride_ql, stride_qd, stride_dol,
-                                                 stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN)
+                                                 stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN, True)
                 dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
                 for start_n in range(0, NUM_TILES * BLOCK_N, BLOCK_N):
                     pos_n = seg_start + start_n + tl.arange(0, BLOCK_N)
