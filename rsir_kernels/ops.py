@@ -152,10 +152,10 @@ torch.utils.flop_counter.register_flop_formula(torch.ops.rsir.window_attention_q
 def _plain_eager(*tensors: torch.Tensor) -> bool:
     """True when nothing needs the ops: no torch.compile or torch.jit tracing, no dispatch
     mode (fake tensors, FLOP counting, ...), plain tensors (no subclass, no functorch
-    transform). Then
-    the backend's implementation runs under the torch.autograd.Functions below, skipping the
-    custom ops' dispatch and autograd glue in Python: on a GPU that host time, not the
-    kernels, bounds the small stages (benchmarks/NOTES.md, "Host time")."""
+    transform). Then the backend's implementation runs under the torch.autograd.Functions
+    below, skipping the custom ops' dispatch and autograd glue in Python: on a GPU that host
+    time, not the kernels, bounds the small stages (benchmarks/NOTES.md, "Measured on an
+    H200")."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _current_dispatch_mode() is not None:
         return False
     return all(type(t) is torch.Tensor and not _functorch_wrapped(t) for t in tensors)
