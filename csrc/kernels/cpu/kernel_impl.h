@@ -348,7 +348,7 @@ static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, fl
 }
 #else
 template <class LseAt, class Pump>
-static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, float* inv, float* rmax, LseAt lse_at,
+static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, float* inv, float* /*rmax: the AVX-512 variant's scratch*/, LseAt lse_at,
                                 Pump pump) {
   const float ninf = -__builtin_inff();
   const float scale2 = (float)((double)scale * 1.4426950408889634);  // base 2: log2(e) folded in
