@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=("tiny", "base"), default="tiny")
     p.add_argument("--backends", default=None, help="comma list (default: every available one that runs)")
     p.add_argument("--quick", action="store_true", help="64x64, batch 1, 2 repeats: a smoke test")
+    p.add_argument("--recompute-qkv", action="store_true",
+                   help="build the models with RSIRAttention(recompute_qkv=True): less saved memory, more compute")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
                   timing={"policy": dataclasses.asdict(policy)}, skipped_backends=skipped,
                   definitions=MODEL_DEFINITIONS)
     print(f"bench_model: RSIR-{'T' if args.model == 'tiny' else 'B'} {args.image}x{args.image} batch {args.batch} "
-          f"{args.dtype} on {report['device']['name']} ({device}); backends {', '.join(names)}", flush=True)
+          f"{args.dtype} on {report['device']['name']} ({device}); backends {', '.join(names)}"
+          + ("; recompute_qkv" if args.recompute_qkv else ""), flush=True)
     gen = torch.Generator().manual_seed(args.seed)
     images = torch.randn(args.batch, 3, args.image, args.image, generator=gen).to(device)
     labels = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
     print(format_model_table(rows, skipped, gpu=device.type == "cuda"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_json(report, out_dir / (model_output_stem(device, args.dtype, args.model) + ".json"))
+    stem = model_output_stem(device, args.dtype, args.model) + ("_recompute_qkv" if args.recompute_qkv else "")
+    path = write_json(report, out_dir / (stem + ".json"))
     print(f"wrote {path} ({report['elapsed_s']:.1f} s)")
     return 0 if all(r.get("check_passed") for r in rows) else 1
 

@@ -38,18 +38,18 @@ def select_backends(requested, qs, window_size):
     return chosen, skipped
 
 
-def build(model_name, backend, device, seed):
+def build(model_name, backend, device, seed, recompute_qkv=False):
     """The same weights and the same RS-Win generator seed for every backend."""
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     model_fn = {"tiny": rsir_tiny, "base": rsir_base}[model_name]
-    return model_fn(backend=backend, generator=generator).to(device), generator
+    return model_fn(backend=backend, generator=generator, recompute_qkv=recompute_qkv).to(device), generator
 
 
 def bench_backend(name, args, device, dtype, images, labels, timer, progress) -> dict:
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
     row = {"backend": name}
-    model, generator = build(args.model, name, device, args.seed)
+    model, generator = build(args.model, name, device, args.seed, args.recompute_qkv)
     batch = images.shape[0]
 
     # correctness: logits vs the reference backend, same weights, same token orders. The

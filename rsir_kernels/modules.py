@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .ops import window_attention_qkvpacked
@@ -31,6 +32,11 @@ class RSIRAttention(nn.Module):
         attn_drop: must be 0.0 (the fused kernels have no dropout on attention weights;
             RSIR, like Swin, trains without it); proj_drop: dropout after the projection.
         backend: passed to window_attention ("auto", "reference", "triton", "cpp").
+        recompute_qkv: keep only this module's input for the backward and recompute the qkv
+            projection and the attention forward there (activation checkpointing of both):
+            the packed qkv and the log-sum-exp, most of what the module keeps, are not saved,
+            for one more projection and attention forward per backward. Gradients are the
+            same bits.
     Shapes:
         forward(x) with x (B, H, W, C), or forward(x, hw=(H, W)) with x (B, H*W, C);
         returns x's shape.
@@ -38,7 +44,8 @@ class RSIRAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, rs_heads: Optional[int] = None,
-                 backend: str = "auto", generator: Optional[torch.Generator] = None):
+                 backend: str = "auto", generator: Optional[torch.Generator] = None,
+                 recompute_qkv: bool = False):
         super().__init__()
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
@@ -51,13 +58,15 @@ class RSIRAttention(nn.Module):
             raise ValueError(f"attn_drop must be 0.0: the fused kernels have no attention dropout, got {attn_drop}")
         self.dim, self.num_heads, self.rs_heads = dim, num_heads, rs_heads
         self.window_size, self.backend, self.generator = window_size, backend, generator
+        self.recompute_qkv = recompute_qkv
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, rs_heads={self.rs_heads}, "
-                f"window_size={self.window_size}, backend={self.backend!r}")
+                f"window_size={self.window_size}, backend={self.backend!r}"
+                + (", recompute_qkv=True" if self.recompute_qkv else ""))
 
     def token_order(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """index (B, G, L) for window_attention: G = 1 or 2, or G = K for an uneven split."""
@@ -87,12 +96,19 @@ class RSIRAttention(nn.Module):
         if channels != self.dim:
             raise ValueError(f"x has {channels} channels, the module expects dim={self.dim}")
         tokens = x.reshape(batch, height * width, channels)
-        qkv = self.qkv(tokens).unflatten(-1, (3, self.num_heads, channels // self.num_heads))
-        index = self.token_order(tokens, height, width)
-        # The samplers build permutations by construction: no index check (it costs a host sync).
-        out = window_attention_qkvpacked(qkv, index, self.window_size ** 2, backend=self.backend,
-                                         check_index=False)
+        index = self.token_order(tokens, height, width)  # drawn once: a recompute reuses it
+        if self.recompute_qkv and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(self._attend, tokens, index, use_reentrant=False)
+        else:
+            out = self._attend(tokens, index)
         return self.proj_drop(self.proj(out.flatten(2))).reshape(x.shape)
+
+    def _attend(self, tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) tokens -> (B, L, K, C/K) attention output: the qkv projection and the op."""
+        qkv = self.qkv(tokens).unflatten(-1, (3, self.num_heads, self.dim // self.num_heads))
+        # The samplers build permutations by construction: no index check (it costs a host sync).
+        return window_attention_qkvpacked(qkv, index, self.window_size ** 2, backend=self.backend,
+                                          check_index=False)
 
 
 class DropPath(nn.Module):
@@ -113,17 +129,19 @@ class RSIRBlock(nn.Module):
     """X^ = RSIR-Win(LN(X)) + X; X' = MLP(LN(X^)) + X^ (Eq. 3), after a depthwise 3x3
     convolutional position encoding X = X + DWConv(X) (the windows carry no position).
 
-    x: (B, H, W, C) channels-last -> same shape.
+    x: (B, H, W, C) channels-last -> same shape. `backend`, `generator` and `recompute_qkv`
+    go to RSIRAttention.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_path: float = 0.0, rs_heads: Optional[int] = None,
-                 backend: str = "auto", generator: Optional[torch.Generator] = None):
+                 backend: str = "auto", generator: Optional[torch.Generator] = None,
+                 recompute_qkv: bool = False):
         super().__init__()
         self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = RSIRAttention(dim, num_heads, window_size, qkv_bias, rs_heads=rs_heads,
-                                  backend=backend, generator=generator)
+                                  backend=backend, generator=generator, recompute_qkv=recompute_qkv)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))

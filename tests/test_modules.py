@@ -118,27 +118,30 @@ def _compile_fullgraph_matches_eager():
     assert torch.allclose(grad, eager_grad, atol=1e-4, rtol=1e-4)
 
 
-def test_module_saves_only_what_its_backward_needs():
+@pytest.mark.parametrize("recompute_qkv", [False, True])
+def test_module_saves_only_what_its_backward_needs(recompute_qkv):
     """The bytes autograd keeps for one RSIRAttention: the qkv projection's input and weight,
     the packed qkv, the attention output (one storage: the op saves it and so does the output
     projection, which needs it as its input), the log-sum-exp, the index and the output
-    projection's weight. Counted by storage, from the shapes, for every backend that runs here."""
+    projection's weight; with recompute_qkv, only the input, the index, the output and the
+    output projection's weight. Counted by storage, from the shapes, for every backend."""
     from rsir_kernels import backends
     batch, height, width, channels, heads = 2, 14, 14, 32, 4
     length = height * width
-    expected = 4 * (batch * length * channels          # tokens, the qkv projection's input
-                    + 3 * channels * channels          # its weight
-                    + batch * length * 3 * channels    # qkv
-                    + batch * length * channels        # out = the output projection's input
-                    + batch * heads * length           # lse
-                    + channels * channels)             # the output projection's weight
-    expected += 8 * batch * 2 * length                 # index (B, G=2, L) int64
+    kept = [batch * length * channels,          # tokens, the qkv projection's input
+            batch * length * channels,          # out = the output projection's input
+            channels * channels]                # the output projection's weight
+    if not recompute_qkv:
+        kept += [3 * channels * channels,       # the qkv projection's weight
+                 batch * length * 3 * channels,  # qkv
+                 batch * heads * length]         # lse
+    expected = 4 * sum(kept) + 8 * batch * 2 * length  # + index (B, G=2, L) int64
     x = torch.randn(batch, height, width, channels)
     for name in backends.names():
         b = backends.get(name)
         if b.unavailable or b.cannot_run(x.view(batch, length, heads, -1), 49):
             continue
-        module = rk.RSIRAttention(channels, heads, 7, backend=name)
+        module = rk.RSIRAttention(channels, heads, 7, backend=name, recompute_qkv=recompute_qkv)
         storages = {}
 
         def pack(t):
@@ -149,3 +152,24 @@ def test_module_saves_only_what_its_backward_needs():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             module(x.requires_grad_())
         assert sum(storages.values()) == expected, name
+
+
+def test_recompute_qkv_gives_the_same_bits():
+    """recompute_qkv reruns the projection and the op in the backward with the index drawn in
+    the forward: output and every gradient equal those of the plain module."""
+    from rsir_kernels import backends
+    x = torch.randn(2, 14, 14, 32)
+    for name in backends.names():
+        b = backends.get(name)
+        if b.unavailable or b.cannot_run(x.view(2, 196, 4, -1), 49):
+            continue
+        results = []
+        for recompute in (False, True):
+            torch.manual_seed(0)
+            module = rk.RSIRAttention(32, 4, 7, backend=name, recompute_qkv=recompute,
+                                      generator=torch.Generator().manual_seed(3))
+            leaf = x.clone().requires_grad_()
+            out = module(leaf)
+            out.backward(torch.ones_like(out))
+            results.append([out.detach(), leaf.grad] + [p.grad for p in module.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*results)), name

@@ -16,6 +16,7 @@ class RSIRConfig:
     in_chans: int = 3
     num_classes: int = 1000                  # 0: no head, forward returns pooled features
     backend: str = "auto"                    # window_attention backend
+    recompute_qkv: bool = False              # RSIRAttention(recompute_qkv=...): less memory, more compute
 
     def stage_dims(self) -> list[int]:
         return [self.embed_dim * 2 ** i for i in range(len(self.depths))]

@@ -51,7 +51,8 @@ class RSIRTransformer(nn.Module):
             first = sum(config.depths[:i])
             self.stages.append(nn.Sequential(*(
                 RSIRBlock(dim, heads, config.window_size, config.mlp_ratio, config.qkv_bias,
-                          drop_path=rates[first + j], backend=config.backend, generator=generator)
+                          drop_path=rates[first + j], backend=config.backend, generator=generator,
+                          recompute_qkv=config.recompute_qkv)
                 for j in range(depth))))
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], config.num_classes) if config.num_classes else nn.Identity()
