@@ -67,10 +67,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
         return q * 0 + k * 0 + v * 0  # empty, but connected to the graph
     chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
     if _plain_eager(q, k, v, index):
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            with _profiled(chosen, "forward"):
-                return chosen.forward_impl(q, k, v, index, window_size, scale)[0]
-        return _EagerAttention.apply(q, k, v, index, window_size, scale, chosen)
+        return _eager(chosen, index, window_size, scale, (q, k, v))
     return chosen.forward(q, k, v, index, window_size, scale)[0]
 
 
@@ -92,18 +89,15 @@ def window_attention_qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_si
         return q * 0 + k * 0 + v * 0
     chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
     if _plain_eager(qkv, index):
-        if not (torch.is_grad_enabled() and qkv.requires_grad):
-            with _profiled(chosen, "forward"):
-                return chosen.forward_impl(q, k, v, index, window_size, scale)[0]
-        return _EagerQKVPacked.apply(qkv, index, window_size, scale, chosen)
+        return _eager(chosen, index, window_size, scale, (qkv,))
     return _qkvpacked(qkv, index, window_size, scale, chosen.name)[0]
 
 
 def _prepare(q, index, window_size, scale, backend, check_index):
     """Validated inputs -> (the backend to run, index made contiguous, the scale as a float)."""
     # the check's host sync can't run while torch.compile traces or a CUDA graph captures
-    capturing = index.is_cuda and torch.cuda.is_current_stream_capturing()
-    if check_index and not torch.compiler.is_compiling() and not capturing:
+    if (check_index and not torch.compiler.is_compiling()
+            and not (index.is_cuda and torch.cuda.is_current_stream_capturing())):
         _check_index(index)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # (B, G, L) integers: a copy only for an expanded or sliced index, and backends may then
@@ -152,7 +146,7 @@ torch.utils.flop_counter.register_flop_formula(torch.ops.rsir.window_attention_q
 def _plain_eager(*tensors: torch.Tensor) -> bool:
     """True when nothing needs the ops: no torch.compile or torch.jit tracing, no dispatch
     mode (fake tensors, FLOP counting, ...), plain tensors (no subclass, no functorch
-    transform). Then the backend's implementation runs under the torch.autograd.Functions
+    transform). Then the backend's implementation runs under the torch.autograd.Function
     below, skipping the custom ops' dispatch and autograd glue in Python: on a GPU that host
     time, not the kernels, bounds the small stages (benchmarks/NOTES.md, "Measured on an
     H200")."""
@@ -172,46 +166,38 @@ def _profiled(chosen, what: str):
     return contextlib.nullcontext()
 
 
+def _eager(chosen, index, window_size, scale, tensors):
+    """The eager path of both entry points; tensors is (q, k, v) or a packed (qkv,)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _EagerAttention.apply(index, window_size, scale, chosen, *tensors)
+    with _profiled(chosen, "forward"):
+        return chosen.forward_impl(*_unpack(tensors), index, window_size, scale)[0]
+
+
+def _unpack(tensors):
+    return tensors[0].unbind(2) if len(tensors) == 1 else tensors
+
+
 class _EagerAttention(torch.autograd.Function):
-    """window_attention's forward and backward through chosen.forward_impl / backward_impl:
-    the same computation and saved tensors as the op path."""
+    """chosen.forward_impl / backward_impl under autograd, with the same saved tensors as the
+    op path. tensors: (q, k, v), or (qkv,) whose packed gradient then comes back as is."""
 
     @staticmethod
-    def forward(ctx, q, k, v, index, window_size, scale, chosen):
+    def forward(ctx, index, window_size, scale, chosen, *tensors):
         with _profiled(chosen, "forward"):
-            out, lse = chosen.forward_impl(q, k, v, index, window_size, scale)
-        ctx.save_for_backward(q, k, v, out, lse, index)
+            out, lse = chosen.forward_impl(*_unpack(tensors), index, window_size, scale)
+        ctx.save_for_backward(out, lse, index, *tensors)
         ctx.window_size, ctx.scale, ctx.chosen = window_size, scale, chosen
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse, index = ctx.saved_tensors
+        out, lse, index, *tensors = ctx.saved_tensors
         with _profiled(ctx.chosen, "backward"):
-            dqkv = ctx.chosen.backward_impl(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
-        dq, dk, dv = dqkv.unbind(2)
-        return dq, dk, dv, None, None, None, None
-
-
-class _EagerQKVPacked(torch.autograd.Function):
-    """window_attention_qkvpacked's eager twin: the packed gradient comes back as is."""
-
-    @staticmethod
-    def forward(ctx, qkv, index, window_size, scale, chosen):
-        with _profiled(chosen, "forward"):
-            out, lse = chosen.forward_impl(*qkv.unbind(2), index, window_size, scale)
-        ctx.save_for_backward(qkv, out, lse, index)
-        ctx.window_size, ctx.scale, ctx.chosen = window_size, scale, chosen
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        qkv, out, lse, index = ctx.saved_tensors
-        with _profiled(ctx.chosen, "backward"):
-            dqkv = ctx.chosen.backward_impl(dout, *qkv.unbind(2), out, lse, index, ctx.window_size, ctx.scale)
-        return dqkv, None, None, None, None
+            dqkv = ctx.chosen.backward_impl(dout, *_unpack(tensors), out, lse, index, ctx.window_size, ctx.scale)
+        grads = (dqkv,) if len(tensors) == 1 else dqkv.unbind(2)
+        return (None, None, None, None, *grads)
 
 
 # ---------------------------------------------------------------- backend choice

@@ -107,10 +107,15 @@ def test_check_close():
 
 # ---------------------------------------------------------------- the benchmark, end to end
 
-def _run(script, *args, timeout=240):
+def _run(script, *args, timeout=240, interpret=False):
+    """Runs a benchmark script; interpret=True runs it on CPU tensors under the Triton
+    interpreter (the dry run of a GPU-only script), else without it (benchmarks never time
+    the interpreter)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.pop("TRITON_INTERPRET", None)  # benchmarks never time the interpreter (it would be skipped anyway)
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     return subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -165,23 +170,15 @@ def test_bench_model_quick(tmp_path):
     assert ref["infer_images_per_s"] > 0 and ref["saved_bytes_per_image"] > 0
 
 
-def _interpreted(script, *args):
-    """Runs a GPU-only benchmark script on CPU tensors under the Triton interpreter (its dry run)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_gpu_scripts_dry_run():
     """The scripts a lent GPU runs (gpu_check.sh: breakdown and tune) must not rot between
     lends: their --device cpu dry runs check every code path but the CUDA timers. tune_triton
     checks its configuration against the reference before timing it."""
-    proc = _interpreted("tune_triton.py", "--device", "cpu", "--batch", "1", "--stages", "4",
-                        "--warps", "4", "--hpp", "8")
+    proc = _run("tune_triton.py", "--device", "cpu", "--batch", "1", "--stages", "4",
+                "--warps", "4", "--hpp", "8", interpret=True, timeout=300)
     assert proc.returncode == 0 and "ok (max rel err" in proc.stdout, proc.stdout + proc.stderr
-    proc = _interpreted("gpu_breakdown.py", "--device", "cpu", "--dtype", "float32", "--batch", "1",
-                        "--stages", "4", "--calls", "1", "--reps", "1")
+    proc = _run("gpu_breakdown.py", "--device", "cpu", "--dtype", "float32", "--batch", "1",
+                "--stages", "4", "--calls", "1", "--reps", "1", interpret=True, timeout=300)
     import rsir_kernels as rk
     cpp_missing = not rk.available_backends()["cpp"].available  # its row then says why, as an ERR cell
     errors = [line for line in proc.stdout.splitlines()

@@ -132,7 +132,7 @@ def _fwd_packed(q, k, v, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr, ROWS
 def _bwd_packed(q, k, v, do, lse2, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr,
                 ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
     """The backward of _fwd_packed: 2-D (dq, dk, dv) before the softmax scale of dq and dk.
-    delta = rowsum(P * dP) on chip, in fp32 (see _bwd_tile_whole)."""
+    delta = rowsum(P * dP) on chip, in fp32 (see _bwd_tile, WHOLE_ROWS)."""
     q3 = tl.reshape(q, (WPP, NB, BLOCK_D))
     k3 = tl.reshape(k, (WPP, NB, BLOCK_D))
     v3 = tl.reshape(v, (WPP, NB, BLOCK_D))
@@ -224,25 +224,19 @@ def window_attn_fwd_kernel(
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, lse2, delta, mask, qk_scale, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
-    """One query tile x one key tile: (P, dS) with P = exp(S - lse), dS = P * (dO V^T - delta)."""
+def _bwd_tile(q, k, v, do, lse2, delta, mask, qk_scale, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr,
+              WHOLE_ROWS: tl.constexpr):
+    """One query tile x one key tile: (P, dS) with P = exp(S - lse), dS = P * (dP - delta),
+    dP = dO V^T. WHOLE_ROWS (the tile holds its rows' whole windows): delta = rowsum(P * dP)
+    here, in fp32, from the very P that dS uses, so every row of dS sums to zero up to fp32
+    rounding; the given delta is ignored. Else delta is the caller's rowsum(dO * O), which
+    reads O rounded to fp16/bf16: at a saturated softmax (P near one-hot) dS cancels and that
+    rounding alone put dq beyond 2x the same-precision reference's error (benchmarks/NOTES.md)."""
     s = _mm(q, tl.trans(k), DOT_PREC, BF16_FIX) * qk_scale
     p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
     dp = _mm(do, tl.trans(v), DOT_PREC, BF16_FIX)
-    return p, p * (dp - delta[:, None])
-
-
-@triton.jit
-def _bwd_tile_whole(q, k, v, do, lse2, mask, qk_scale, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
-    """_bwd_tile for a tile that holds whole windows: delta = rowsum(P * dP) on chip, in fp32,
-    from the very P that dS uses, so that every row of dS sums to zero up to fp32 rounding.
-    FlashAttention's rowsum(dO * O) reads O rounded to fp16/bf16; at a saturated softmax
-    (P near one-hot) dS = P * (dP - delta) cancels and that rounding alone put dq beyond 2x the
-    same-precision reference's error (benchmarks/NOTES.md). It also spares the read of O."""
-    s = _mm(q, tl.trans(k), DOT_PREC, BF16_FIX) * qk_scale
-    p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
-    dp = _mm(do, tl.trans(v), DOT_PREC, BF16_FIX)
-    delta = tl.sum(p * dp, 1)
+    if WHOLE_ROWS:
+        delta = tl.sum(p * dp, 1)
     return p, p * (dp - delta[:, None])
 
 
@@ -300,16 +294,16 @@ def window_attn_bwd_kernel(
         dkb = dqb + tl.multiple_of(stride_gs, ALIGN)
         dvb = dqb + tl.multiple_of(2 * stride_gs, ALIGN)
         if SINGLE:
-            q, do, lse2, _ = _query_rows(qb, dob, ob, lseb, tok, ok, stride_ql, stride_qd, stride_dol,
-                                         stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN, False)
+            q, do, lse2, delta = _query_rows(qb, dob, ob, lseb, tok, ok, stride_ql, stride_qd, stride_dol,
+                                             stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN, False)
             k = _load_rows(kb, tok, ok, stride_kl, stride_kd, offs_d, D, ALIGN)
             v = _load_rows(vb, tok, ok, stride_vl, stride_vd, offs_d, D, ALIGN)
             if PACKED:
                 dq, dk, dv = _bwd_packed(q, k, v, do, lse2, ok, qk_scale, WPP, NB, BLOCK_M, BLOCK_D,
                                          DOT_PREC, BF16_FIX)
             else:
-                p, ds = _bwd_tile_whole(q, k, v, do, lse2, ok[:, None] & ok[None, :], qk_scale,
-                                        DOT_PREC, BF16_FIX)
+                p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok[:, None] & ok[None, :], qk_scale,
+                                  DOT_PREC, BF16_FIX, True)
                 p = _cast(p, q.dtype, BF16_FIX)
                 ds = _cast(ds, q.dtype, BF16_FIX)
                 dv = _mm(tl.trans(p), do, DOT_PREC, BF16_FIX)
@@ -335,7 +329,7 @@ def window_attn_bwd_kernel(
                     q, do, lse2, delta = _query_rows(qb, dob, ob, lseb, tok_m, ok_m, stride_ql, stride_qd, stride_dol,
                                                      stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN, True)
                     p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
-                                      DOT_PREC, BF16_FIX)
+                                      DOT_PREC, BF16_FIX, False)
                     dv += _mm(tl.trans(_cast(p, q.dtype, BF16_FIX)), do, DOT_PREC, BF16_FIX)
                     dk += _mm(tl.trans(_cast(ds, q.dtype, BF16_FIX)), q, DOT_PREC, BF16_FIX)
                 _store_rows(dkb, tok_n, ok_n, stride_gl, stride_gd, offs_d, D,
@@ -353,7 +347,7 @@ def window_attn_bwd_kernel(
                     k = _load_rows(kb, tok_n, ok_n, stride_kl, stride_kd, offs_d, D, ALIGN)
                     v = _load_rows(vb, tok_n, ok_n, stride_vl, stride_vd, offs_d, D, ALIGN)
                     p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
-                                      DOT_PREC, BF16_FIX)
+                                      DOT_PREC, BF16_FIX, False)
                     dq += _mm(_cast(ds, q.dtype, BF16_FIX), k, DOT_PREC, BF16_FIX)
                 _store_rows(dqb, tok_m, ok_m, stride_gl, stride_gd, offs_d, D,
                             _cast(dq * sm_scale, out_ty, BF16_FIX), ALIGN)
