@@ -140,7 +140,8 @@ def test_saturated_softmax_low_precision(name, dtype):
     """Scale 1 at D = 32 saturates tiny windows' softmax and dS = P * (dP - delta) cancels.
     With delta = rowsum(P * dP) taken on chip in fp32, every backend's fp16/bf16 gradients stay
     within 2x the same-precision reference's error; FlashAttention's rowsum(dO * O), which
-    reads the rounded O, failed 17-25 of 200 such cases per backend (benchmarks/NOTES.md)."""
+    reads the rounded O, failed 17-25 of 100 such cases per backend and dtype
+    (benchmarks/accuracy_saturated.py, benchmarks/NOTES.md)."""
     if name == "cpp" and DEVICE == "cuda":
         pytest.skip("the CUDA kernels keep FlashAttention's delta = rowsum(dO * O) (benchmarks/NOTES.md)")
     for length, window, heads in ((2, 3, 1), (4, 2, 2), (20, 3, 2)):
