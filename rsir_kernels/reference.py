@@ -100,7 +100,8 @@ def window_attention_reference(q, k, v, index, window_size, scale=None, *, upcas
 def window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale):
     """Analytic gradient from the saved log-sum-exp: returns dqkv (B, L, 3, H, D).
 
-    Recomputes P = exp(q k^T * scale - lse) per window; dP = dO V^T; delta = rowsum(P * dP);
+    Recomputes P = exp(q k^T * scale - lse) per window; dP = dO V^T;
+    delta = rowsum(P * dP) / rowsum(P);
     dV = P^T dO, dS = P * (dP - delta), dQ = dS K * scale, dK = dS^T Q * scale.
     delta from P and dP in the compute dtype rather than FlashAttention's rowsum(dO * O): O
     is rounded to q's dtype, and at a saturated softmax that rounding alone costs fp16/bf16
@@ -116,7 +117,10 @@ def window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale
     for qw, kw, vw, dow, lw in zip(*(split_windows(t, window_size) for t in (qs, ks, vs, dos, lse_s))):
         p = torch.exp((qw @ kw.transpose(-1, -2)) * scale - lw)
         dp = dow @ vw.transpose(-1, -2)
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        # normalised by the recomputed row sum (1 up to lse's rounding): a large common part of
+        # dP (v with a large mean) then cancels exactly instead of leaving (rowsum - 1) * dP
+        delta = (p * dp).sum(-1, keepdim=True) / p.sum(-1, keepdim=True)
+        ds = p * (dp - delta)
         grads.append((ds @ kw * scale, ds.transpose(-1, -2) @ qw * scale, p.transpose(-1, -2) @ dow))
     dq, dk, dv = (scatter_tokens(merge_windows(list(g)), idx) for g in zip(*grads))
     return torch.stack((dq, dk, dv), dim=2).to(q.dtype)

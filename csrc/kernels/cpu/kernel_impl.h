@@ -403,12 +403,14 @@ static inline void softmax_rows(double* S, int64_t m, int64_t mp, double scale, 
 
 // Backward, rows i < m (P and dS 0 beyond column m):
 //   P <- exp(scale * S - lse_i) = 2^(log2(e) * (scale * S - lse_i)),
-//   delta_i = sum_j P_ij dP_ij, dS <- P * (dP - delta_i).
+//   delta_i = sum_j P_ij dP_ij / sum_j P_ij, dS <- P * (dP - delta_i).
 // delta comes from the very P that dS uses, in the accumulation type, so each row of dS sums to
-// zero up to its rounding. FlashAttention's delta_i = dO_i . O_i reads O rounded to the input
+// zero up to its rounding; normalised by P's row sum (1 up to lse's rounding), so that a large
+// common part of dP (v with a large mean) cancels exactly instead of leaving (sum - 1) * dP. FlashAttention's delta_i = dO_i . O_i reads O rounded to the input
 // dtype: at a saturated softmax (P near one-hot) dS cancels and that rounding alone put fp16 /
 // bf16 dq beyond 2x the same-precision reference's error (benchmarks/NOTES.md). And O is not read.
-static inline void ds_row(const float* pr, float* dr, int64_t mp, float di) {
+static inline void ds_row(const float* pr, float* dr, int64_t mp, float pdp_sum, float p_sum) {
+  const float di = pdp_sum / (p_sum == 0.0f ? 1.0f : p_sum);
   for (int64_t j = 0; j < mp; j += VL) vstore(dr + j, vload<VF>(pr + j) * (vload<VF>(dr + j) - di));
 }
 
@@ -425,20 +427,22 @@ static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, float s
     float* pr = P + i * mp;
     float* dr = dS + i * mp;
     const float l = lse[i] * 1.44269504088896341f;
-    VF acc = VF{};
+    VF acc = VF{}, psum = VF{};
     int64_t j = 0;
     for (; j < mfull; j += VL) {
       const VF e = exp2_approx_v(vload<VF>(pr + j) * scale2 - l);
       vstore(pr + j, e);
       acc += e * vload<VF>(dr + j);
+      psum += e;
     }
     if (j < mp) {  // the last, partial vector: columns >= m masked
       VF e = exp2_approx_v(vload<VF>(pr + j) * scale2 - l);
       e = lane_ids(j) < (int32_t)m ? e : VF{};
       vstore(pr + j, e);
       acc += e * vload<VF>(dr + j);
+      psum += e;
     }
-    ds_row(pr, dr, mp, hsum16(acc));
+    ds_row(pr, dr, mp, hsum16(acc), hsum16(psum));
   }
 }
 #else
@@ -461,9 +465,12 @@ static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, float s
   for (int64_t i = 0; i < m; ++i) {
     const float* pr = P + i * mp;
     float* dr = dS + i * mp;
-    VF acc = VF{};
-    for (int64_t j = 0; j < mp; j += VL) acc += vload<VF>(pr + j) * vload<VF>(dr + j);
-    ds_row(pr, dr, mp, hsum(acc));
+    VF acc = VF{}, psum = VF{};
+    for (int64_t j = 0; j < mp; j += VL) {
+      acc += vload<VF>(pr + j) * vload<VF>(dr + j);
+      psum += vload<VF>(pr + j);
+    }
+    ds_row(pr, dr, mp, hsum(acc), hsum(psum));
   }
 }
 #endif
@@ -475,11 +482,13 @@ static inline void grad_rows(double* P, double* dS, int64_t m, int64_t mp, doubl
     pump();
     double* pr = P + i * mp;
     double* dr = dS + i * mp;
-    double di = 0.0;
+    double pdp_sum = 0.0, p_sum = 0.0;
     for (int64_t j = 0; j < mp; ++j) {
       pr[j] = j < m ? std::exp(pr[j] * scale - lse[i]) : 0.0;
-      di += pr[j] * dr[j];
+      pdp_sum += pr[j] * dr[j];
+      p_sum += pr[j];
     }
+    const double di = pdp_sum / (p_sum == 0.0 ? 1.0 : p_sum);
     for (int64_t j = 0; j < mp; ++j) dr[j] = pr[j] * (dr[j] - di);
   }
 }
@@ -802,7 +811,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
       for (int64_t i = 0; i < m; ++i) lrow[i] = lse[b * p.lse_stride[0] + h * p.lse_stride[1] + tok[i] * p.lse_stride[2]];
       gemm(P, mp, Q, dp, KT, mp, mr, mp, D);    // S = Q K^T
       gemm(dS, mp, dO, dp, VT, mp, mr, mp, D);  // dP = dO V^T
-      grad_rows(P, dS, m, mp, scale, lrow, [&] { ring.pump(pk); });  // P = exp(S * scale - lse), dS = P * (dP - rowsum(P * dP))
+      grad_rows(P, dS, m, mp, scale, lrow, [&] { ring.pump(pk); });  // P = exp(S * scale - lse), dS = P * (dP - delta)
       for (int64_t i = m; i < mp; ++i)
         for (int64_t j = 0; j < mp; ++j) P[i * mp + j] = dS[i * mp + j] = 0;
       gemm(dQ, dp, dS, mp, K, dp, mr, dp, m);      // dQ = dS K

@@ -132,7 +132,7 @@ def _fwd_packed(q, k, v, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr, ROWS
 def _bwd_packed(q, k, v, do, lse2, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr,
                 ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
     """The backward of _fwd_packed: 2-D (dq, dk, dv) before the softmax scale of dq and dk.
-    delta = rowsum(P * dP) on chip, in fp32 (see _bwd_tile, WHOLE_ROWS)."""
+    delta = rowsum(P * dP) / rowsum(P) on chip, in fp32 (see _bwd_tile, WHOLE_ROWS)."""
     q3 = tl.reshape(q, (WPP, NB, BLOCK_D))
     k3 = tl.reshape(k, (WPP, NB, BLOCK_D))
     v3 = tl.reshape(v, (WPP, NB, BLOCK_D))
@@ -142,7 +142,7 @@ def _bwd_packed(q, k, v, do, lse2, ok, qk_scale, WPP: tl.constexpr, NB: tl.const
     s = _mm(q3, tl.permute(k3, (0, 2, 1)), DOT_PREC, BF16_FIX) * qk_scale
     p = tl.where(ok3[:, :, None] & ok3[:, None, :], tl.exp2(s - lse3[:, :, None]), 0.0)
     dp = _mm(do3, tl.permute(v3, (0, 2, 1)), DOT_PREC, BF16_FIX)
-    delta3 = tl.sum(p * dp, 2)
+    delta3 = _rowsum_ratio(p * dp, p, 2)
     ds = _cast(p * (dp - delta3[:, :, None]), q.dtype, BF16_FIX)
     p = _cast(p, q.dtype, BF16_FIX)
     dv = _mm(tl.permute(p, (0, 2, 1)), do3, DOT_PREC, BF16_FIX)
@@ -224,11 +224,20 @@ def window_attn_fwd_kernel(
 
 
 @triton.jit
+def _rowsum_ratio(pdp, p, AXIS: tl.constexpr):
+    """delta = rowsum(P * dP) / rowsum(P): normalised by the recomputed P's row sum (1 up to
+    the rounding of lse), so that a large common part of dP (v with a large mean) cancels
+    exactly in dP - delta instead of leaving (rowsum(P) - 1) * dP. Empty rows give 0."""
+    l = tl.sum(p, AXIS)
+    return tl.sum(pdp, AXIS) / tl.where(l == 0.0, 1.0, l)
+
+
+@triton.jit
 def _bwd_tile(q, k, v, do, lse2, delta, mask, qk_scale, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr,
               WHOLE_ROWS: tl.constexpr):
     """One query tile x one key tile: (P, dS) with P = exp(S - lse), dS = P * (dP - delta),
-    dP = dO V^T. WHOLE_ROWS (the tile holds its rows' whole windows): delta = rowsum(P * dP)
-    here, in fp32, from the very P that dS uses, so every row of dS sums to zero up to fp32
+    dP = dO V^T. WHOLE_ROWS (the tile holds its rows' whole windows): delta = rowsum(P * dP) /
+    rowsum(P) here, in fp32, from the very P that dS uses, so every row of dS sums to zero up to fp32
     rounding; the given delta is ignored. Else delta is the caller's rowsum(dO * O), which
     reads O rounded to fp16/bf16: at a saturated softmax (P near one-hot) dS cancels and that
     rounding alone put dq beyond 2x the same-precision reference's error (benchmarks/NOTES.md)."""
@@ -236,7 +245,7 @@ def _bwd_tile(q, k, v, do, lse2, delta, mask, qk_scale, DOT_PREC: tl.constexpr, 
     p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
     dp = _mm(do, tl.trans(v), DOT_PREC, BF16_FIX)
     if WHOLE_ROWS:
-        delta = tl.sum(p * dp, 1)
+        delta = _rowsum_ratio(p * dp, p, 1)
     return p, p * (dp - delta[:, None])
 
 
