@@ -14,11 +14,15 @@ endif
 .venv/.installed: requirements-dev.txt
 	python3 -m venv .venv
 	.venv/bin/python -m pip install -q -r requirements-dev.txt
+	# the source tree on the venv's path, as an editable install would put it (no second build)
+	.venv/bin/python -c "import site, os; open(os.path.join(site.getsitepackages()[0], 'rsir_kernels_src.pth'), 'w').write('$(CURDIR)\\n')"
 	touch $@
 
 # The extension (rsir_kernels._C); a failed build leaves the package working without `cpp`.
+# Without a GPU the CUDA part is left out (CI compiles the CUDA core through CMake in ctest).
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 ext: env
-	$(PYTHON) setup.py -q build_ext --inplace || echo "warning: the C++ extension did not build; backend 'cpp' unavailable"
+	RSIR_NO_CUDA=$(if $(filter 1,$(HAS_GPU)),0,1) $(PYTHON) setup.py -q build_ext --inplace || echo "warning: the C++ extension did not build; backend 'cpp' unavailable"
 
 # C++ unit tests of the torch-free cores (CMake + ctest).
 ctest:
