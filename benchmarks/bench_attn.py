@@ -14,8 +14,8 @@ rsir_kernels.reference:
 Prints a table, writes <out>/bench_attn_<device>_<dtype>[_base].json and a .png of the
 speedups over `torch`. See benchmarks/README.md for what each column means.
 
-    PYTHONPATH=. python benchmarks/bench_attn.py                 # CPU fp32 batch 8, or GPU bf16 batch 64
-    PYTHONPATH=. python benchmarks/bench_attn.py --quick --out /tmp/b   # a few seconds (CI smoke test)
+    python benchmarks/bench_attn.py                 # CPU fp32 batch 8, or GPU bf16 batch 64
+    python benchmarks/bench_attn.py --quick --out /tmp/b   # a few seconds (CI smoke test)
 """
 from __future__ import annotations
 
@@ -26,22 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for _p in (str(HERE), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0 if _p == str(HERE) else len(sys.path), _p)
+import torch
 
-import torch  # noqa: E402
-
-from attn_measure import bench_shape  # noqa: E402
-from cases import BASELINES, WINDOW, select_backends, stage_shapes  # noqa: E402
-from cli_common import DTYPES, start_run  # noqa: E402
-from progress import Progress  # noqa: E402
-from report import (ATTN_DEFINITIONS, ATTN_TIMING_NOTES, args_record, format_table,  # noqa: E402
+from benchmarks.common.attn_measure import bench_shape
+from benchmarks.common.cases import BASELINES, WINDOW, select_backends, stage_shapes
+from benchmarks.common.cli import DTYPES, RESULTS, start_run
+from benchmarks.common.progress import Progress
+from benchmarks.common.report import (ATTN_DEFINITIONS, ATTN_TIMING_NOTES, args_record, format_table,
                     output_stem, write_json, write_plot)
-from run_info import environment, load_average  # noqa: E402
-from timing import Timer, TimingPolicy, copy_bandwidth  # noqa: E402
+from benchmarks.common.run_info import environment, load_average
+from benchmarks.common.timing import Timer, TimingPolicy, copy_bandwidth
 
 
 def parse_args(argv=None):
@@ -61,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads on CPU (default: torch's; 1 is steadier on a shared machine)")
-    p.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and PNG (default benchmarks/results)")
+    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG (default benchmarks/results)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

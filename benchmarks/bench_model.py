@@ -13,7 +13,7 @@ For every rsir_kernels backend that is available and can run the model's attenti
 Defaults: GPU 224x224 batch 64 bf16; CPU 224x224 batch 2 with few iterations (about a
 minute). --quick: 64x64 batch 1 (a smoke test). Writes <out>/bench_model_<device>_<dtype>.json.
 
-    PYTHONPATH=. python benchmarks/bench_model.py
+    python benchmarks/bench_model.py
 """
 from __future__ import annotations
 
@@ -23,20 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for _p in (str(HERE), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0 if _p == str(HERE) else len(sys.path), _p)
+import torch
 
-import torch  # noqa: E402
-
-from cli_common import DTYPES, start_run  # noqa: E402
-from model_measure import attention_inputs, bench_backend, select_backends  # noqa: E402
-from progress import Progress  # noqa: E402
-from report import MODEL_DEFINITIONS, args_record, format_model_table, model_output_stem, write_json  # noqa: E402
-from run_info import environment, load_average  # noqa: E402
-from timing import Timer, TimingPolicy  # noqa: E402
+from benchmarks.common.cli import DTYPES, RESULTS, start_run
+from benchmarks.common.model_measure import attention_inputs, bench_backend, select_backends
+from benchmarks.common.progress import Progress
+from benchmarks.common.report import MODEL_DEFINITIONS, args_record, format_model_table, model_output_stem, write_json
+from benchmarks.common.run_info import environment, load_average
+from benchmarks.common.timing import Timer, TimingPolicy
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

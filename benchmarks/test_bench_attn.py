@@ -1,12 +1,12 @@
 """Micro-benchmarks of window attention with pytest-benchmark: the cases of bench_attn.py.
 
-    PYTHONPATH=. python -m pytest benchmarks/ --benchmark-only
-    PYTHONPATH=. python -m pytest benchmarks/ --benchmark-only --benchmark-autosave
-    PYTHONPATH=. python -m pytest benchmarks/ --benchmark-only --benchmark-compare
+    python -m pytest benchmarks/test_bench_attn.py --benchmark-only
+    python -m pytest benchmarks/test_bench_attn.py --benchmark-only --benchmark-autosave
+    python -m pytest benchmarks/test_bench_attn.py --benchmark-only --benchmark-compare
 
 One benchmark per (stage, row, pass): row = every available rsir_kernels backend that can
 run the inputs, and the baselines paper / torch / sdpa-windows; pass = fwd (no_grad) or
-fwdbwd. Each row is checked against the reference (bench_attn.check_row) before it is
+fwdbwd. Each row is checked against the reference (benchmarks.common.checks.check_row) before it is
 timed. Small by default (batch 2 on CPU, about a minute): RSIR_BENCH_BATCH, RSIR_BENCH_DTYPE
 and RSIR_BENCH_MODEL (tiny/base) change the inputs; on a GPU the default is batch 64 bf16.
 RSIR_BENCH_TIME (default 0.5) is the seconds of timed rounds per benchmark (3 to 200 rounds;
@@ -21,14 +21,11 @@ import time
 import pytest
 import torch
 
-import cases
-import checks
-import cli_common
-import timing
+from benchmarks.common import cases, checks, cli, timing
 from rsir_kernels import backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = cli_common.DTYPES[os.environ.get("RSIR_BENCH_DTYPE", "bfloat16" if DEVICE.type == "cuda" else "float32")]
+DTYPE = cli.DTYPES[os.environ.get("RSIR_BENCH_DTYPE", "bfloat16" if DEVICE.type == "cuda" else "float32")]
 BATCH = int(os.environ.get("RSIR_BENCH_BATCH", "64" if DEVICE.type == "cuda" else "2"))
 MODEL = os.environ.get("RSIR_BENCH_MODEL", "tiny")
 TIME_PER_CASE = float(os.environ.get("RSIR_BENCH_TIME", "0.5"))  # seconds of timed rounds per benchmark

@@ -1,5 +1,5 @@
 """The benchmarks tell the truth: bench_attn.py --quick end to end, and the arithmetic of
-benchmarks/measure.py (bytes saved for backward, bandwidth) on hand-computed cases."""
+benchmarks/common/measure.py (bytes saved for backward, bandwidth) on hand-computed cases."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.common import cases, checks, measure, report  # the repository root is on the path
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
 
-import measure  # noqa: E402
 
 
 # ---------------------------------------------------------------- bytes saved for backward
@@ -174,10 +174,10 @@ def test_gpu_scripts_dry_run():
     """The scripts a lent GPU runs (gpu_check.sh: breakdown and tune) must not rot between
     lends: their --device cpu dry runs check every code path but the CUDA timers. tune_triton
     checks its configuration against the reference before timing it."""
-    proc = _run("tune_triton.py", "--device", "cpu", "--batch", "1", "--stages", "4",
+    proc = _run("tools/tune_triton.py", "--device", "cpu", "--batch", "1", "--stages", "4",
                 "--warps", "4", "--hpp", "8", interpret=True, timeout=300)
     assert proc.returncode == 0 and "ok (max rel err" in proc.stdout, proc.stdout + proc.stderr
-    proc = _run("gpu_breakdown.py", "--device", "cpu", "--dtype", "float32", "--batch", "1",
+    proc = _run("tools/gpu_breakdown.py", "--device", "cpu", "--dtype", "float32", "--batch", "1",
                 "--stages", "4", "--calls", "1", "--reps", "1", interpret=True, timeout=300)
     import rsir_kernels as rk
     cpp_missing = not rk.available_backends()["cpp"].available  # its row then says why, as an ERR cell
@@ -208,8 +208,6 @@ def test_bench_attn_quick_gpu(tmp_path):
 # ---------------------------------------------------------------- the check and the FAILED path
 
 def test_check_row_catches_a_wrong_row_and_passes_the_baselines():
-    import cases  # benchmarks/ is on sys.path
-    import checks
     shape = cases.Shape(stage=1, height=14, width=14, channels=32, heads=2)
     inp = cases.make_inputs(shape, 1, "cpu", torch.float32)
     exact = checks.exact_reference(inp, torch.float64)
@@ -228,7 +226,6 @@ def test_check_row_catches_a_wrong_row_and_passes_the_baselines():
 
 
 def test_table_prints_failed_rows_without_speedups():
-    import report  # benchmarks/ is on sys.path
     timing = {"median": 2.0, "iqr": 0.1}
     ok = {"name": "torch", "kind": "baseline", "status": "ok", "fwd_ms": timing, "fwdbwd_ms": timing,
           "speedup_vs_torch_fwd": 1.0, "speedup_vs_torch_fwdbwd": 1.0, "speedup_vs_paper_fwd": None,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-import measure
-from cases import N, Inputs, Row
+from . import measure
+from .cases import N, Inputs, Row
 from rsir_kernels import reference
 
 

@@ -1,6 +1,6 @@
 """Where the time of one attention call goes on a GPU: device (kernel) time against host time.
 
-    python benchmarks/gpu_breakdown.py [--batch 64] [--stages 1,2,3,4] [--calls 200]
+    python -m benchmarks.tools.gpu_breakdown [--batch 64] [--stages 1,2,3,4] [--calls 200]
 
 For each RSIR-T stage shape and each row of bench_attn (backends and baselines), prints
   eager   median of CUDA events around one call after an L2 flush (bench_attn's measure),
@@ -14,16 +14,14 @@ op). GPU only; a measurement that fails prints its error in its cell instead of 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cases import N, backend_row, baseline_rows, make_inputs, stage_shapes  # noqa: E402
-from measure import summarize  # noqa: E402
-from timing import Timer, TimingPolicy, forward_backward_fn, forward_fn  # noqa: E402
+from benchmarks.common.cases import N, backend_row, baseline_rows, make_inputs, stage_shapes
+from benchmarks.common.measure import summarize
+from benchmarks.common.timing import Timer, TimingPolicy, forward_backward_fn, forward_fn
 
 
 def sync():

@@ -6,12 +6,12 @@ from typing import Optional
 
 import torch
 
-import measure
-from cases import GROUPS, N, Inputs, Shape, backend_row, baseline_rows, make_inputs, select_backends
-from checks import check_row, exact_reference
-from progress import Progress
+from . import measure
+from .cases import GROUPS, N, Inputs, Shape, backend_row, baseline_rows, make_inputs, select_backends
+from .checks import check_row, exact_reference
+from .progress import Progress
 from rsir_kernels import ops
-from timing import Timer, forward_backward_fn, forward_fn, peak_memory
+from .timing import Timer, forward_backward_fn, forward_fn, peak_memory
 
 
 def bench_shape(shape: Shape, args, device, dtype, timer: Timer, progress: Progress,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import measure
+from . import measure
 from rsir_kernels import backends
 from rsir_kernels.models import rsir_base, rsir_tiny
 from rsir_kernels.modules import RSIRAttention

@@ -1,8 +1,12 @@
 """What the command lines of bench_attn.py and bench_model.py share: the --dtype names and the
-start of a run (threads, device and dtype)."""
+start of a run (threads, device and dtype), and where results go by default."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"   # benchmarks/results
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,

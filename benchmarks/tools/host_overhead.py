@@ -1,7 +1,7 @@
 """The Python (host) time of one call of the triton backend, with the kernel launches stubbed
 out, on CPU tensors: what the glue around the kernels costs, measurable without a GPU.
 
-    python benchmarks/host_overhead.py [--calls 500]
+    python -m benchmarks.tools.host_overhead [--calls 500]
 
 Prints the best of 5 rounds of `--calls` calls, in microseconds per call, of a packed forward
 (no grad) and a packed forward+backward (autograd.grad) of a tiny shape (B=1, L=49, H=2, D=16,
@@ -19,7 +19,6 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the backend r
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rsir_kernels as rk  # noqa: E402
 from rsir_kernels.backends.triton import launch  # noqa: E402
 

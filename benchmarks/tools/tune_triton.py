@@ -1,7 +1,7 @@
 """Sweep the Triton kernels' launch configurations at the RSIR stage shapes: the measured table
-that launch.make_config should follow (benchmarks/NOTES.md, "What to try on a GPU", item 2).
+that launch.make_config should follow (docs/performance.md, "Open hypotheses").
 
-    python benchmarks/tune_triton.py [--model tiny] [--batch 64] [--stages 1,2,3,4]
+    python -m benchmarks.tools.tune_triton [--model tiny] [--batch 64] [--stages 1,2,3,4]
 
 For each stage shape (bf16, window 49, G = 2) it times the forward and the backward kernel
 alone (preallocated buffers, launch.forward_into / backward_into) for every num_warps in
@@ -10,7 +10,7 @@ output and gradients against the float32 reference (max error relative to the la
 (triton.testing.do_bench_cudagraph: kernel time, no launch overhead; inputs may sit in L2 at
 the small stages, so compare configs with each other, not with bench_attn). The row marked
 `*` is what make_config picks today. Dry run without a GPU:
-`TRITON_INTERPRET=1 python benchmarks/tune_triton.py --device cpu --batch 1 --stages 4`.
+`TRITON_INTERPRET=1 python -m benchmarks.tools.tune_triton --device cpu --batch 1 --stages 4`.
 """
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cases import GROUPS, N, make_inputs, stage_shapes  # noqa: E402
+from benchmarks.common.cases import GROUPS, N, make_inputs, stage_shapes
 
 
 def kernel_us(fn, device) -> float:

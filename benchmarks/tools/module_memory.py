@@ -1,25 +1,22 @@
 """Bytes one RSIRAttention keeps for backward, against the same module with its attention done
 by the pure-PyTorch path (gather, SDPA on windows, scatter), at an RSIR-T stage shape.
 
-    python benchmarks/module_memory.py [--stage 1] [--batch 2] [--backend auto]
+    python -m benchmarks.tools.module_memory [--stage 1] [--batch 2] [--backend auto]
 
-Counts the unique storages autograd packs during one forward (benchmarks/measure.py's rule),
+Counts the unique storages autograd packs during one forward (benchmarks/common/measure.py's rule),
 for the plain module, the module with recompute_qkv=True and the pure-PyTorch variant; fp32, CPU.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import measure  # noqa: E402
-from cases import N, stage_shapes  # noqa: E402
-
-import rsir_kernels as rk  # noqa: E402
-from rsir_kernels import baselines  # noqa: E402
+import rsir_kernels as rk
+from benchmarks.common import measure
+from benchmarks.common.cases import N, stage_shapes
+from rsir_kernels import baselines
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-import measure
-from cases import Row
+from . import measure
+from .cases import Row
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from cases import GROUPS, N
+from .cases import GROUPS, N
 
 # ---------------------------------------------------------------- notes written into the JSON
 
