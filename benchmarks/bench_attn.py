@@ -3,8 +3,8 @@
 
 For each stage of RSIR-T (or RSIR-B with --model base) at 224x224, window 7x7 (N = 49),
 G = 2 (RS-Win order and IR-Win order stacked), it times every available backend of
-rsir_kernels (through rsir_kernels.ops.window_attention) and the baselines of DESIGN.md
-section 5 on the same inputs, after checking each one's output and gradient against
+rsir_kernels (through rsir_kernels.ops.window_attention) and the baselines of
+docs/design.md section 5 on the same inputs, after checking each one's output and gradient against
 rsir_kernels.reference:
 
     paper         Algorithms 1/2 of the paper literally (baselines.paper_rsir_attention)
@@ -12,7 +12,9 @@ rsir_kernels.reference:
     sdpa-windows  SDPA alone on already-gathered windows (baselines.sdpa_windows): the floor
 
 Prints a table, writes <out>/bench_attn_<device>_<dtype>[_base].json and a .png of the
-speedups over `torch`. See benchmarks/README.md for what each column means.
+speedups over `torch`. On a GPU every row also gets its device time (CUDA-graph replays:
+kernels against kernels, without the host time that bounds small stages). docs/performance.md
+explains every column.
 
     python benchmarks/bench_attn.py                 # CPU fp32 batch 8, or GPU bf16 batch 64
     python benchmarks/bench_attn.py --quick --out /tmp/b   # a few seconds (CI smoke test)
@@ -35,7 +37,7 @@ from benchmarks.common.progress import Progress
 from benchmarks.common.report import (ATTN_DEFINITIONS, ATTN_TIMING_NOTES, args_record, format_table,
                     output_stem, write_json, write_plot)
 from benchmarks.common.run_info import environment, load_average
-from benchmarks.common.timing import Timer, TimingPolicy, copy_bandwidth
+from benchmarks.common.timing import Timer, TimingPolicy, copy_bandwidth, device_timer
 
 
 def parse_args(argv=None):
@@ -100,6 +102,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     policy = timing_policy(args)
     timer = Timer(device, policy)
+    dev_timer = device_timer(device, policy)
     shapes = [s for s in stage_shapes(args.model, args.image) if s.stage in args.stages]
     for s in shapes:
         if s.height % WINDOW or s.width % WINDOW:
@@ -110,6 +113,9 @@ def main(argv=None) -> int:
                   timing={"policy": dataclasses.asdict(policy),
                           "method": "CUDA events per call after an L2 flush" if device.type == "cuda"
                           else "time.perf_counter per call",
+                          "device_time": "CUDA-graph replay of each call between CUDA events after an "
+                                         "L2 flush, rows interleaved" if dev_timer.available
+                          else "n/a: no device apart from the host (the eager times are the device times)",
                           **ATTN_TIMING_NOTES},
                   definitions=ATTN_DEFINITIONS)
     t_start = time.perf_counter()
@@ -121,14 +127,14 @@ def main(argv=None) -> int:
     if copy:
         print(f"device-to-device copy: {copy['bytes_per_s'] / 1e9:.0f} GB/s (read + write)", flush=True)
     copy_bw = copy["bytes_per_s"] if copy else None
-    # steps per shape: a check per row, the forward timing, the fwd+bwd timing, the index check
+    # steps per shape: a check per row, eager fwd and fwd+bwd, device fwd and fwd+bwd, the index check
     n_rows = [len(select_backends(args.backends, torch.empty(1, s.length, s.heads, s.head_dim, device=device,
                                                              dtype=dtype))[0]) + len(BASELINES) for s in shapes]
-    progress = Progress(sum(n + 3 for n in n_rows), enabled=not args.no_progress)
+    progress = Progress(sum(n + 5 for n in n_rows), enabled=not args.no_progress)
     report["shapes"] = []
     try:
         for s in shapes:
-            report["shapes"].append(bench_shape(s, args, device, dtype, timer, progress, copy_bw))
+            report["shapes"].append(bench_shape(s, args, device, dtype, timer, progress, copy_bw, dev_timer))
     finally:
         progress.close()
     report["elapsed_s"] = time.perf_counter() - t_start

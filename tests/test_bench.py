@@ -146,6 +146,7 @@ def test_bench_attn_quick(tmp_path):
                         "ratio_to_sdpa_windows_fwd", "ratio_to_sdpa_windows_fwdbwd"):
                 assert r[key] > 0, (r["name"], key)
             assert r["saved_bytes"] >= r["saved_bytes_excluding_inputs"] > 0
+            assert r["device_fwd_ms"] is None and r["device_speedup_vs_torch_fwd"] is None   # no device clock on CPU
         torch_row = next(r for r in shape["rows"] if r["name"] == "torch")
         assert torch_row["speedup_vs_torch_fwd"] == pytest.approx(1.0)
         # the packed qkv is saved by every path that keeps q, k, v: at least its size
@@ -154,7 +155,8 @@ def test_bench_attn_quick(tmp_path):
         ref = next(r for r in shape["rows"] if r["name"] == "reference")
         assert ref["saved_bytes"] >= qkv_bytes
         assert shape["index_check"]["backend"] in names and shape["index_check"]["fwd_checked_ms"]["median"] > 0
-    assert "reference" in proc.stdout and "x torch" in proc.stdout
+    assert report["timing"]["device_time"].startswith("n/a")
+    assert "reference" in proc.stdout and "x torch" in proc.stdout and "dev x torch" not in proc.stdout
 
 
 def test_bench_model_quick(tmp_path):
@@ -202,7 +204,9 @@ def test_bench_attn_quick_gpu(tmp_path):
         for r in shape["rows"]:
             assert r["peak_fwdbwd"]["peak_above_start_bytes"] > 0
             assert 0 < r["copy_bw_fraction_fwd"] < 2, r["name"]   # io bytes / time over the copy bandwidth
-    assert "%copyBW" in proc.stdout
+            if r["kind"] == "backend":   # the fused kernels capture in a CUDA graph; device time <= eager time
+                assert 0 < r["device_fwd_ms"]["median"] <= 1.5 * r["fwd_ms"]["median"], r["name"]
+    assert "%copyBW" in proc.stdout and "dev x torch f" in proc.stdout
 
 
 # ---------------------------------------------------------------- the check and the FAILED path
@@ -237,3 +241,78 @@ def test_table_prints_failed_rows_without_speedups():
     line = next(line for line in table.splitlines() if " cpp " in line)
     assert "FAILED" in line and line.split("FAILED", 1)[1].strip() == ""   # no figures after it
     assert "cpp FAILED (not timed" in table and "triton not run: no GPU" in table
+
+
+# ---------------------------------------------------------------- device time (CUDA-graph replays)
+
+class FakeGraphs:
+    """Stands in for timing.CudaGraphs on a CPU: capture runs fn once (as a warm-up would) and
+    returns a replay; replay i of a time() call takes (i + 1) ms; fns whose result is the
+    string "no capture" fail to capture, as a call with a host sync inside would."""
+
+    def __init__(self):
+        self.captured, self.order, self.released = 0, [], 0
+
+    def capture(self, fn):
+        if fn() == "no capture":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captured += 1
+        return lambda i=self.captured - 1: self.order.append(i)
+
+    def estimate(self, replay):
+        return 1e-3
+
+    def time(self, replays, reps):
+        for _ in range(reps):
+            for replay in replays:
+                replay()
+        return [[(i + 1) * 1e-3] * reps for i in range(len(replays))]
+
+    def release(self):
+        self.released += 1
+
+
+def test_device_timer_is_absent_on_cpu_and_interleaves_replays():
+    from benchmarks.common import timing
+    policy = timing.TimingPolicy(warmup=0, min_reps=3, max_reps=4, budget_s=0.0)
+    cpu = timing.device_timer(torch.device("cpu"), policy)
+    assert not cpu.available and cpu.interleaved([lambda: None]) is None
+
+    graphs = FakeGraphs()
+    timer = timing.DeviceTimer(policy, graphs)
+    result = timer.interleaved([lambda: 1, lambda: "no capture", lambda: 3])
+    assert result[0] == [1e-3] * 3 and result[2] == [2e-3] * 3          # min_reps: the budget is 0
+    assert isinstance(result[1], str) and "capture failed" in result[1] and "stream is capturing" in result[1]
+    assert graphs.order == [0, 1] * 3                                     # round-robin, captured ones only
+    assert graphs.released == 1
+
+
+def test_device_times_give_kernel_against_kernel_ratios(tmp_path):
+    """bench_shape with a stand-in device clock: the device columns are the ratios of the
+    device medians (hand-computed here from the fake's 1, 2, 3... ms), independent of the
+    eager columns, and the table prints them."""
+    from types import SimpleNamespace
+
+    from benchmarks.common import attn_measure, progress, timing
+    shape = cases.Shape(stage=4, height=7, width=7, channels=32, heads=4)
+    policy = timing.TimingPolicy(warmup=0, min_reps=2, max_reps=2, budget_s=0.0)
+    args = SimpleNamespace(batch=1, seed=0, backends=["reference"])
+    result = attn_measure.bench_shape(shape, args, torch.device("cpu"), torch.float32,
+                                      timing.Timer(torch.device("cpu"), policy), progress.Progress(0, enabled=False),
+                                      None, timing.DeviceTimer(policy, FakeGraphs()))
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    names = [r["name"] for r in rows]
+    assert names == ["reference", "paper", "torch", "sdpa-windows"]
+    ms = {n: float(i + 1) for i, n in enumerate(names)}                 # the fake's replay times
+    for r in rows:
+        for short in ("fwd", "fwdbwd"):
+            assert r[f"device_{short}_ms"]["median"] == pytest.approx(ms[r["name"]])
+            assert r[f"device_speedup_vs_torch_{short}"] == pytest.approx(ms["torch"] / ms[r["name"]])
+            assert r[f"device_ratio_to_sdpa_windows_{short}"] == pytest.approx(ms[r["name"]] / ms["sdpa-windows"])
+        # the eager columns still come from the eager timer
+        assert r["speedup_vs_torch_fwd"] == pytest.approx(
+            next(x for x in rows if x["name"] == "torch")["fwd_ms"]["median"] / r["fwd_ms"]["median"])
+    table = report.format_table({"device": {"kind": "cpu"}, "shapes": [result]})
+    assert "dev x torch f" in table
+    ref_line = next(line for line in table.splitlines() if " reference " in line)
+    assert f"{ms['torch'] / ms['reference']:.2f}" in ref_line.split()        # 3.00

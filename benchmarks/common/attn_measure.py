@@ -1,5 +1,6 @@
 """Measurement of one stage of bench_attn.py: check, saved bytes, peak memory, interleaved
-forward and forward+backward timing of every row, speedups, and the cost of check_index."""
+forward and forward+backward timing of every row (eager, and device time where there is a
+device), speedups, and the cost of check_index."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,11 +12,15 @@ from .cases import GROUPS, N, Inputs, Shape, backend_row, baseline_rows, make_in
 from .checks import check_row, exact_reference
 from .progress import Progress
 from rsir_kernels import ops
-from .timing import Timer, forward_backward_fn, forward_fn, peak_memory
+from .timing import DeviceTimer, Timer, forward_backward_fn, forward_fn, peak_memory
 
 
 def bench_shape(shape: Shape, args, device, dtype, timer: Timer, progress: Progress,
-                copy_bw: Optional[float]) -> dict:
+                copy_bw: Optional[float], device_timer: Optional[DeviceTimer] = None) -> dict:
+    """Checks, then times every row of one stage: eager forward and forward+backward
+    (interleaved), then, where there is a device clock, their device times (CUDA-graph
+    replays, interleaved); speedups against the baselines from each; the index check's cost.
+    Progress: one step per row, four for the timings, one for the index check."""
     inp = make_inputs(shape, args.batch, device, dtype, seed=args.seed + shape.stage)
     names, skipped = select_backends(args.backends, inp.qkv[:, :, 0])
     rows = [backend_row(n, inp) for n in names] + baseline_rows(inp)
@@ -54,6 +59,17 @@ def bench_shape(shape: Shape, args, device, dtype, timer: Timer, progress: Progr
             for (row, r), times in zip(timed, timer.interleaved([make(row) for row, _ in timed])):
                 r[key] = measure.summarize(times)
         progress.step(f"stage {shape.stage} {key[:-3]} ({len(timed)} rows interleaved)")
+    # Device time of the same calls (CUDA-graph replays): kernel against kernel, without the
+    # host time that bounds the eager figures of small stages. None on CPU.
+    for key, make in (("device_fwd_ms", forward_fn), ("device_fwdbwd_ms", forward_backward_fn)):
+        measured = device_timer.interleaved([make(row) for row, _ in timed]) \
+            if device_timer is not None and timed else None
+        for i, (_, r) in enumerate(timed):
+            result = measured[i] if measured is not None else None
+            r[key] = measure.summarize(result) if isinstance(result, list) else None
+            if isinstance(result, str):
+                r[key + "_error"] = result
+        progress.step(f"stage {shape.stage} {key[:-3]}" + ("" if measured is not None else " (n/a)"))
     for _, r in timed:
         r["bytes_per_s_fwd"] = measure.bandwidth(io_bytes, r["fwd_ms"]["median"] / 1e3)
         if copy_bw:
@@ -61,17 +77,9 @@ def bench_shape(shape: Shape, args, device, dtype, timer: Timer, progress: Progr
 
     by_name = {r["name"]: r for r in results if r["status"] == "ok"}
 
-    def med(name, key):
-        return by_name[name][key]["median"] if name in by_name else None
-
     for r in results:
-        if r["status"] != "ok":
-            continue
-        for key, short in (("fwd_ms", "fwd"), ("fwdbwd_ms", "fwdbwd")):
-            mine = r[key]["median"]
-            r[f"speedup_vs_torch_{short}"] = measure.ratio(med("torch", key), mine)
-            r[f"speedup_vs_paper_{short}"] = measure.ratio(med("paper", key), mine)
-            r[f"ratio_to_sdpa_windows_{short}"] = measure.ratio(mine, med("sdpa-windows", key))
+        if r["status"] == "ok":
+            r.update(speedups(r, by_name))
 
     index_check = None
     timed_backends = [r for r in results if r["kind"] == "backend" and r["status"] == "ok"]
@@ -83,6 +91,27 @@ def bench_shape(shape: Shape, args, device, dtype, timer: Timer, progress: Progr
             "heads": shape.heads, "head_dim": shape.head_dim, "length": shape.length, "batch": args.batch,
             "window_size": N, "groups": GROUPS, "io_bytes": io_bytes, "rows": results,
             "skipped_backends": skipped, "index_check": index_check}
+
+
+def median(row: Optional[dict], key: str) -> Optional[float]:
+    """The median of row[key] (a measure.summarize dict), None when the row or the timing is missing."""
+    stats = row.get(key) if row else None
+    return stats["median"] if stats else None
+
+
+def speedups(r: dict, by_name: dict) -> dict:
+    """A row's ratios against the baselines of its stage (rows by name), from the eager times
+    (speedup_vs_torch_fwd, ...) and from the device times (device_speedup_vs_torch_fwd, ...);
+    None where a time is missing."""
+    out = {}
+    for prefix in ("", "device_"):
+        for short in ("fwd", "fwdbwd"):
+            key = f"{prefix}{short}_ms"
+            mine = median(r, key)
+            out[f"{prefix}speedup_vs_torch_{short}"] = measure.ratio(median(by_name.get("torch"), key), mine)
+            out[f"{prefix}speedup_vs_paper_{short}"] = measure.ratio(median(by_name.get("paper"), key), mine)
+            out[f"{prefix}ratio_to_sdpa_windows_{short}"] = measure.ratio(mine, median(by_name.get("sdpa-windows"), key))
+    return out
 
 
 def bench_index_check(name: str, inp: Inputs, timer: Timer) -> dict:

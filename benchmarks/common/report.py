@@ -27,6 +27,9 @@ ATTN_DEFINITIONS = {
     "io_bytes": "q, k, v read once + out written once: 4 * B * L * H * D * element size",
     "copy_bw_fraction_fwd": "(io_bytes / forward median) / device-to-device copy bandwidth",
     "speedup_vs_X": "median time of X / median time of the row (higher is better)",
+    "device_fwd_ms / device_fwdbwd_ms": "device time of one call: CUDA-graph replays between CUDA events "
+                                        "(null on CPU, or with device_*_error when the call could not be captured)",
+    "device_speedup_vs_X": "the same ratios from the device times (kernel against kernel)",
     "ratio_to_sdpa_windows": "median time of the row / median time of sdpa-windows "
                              "(1.0 = as fast as attention on pre-gathered windows)"}
 
@@ -64,6 +67,9 @@ def format_table(report: dict) -> str:
             "/sdpa-w f", "saved MB"]
     if gpu:
         head += ["peak MB", "%copyBW"]
+    device = any(r.get("device_fwd_ms") or r.get("device_fwd_ms_error") for s in report["shapes"] for r in s["rows"])
+    if device:
+        head += ["dev f ms", "dev f+b ms", "dev x torch f", "dev x torch f+b", "dev /sdpa-w f"]
     lines = []
     for s in report["shapes"]:
         for r in s["rows"]:
@@ -79,6 +85,12 @@ def format_table(report: dict) -> str:
                 if gpu:
                     cells += [_fmt(r.get("peak_fwdbwd", {}).get("peak_above_start_bytes", float("nan")) / 2 ** 20, ".1f"),
                               _fmt(100 * r.get("copy_bw_fraction_fwd", float("nan")), ".1f")]
+                if device:
+                    dev = [r.get("device_fwd_ms"), r.get("device_fwdbwd_ms")]
+                    cells += [_fmt(d["median"] if d else None, ".3f", "n/a") for d in dev]
+                    cells += [_fmt(r.get(k), ".2f", "n/a") for k in ("device_speedup_vs_torch_fwd",
+                                                                     "device_speedup_vs_torch_fwdbwd",
+                                                                     "device_ratio_to_sdpa_windows_fwd")]
             lines.append(cells)
         lines.append(None)
     widths = [max(len(h), *(len(c[i]) for c in lines if c)) for i, h in enumerate(head)]
@@ -100,6 +112,9 @@ def format_table(report: dict) -> str:
             for r in s["rows"]:
                 if r["status"] != "ok":
                     notes.append(f"{r['name']} FAILED (not timed, no speedups): {r['check']['detail']}")
+                for key in ("device_fwd_ms_error", "device_fwdbwd_ms_error"):
+                    if r.get(key):
+                        notes.append(f"{r['name']} {key[:-9].replace('_', ' ')}: {r[key]}")
             for name, why in s["skipped_backends"].items():
                 notes.append(f"{name} not run: {why}")
             out += ["    " + n for n in notes]

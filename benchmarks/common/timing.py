@@ -1,5 +1,6 @@
-"""Timing: the TimingPolicy (warm-up, repeats, time budget), the Timer (perf_counter on CPU,
-CUDA events after an L2 flush on GPU), the forward / forward+backward callables of a row,
+"""Timing: the TimingPolicy (warm-up, repeats, time budget), the Timer of eager calls
+(perf_counter on CPU, CUDA events after an L2 flush on GPU), the DeviceTimer of device time
+alone (CUDA-graph replays; none on CPU), the forward / forward+backward callables of a row,
 peak CUDA memory and the device-to-device copy bandwidth."""
 from __future__ import annotations
 
@@ -75,6 +76,102 @@ class Timer:
                 end.record()
         torch.cuda.synchronize()
         return [[s.elapsed_time(e) / 1e3 for s, e in evs] for evs in events]
+
+
+class CudaGraphs:
+    """The CUDA side of DeviceTimer: `capture(fn)` records one call of fn in a CUDA graph and
+    returns its replay; `time(replays, reps)` replays them round-robin, each between two CUDA
+    events after an L2 flush, and returns seconds per replay. A replay issues the recorded
+    kernels with no Python, no dispatcher and no launch overhead in between: what it measures
+    is the time the device spends on one call."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
+        self.graphs = []     # kept alive until release(): each holds its own memory pool
+
+    def capture(self, fn):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):        # warm-up on a side stream, as torch.cuda.graph asks
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        self.graphs.append(graph)
+        return graph.replay
+
+    def estimate(self, replay) -> float:
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        replay()
+        torch.cuda.synchronize(self.device)
+        return max(time.perf_counter() - t0, 1e-6)
+
+    def time(self, replays, reps: int) -> list[list[float]]:
+        events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                   for _ in range(reps)] for _ in replays]
+        for r in range(reps):
+            for replay, evs in zip(replays, events):
+                start, end = evs[r]
+                self.flush.zero_()
+                start.record()
+                replay()
+                end.record()
+        torch.cuda.synchronize(self.device)
+        return [[s.elapsed_time(e) / 1e3 for s, e in evs] for evs in events]
+
+    def release(self):
+        self.graphs.clear()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+
+class DeviceTimer:
+    """Device time of each of several calls, without the host time around them: on CUDA each
+    fn is captured in a CUDA graph (CudaGraphs) and the graphs are replayed round-robin. On a
+    CPU there is no device apart from the host: `available` is False and `interleaved`
+    returns None (the eager times are the only times).
+
+    `graphs` is anything with CudaGraphs' capture / estimate / time / release (tests pass a
+    stand-in). A fn that cannot be captured (a host sync inside, say) gets an error string
+    instead of times; the others are still timed."""
+
+    def __init__(self, policy: TimingPolicy, graphs=None):
+        self.policy, self.graphs = policy, graphs
+
+    @property
+    def available(self) -> bool:
+        return self.graphs is not None
+
+    def interleaved(self, fns: list) -> Optional[list]:
+        """[list of seconds per replay, or 'error text'] per fn; None without a device clock."""
+        if self.graphs is None:
+            return None
+        results, replays = [], []
+        for fn in fns:
+            try:
+                replays.append(self.graphs.capture(fn))
+                results.append(None)
+            except Exception as e:  # noqa: BLE001 - reported in the row, the others still run
+                results.append(f"capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        try:
+            if replays:
+                p = self.policy
+                per_round = sum(self.graphs.estimate(r) for r in replays)
+                reps = int(min(p.max_reps, max(p.min_reps, p.budget_s * len(replays) // per_round)))
+                times = iter(self.graphs.time(replays, reps))
+                results = [next(times) if r is None else r for r in results]
+        finally:
+            self.graphs.release()
+        return results
+
+
+def device_timer(device: torch.device, policy: TimingPolicy) -> DeviceTimer:
+    """CUDA-graph replays on a CUDA device; on a CPU a DeviceTimer that is not available."""
+    return DeviceTimer(policy, CudaGraphs(device) if device.type == "cuda" else None)
 
 
 def forward_fn(row: Row):
