@@ -9,9 +9,16 @@ For every rsir_kernels backend that is available and can run the model's attenti
 - saved: bytes autograd saves for backward per image during a training forward
   (measure.SavedTensorsCounter: unique storages), and peak CUDA memory of a training step
 - check: the logits of a forward with each backend against `reference` (same RS-Win draws)
+- modes (--modes): eager (all of the above), and a training step of torch.compile(model)
+  ("compile") and torch.compile(model, mode="reduce-overhead") (Inductor + CUDA graphs, GPU
+  only), for every backend, `reference` included: compiled, Inductor fuses the reference's
+  gather and scatter, the baseline a user would otherwise pick. Compiled rows are checked
+  against the eager model first (common/model_measure.bench_compiled).
 
-Defaults: GPU 224x224 batch 64 bf16; CPU 224x224 batch 2 with few iterations (about a
-minute). --quick: 64x64 batch 1 (a smoke test). Writes <out>/bench_model_<device>_<dtype>.json.
+Defaults: GPU 224x224 batch 64 bf16, all three modes; CPU 224x224 batch 2 with few
+iterations, eager only (about a minute; compiling RSIR-T on a small CPU takes minutes).
+--quick: 64x64 batch 1 (a smoke test). Writes <out>/bench_model_<device>_<dtype>.json, after
+every row (a run stopped by a time limit keeps what it measured).
 
     python benchmarks/bench_model.py
 """
@@ -26,7 +33,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common.cli import DTYPES, RESULTS, start_run
-from benchmarks.common.model_measure import attention_inputs, bench_backend, select_backends
+from benchmarks.common.model_measure import (MODES, attention_inputs, bench_backend, bench_compiled, resolve_modes,
+                                             select_backends)
 from benchmarks.common.progress import Progress
 from benchmarks.common.report import MODEL_DEFINITIONS, args_record, format_model_table, model_output_stem, write_json
 from benchmarks.common.run_info import environment, load_average
@@ -43,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="64x64, batch 1, 2 repeats: a smoke test")
     p.add_argument("--recompute-qkv", action="store_true",
                    help="build the models with RSIRAttention(recompute_qkv=True): less saved memory, more compute")
+    p.add_argument("--modes", default=None,
+                   help=f"comma list of {', '.join(MODES)} (default: all on GPU, eager on CPU)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
@@ -58,6 +68,11 @@ def parse_args(argv=None):
     if args.image % 32:
         p.error("--image must be divisible by 32")
     args.batch = args.batch or (1 if args.quick else (64 if gpu else 2))
+    args.modes = [m.strip() for m in (args.modes or ("eager,compile,reduce-overhead" if gpu else "eager")).split(",")
+                  if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or not args.modes:
+        p.error(f"--modes must be a comma list of {', '.join(MODES)}")
     args.backends = None if args.backends is None else [b.strip() for b in args.backends.split(",") if b.strip()]
     return args
 
@@ -72,6 +87,22 @@ def timing_policy(args) -> TimingPolicy:
     if args.repeats:
         policy.max_reps, policy.min_reps = args.repeats, min(policy.min_reps, args.repeats)
     return policy
+
+
+def add_speedups(rows: list) -> None:
+    """Per row: train (and infer) speedup over `reference` in the same mode, and train speedup
+    over the fastest `reference` training step of any mode (compiled, usually)."""
+    ref = {r["mode"]: r for r in rows if r["backend"] == "reference" and "train_step_ms" in r}
+    best = min((r["train_step_ms"]["median"] for r in ref.values()), default=None)
+    for r in rows:
+        if "train_step_ms" not in r:
+            continue
+        mine = r["train_step_ms"]["median"]
+        same = ref.get(r["mode"])
+        r["train_speedup_vs_reference"] = same["train_step_ms"]["median"] / mine if same else None
+        r["train_speedup_vs_best_reference"] = best / mine if best else None
+        if "infer_ms" in r and same and "infer_ms" in same:
+            r["infer_speedup_vs_reference"] = same["infer_ms"]["median"] / r["infer_ms"]["median"]
 
 
 def main(argv=None) -> int:
@@ -91,34 +122,42 @@ def main(argv=None) -> int:
     print(f"bench_model: RSIR-{'T' if args.model == 'tiny' else 'B'} {args.image}x{args.image} batch {args.batch} "
           f"{args.dtype} on {report['device']['name']} ({device}); backends {', '.join(names)}"
           + ("; recompute_qkv" if args.recompute_qkv else ""), flush=True)
+    modes, skipped_modes = resolve_modes(args.modes, device)
+    report["modes"], report["skipped_modes"] = modes, skipped_modes
+    if any(m != "eager" for m in modes):
+        import torch._inductor.config as inductor_config
+        inductor_config.fallback_random = True   # compiled RS-Win draws equal eager ones (the check)
+        report["timing"]["compiled"] = "torch._inductor.config.fallback_random = True"
     gen = torch.Generator().manual_seed(args.seed)
     images = torch.randn(args.batch, 3, args.image, args.image, generator=gen).to(device)
     labels = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
-    progress = Progress(3 * len(names), enabled=not args.no_progress)
-    rows = []
-    t_start = time.perf_counter()
-    try:
-        for name in names:
-            try:
-                rows.append(bench_backend(name, args, device, dtype, images, labels, timer, progress))
-            except Exception as e:  # noqa: BLE001 - a backend that breaks is reported, the others still run
-                rows.append({"backend": name, "check_passed": False, "error": f"{type(e).__name__}: {e}"})
-    finally:
-        progress.close()
-    ref = next((r for r in rows if r["backend"] == "reference" and "train_step_ms" in r), None)
-    for r in rows:
-        if ref and "train_step_ms" in r:
-            r["train_speedup_vs_reference"] = ref["train_step_ms"]["median"] / r["train_step_ms"]["median"]
-            r["infer_speedup_vs_reference"] = ref["infer_ms"]["median"] / r["infer_ms"]["median"]
-    report["rows"] = rows
-    report["elapsed_s"] = time.perf_counter() - t_start
-    report["host"]["load_average_end"] = load_average()
-
-    print(format_model_table(rows, skipped, gpu=device.type == "cuda"))
+    jobs = [(mode, name) for mode in modes for name in names]
+    progress = Progress(sum(3 if m == "eager" else 1 for m, _ in jobs), enabled=not args.no_progress)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = model_output_stem(device, args.dtype, args.model) + ("_recompute_qkv" if args.recompute_qkv else "")
-    path = write_json(report, out_dir / (stem + ".json"))
+    path = out_dir / (stem + ".json")
+    report["rows"] = rows = []
+    t_start = time.perf_counter()
+    try:
+        for mode, name in jobs:
+            try:
+                if mode == "eager":
+                    rows.append(bench_backend(name, args, device, dtype, images, labels, timer, progress))
+                else:
+                    rows.append(bench_compiled(name, mode, args, device, dtype, images, labels, timer))
+                    progress.step(f"{name} {mode}")
+            except Exception as e:  # noqa: BLE001 - a backend that breaks is reported, the others still run
+                rows.append({"backend": name, "mode": mode, "check_passed": False,
+                             "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+            add_speedups(rows)
+            report["elapsed_s"] = time.perf_counter() - t_start
+            write_json(report, path)
+    finally:
+        progress.close()
+    report["host"]["load_average_end"] = load_average()
+    write_json(report, path)
+    print(format_model_table(rows, {**skipped, **skipped_modes}, gpu=device.type == "cuda"))
     print(f"wrote {path} ({report['elapsed_s']:.1f} s)")
     return 0 if all(r.get("check_passed") for r in rows) else 1
 

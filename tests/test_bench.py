@@ -170,6 +170,7 @@ def test_bench_model_quick(tmp_path):
     ref = rows["reference"]
     assert ref["train_step_ms"]["median"] > 0 and ref["train_images_per_s"] > 0
     assert ref["infer_images_per_s"] > 0 and ref["saved_bytes_per_image"] > 0
+    assert ref["mode"] == "eager" and report["modes"] == ["eager"]          # CPU default: no compiled modes
 
 
 def test_gpu_scripts_dry_run():
@@ -316,3 +317,42 @@ def test_device_times_give_kernel_against_kernel_ratios(tmp_path):
     assert "dev x torch f" in table
     ref_line = next(line for line in table.splitlines() if " reference " in line)
     assert f"{ms['torch'] / ms['reference']:.2f}" in ref_line.split()        # 3.00
+
+
+# ---------------------------------------------------------------- bench_model: eager and compiled modes
+
+def test_model_modes_and_speedups_against_the_reference_of_each_mode():
+    from benchmarks import bench_model
+    from benchmarks.common import model_measure
+    assert model_measure.resolve_modes(["reduce-overhead", "eager"], torch.device("cpu")) == \
+        (["eager"], {"reduce-overhead": "CUDA graphs need a CUDA device"})
+    assert model_measure.resolve_modes(["compile", "reduce-overhead"], torch.device("cuda"))[0] == \
+        ["compile", "reduce-overhead"]
+    with pytest.raises(ValueError, match="--modes"):
+        model_measure.resolve_modes(["jit"], torch.device("cpu"))
+    assert bench_model.parse_args(["--device", "cpu"]).modes == ["eager"]
+    with pytest.raises(SystemExit):
+        bench_model.parse_args(["--device", "cpu", "--modes", "eager,fast"])
+
+    def t(ms):
+        return {"median": ms}
+    rows = [{"backend": "reference", "mode": "eager", "train_step_ms": t(80.0), "infer_ms": t(20.0)},
+            {"backend": "triton", "mode": "eager", "train_step_ms": t(40.0), "infer_ms": t(10.0)},
+            {"backend": "reference", "mode": "compile", "train_step_ms": t(50.0)},
+            {"backend": "triton", "mode": "compile", "train_step_ms": t(25.0)},
+            {"backend": "cpp", "mode": "compile", "check_passed": False, "logits_rel_err_vs_eager": 0.5}]
+    bench_model.add_speedups(rows)
+    assert rows[1]["train_speedup_vs_reference"] == pytest.approx(2.0)        # 80 / 40
+    assert rows[1]["infer_speedup_vs_reference"] == pytest.approx(2.0)        # 20 / 10
+    assert rows[1]["train_speedup_vs_best_reference"] == pytest.approx(1.25)  # compiled reference: 50 / 40
+    assert rows[3]["train_speedup_vs_reference"] == pytest.approx(2.0)        # 50 / 25, same mode
+    assert "train_speedup_vs_reference" not in rows[4]
+    for r in rows[:4]:
+        r.update(train_images_per_s=1.0, check_passed=True, compile_s=1.0, logits_rel_err_vs_eager=0.0)
+        if "infer_ms" in r:
+            r.update(infer_images_per_s=1.0, saved_bytes_per_image=2 ** 20, logits_rel_err_vs_reference=0.0)
+    table = report.format_model_table(rows, {"reduce-overhead": "CUDA graphs need a CUDA device"}, gpu=False)
+    line = next(x for x in table.splitlines() if x.startswith("triton") and "compile" in x)
+    assert "25.0" in line and "2.00" in line and "vs eager" in line
+    assert "cpp        compile         FAILED: logits rel err vs eager 5.0e-01" in table
+    assert "reduce-overhead not run" in table

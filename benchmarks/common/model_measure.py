@@ -1,7 +1,10 @@
 """Measurement of bench_model.py: which backends can run the model, and per backend the logits
 check against `reference`, the bytes saved for backward, a timed training step and a timed
-inference forward."""
+inference forward (eager), and a timed training step of the model under torch.compile
+(mode "compile": Inductor's default; "reduce-overhead": Inductor + CUDA graphs)."""
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import nn
@@ -38,17 +41,39 @@ def select_backends(requested, qs, window_size):
     return chosen, skipped
 
 
-def build(model_name, backend, device, seed, recompute_qkv=False):
-    """The same weights and the same RS-Win generator seed for every backend."""
+MODES = ("eager", "compile", "reduce-overhead")
+
+
+def resolve_modes(requested: list, device: torch.device) -> tuple[list, dict]:
+    """The modes to time on `device` in the order of MODES, and {mode: why not} for the others
+    requested: reduce-overhead records CUDA graphs, which need a CUDA device."""
+    unknown = [m for m in requested if m not in MODES]
+    if unknown:
+        raise ValueError(f"--modes: unknown mode(s) {', '.join(unknown)}; expected some of {', '.join(MODES)}")
+    chosen, skipped = [], {}
+    for mode in MODES:
+        if mode not in requested:
+            continue
+        if mode == "reduce-overhead" and device.type != "cuda":
+            skipped[mode] = "CUDA graphs need a CUDA device"
+        else:
+            chosen.append(mode)
+    return chosen, skipped
+
+
+def build(model_name, backend, device, seed, recompute_qkv=False, seeded_generator=True):
+    """The same weights for every backend, and RS-Win draws from a generator seeded alike, or
+    (seeded_generator=False, for torch.compile, which cannot trace a draw from an explicit
+    generator) from torch's global RNG."""
     torch.manual_seed(seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed) if seeded_generator else None
     model_fn = {"tiny": rsir_tiny, "base": rsir_base}[model_name]
     return model_fn(backend=backend, generator=generator, recompute_qkv=recompute_qkv).to(device), generator
 
 
 def bench_backend(name, args, device, dtype, images, labels, timer, progress) -> dict:
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
-    row = {"backend": name}
+    row = {"backend": name, "mode": "eager"}
     model, generator = build(args.model, name, device, args.seed, args.recompute_qkv)
     batch = images.shape[0]
 
@@ -63,11 +88,11 @@ def bench_backend(name, args, device, dtype, images, labels, timer, progress) ->
         generator.manual_seed(args.seed + 1)
         for m in attention:
             m.backend = "reference"
-            m.token_order = (lambda x, h, w, m=m, f=m.token_order: orders[id(m)].append(f(x, h, w)) or orders[id(m)][-1])
+            m.token_order = (lambda *a, m=m, f=m.token_order: orders[id(m)].append(f(*a)) or orders[id(m)][-1])
         expected = model(images).float()
         for m in attention:
             m.backend = name
-            m.token_order = (lambda x, h, w, it=iter(orders[id(m)]): next(it))
+            m.token_order = (lambda *a, it=iter(orders[id(m)]): next(it))
         logits = model(images).float()
     for m in attention:
         del m.token_order  # back to the method: fresh orders at every forward
@@ -119,4 +144,51 @@ def bench_backend(name, args, device, dtype, images, labels, timer, progress) ->
     row["infer_ms"] = measure.summarize(timer(infer))
     row["infer_images_per_s"] = batch / (row["infer_ms"]["median"] / 1e3)
     progress.step(f"{name} infer")
+    return row
+
+
+def bench_compiled(name, mode, args, device, dtype, images, labels, timer) -> dict:
+    """A training step of torch.compile(model, mode=None or "reduce-overhead") with backend
+    `name`: checked, then timed as in bench_backend. Call with
+    torch._inductor.config.fallback_random = True (bench_model.py sets it), so that compiled
+    RS-Win draws equal eager ones.
+
+    The check: the logits of the first compiled training step against the eager model's on
+    the same weights and the same draws, as a relative Frobenius norm (a few near-tied IR-Win
+    tokens that rounding orders differently would move a max-norm check, not this one):
+    within 1e-3 in fp32, 5e-2 under bf16/fp16 autocast. The first step's time (compilation
+    included) is compile_s."""
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
+    row = {"backend": name, "mode": mode}
+    model, _ = build(args.model, name, device, args.seed, args.recompute_qkv, seeded_generator=False)
+    model.train()
+    compiled = torch.compile(model, mode=None if mode == "compile" else mode)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        with autocast:
+            logits = compiled(images)
+            loss = nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return logits
+
+    with torch.no_grad(), autocast:
+        torch.manual_seed(args.seed + 1)
+        expected = model(images).float()
+    torch.manual_seed(args.seed + 1)
+    t0 = time.perf_counter()
+    logits = train_step().detach().float()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    row["compile_s"] = time.perf_counter() - t0
+    err = float((logits - expected).norm() / expected.norm().clamp_min(1e-30))
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+    row["logits_rel_err_vs_eager"] = err
+    row["check_passed"] = bool(err <= tol and torch.isfinite(logits).all())
+    if not row["check_passed"]:
+        return row
+    row["train_step_ms"] = measure.summarize(timer(train_step))
+    row["train_images_per_s"] = images.shape[0] / (row["train_step_ms"]["median"] / 1e3)
     return row

@@ -40,7 +40,13 @@ MODEL_DEFINITIONS = {"saved_bytes_per_image": "unique storages saved for backwar
                      "saved_bytes_total": "the same with parameters and images, for the whole batch",
                      "train_step": "forward + cross-entropy + backward + AdamW step + zero_grad",
                      "infer": "forward under inference_mode, eval()",
-                     "speedup_vs_reference": "reference median / backend median"}
+                     "speedup_vs_reference": "reference median / backend median, same mode",
+                     "speedup_vs_best_reference": "the fastest reference training step of any mode / backend median",
+                     "mode": "eager; compile: torch.compile(model); reduce-overhead: torch.compile(model, "
+                             "mode='reduce-overhead') (CUDA graphs); compiled modes time the training step only",
+                     "compile_s": "the first compiled training step, compilation included",
+                     "logits_rel_err_vs_eager": "compiled rows: ||compiled - eager|| / ||eager|| of the first "
+                                                "step's logits, same weights and RS-Win draws"}
 
 
 def args_record(args) -> dict:
@@ -184,21 +190,33 @@ def model_output_stem(device: torch.device, dtype_name: str, model: str) -> str:
 
 
 def format_model_table(rows: list, skipped: dict, gpu: bool) -> str:
-    """The table bench_model.py prints (a blank line first, no trailing newline)."""
-    head = f"{'backend':<10} {'train ms':>9} {'img/s':>8} {'x ref':>6} {'infer ms':>9} {'img/s':>8} {'x ref':>6} " \
-           f"{'saved MB/img':>12}" + (f" {'peak MB':>8}" if gpu else "") + "  check"
+    """The table bench_model.py prints (a blank line first, no trailing newline): one line per
+    (backend, mode); compiled modes time the training step only."""
+    head = f"{'backend':<10} {'mode':<15} {'train ms':>9} {'img/s':>8} {'x ref':>6} {'x best ref':>10} " \
+           f"{'infer ms':>9} {'img/s':>8} {'x ref':>6} {'saved MB/img':>12}" + (f" {'peak MB':>8}" if gpu else "") + "  check"
     lines = ["", head, "-" * len(head)]
     for r in rows:
+        mode = r.get("mode", "eager")
         if "train_step_ms" not in r:
-            lines.append(f"{r['backend']:<10} FAILED: {r.get('error', '')}")
+            why = r.get("error") or (f"logits rel err vs eager {r['logits_rel_err_vs_eager']:.1e}"
+                                     if "logits_rel_err_vs_eager" in r else "")
+            lines.append(f"{r['backend']:<10} {mode:<15} FAILED: {why}")
             continue
-        line = (f"{r['backend']:<10} {r['train_step_ms']['median']:9.1f} {r['train_images_per_s']:8.1f} "
-                f"{r.get('train_speedup_vs_reference', float('nan')):6.2f} {r['infer_ms']['median']:9.1f} "
-                f"{r['infer_images_per_s']:8.1f} {r.get('infer_speedup_vs_reference', float('nan')):6.2f} "
-                f"{r['saved_bytes_per_image'] / 2 ** 20:12.1f}")
+        line = (f"{r['backend']:<10} {mode:<15} {r['train_step_ms']['median']:9.1f} {r['train_images_per_s']:8.1f} "
+                f"{_fmt(r.get('train_speedup_vs_reference')):>6} {_fmt(r.get('train_speedup_vs_best_reference')):>10} ")
+        if "infer_ms" in r:
+            line += (f"{r['infer_ms']['median']:9.1f} {r['infer_images_per_s']:8.1f} "
+                     f"{_fmt(r.get('infer_speedup_vs_reference')):>6} {r['saved_bytes_per_image'] / 2 ** 20:12.1f}")
+        else:
+            line += f"{'-':>9} {'-':>8} {'-':>6} {'-':>12}"
         if gpu:
-            line += f" {r.get('train_peak_above_start_bytes', 0) / 2 ** 20:8.0f}"
-        line += f"  {'ok' if r['check_passed'] else 'FAILED'} (logits rel err {r['logits_rel_err_vs_reference']:.1e})"
+            peak = r.get("train_peak_above_start_bytes")
+            line += f" {_fmt(peak / 2 ** 20 if peak else None, '.0f'):>8}"
+        if "logits_rel_err_vs_reference" in r:
+            line += f"  {'ok' if r['check_passed'] else 'FAILED'} (logits rel err {r['logits_rel_err_vs_reference']:.1e})"
+        else:
+            line += (f"  {'ok' if r['check_passed'] else 'FAILED'} (vs eager {r['logits_rel_err_vs_eager']:.1e}; "
+                     f"first step {r['compile_s']:.0f} s)")
         lines.append(line)
     for name, why in skipped.items():
         lines.append(f"    {name} not run: {why}")
