@@ -30,8 +30,10 @@ ctest:
 	cmake --build build/cmake -j2
 	ctest --test-dir build/cmake --output-on-failure
 
+# pytest-xdist: JOBS workers (every test is independent; the GPU tests share the one device)
+JOBS ?= 2
 test: env ext ctest
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -q -n $(JOBS)
 
 bench: env ext
 	$(PYTHON) benchmarks/bench_attn.py
