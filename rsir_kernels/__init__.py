@@ -4,12 +4,14 @@
     out = rk.window_attention(q, k, v, index, window_size=49)   # q, k, v (B, L, H, D)
     index = rk.rs_index(B, 56, 56, 7, groups=1)                  # RS-Win order (B, 1, L)
     attn = rk.RSIRAttention(dim=64, num_heads=4)                 # drop-in module
-    model = rk.models.rsir_tiny()
+    model = rk.models.rsir_tiny()                                # or timm.create_model("rsir_tiny")
 """
 from .ops import available_backends, window_attention, window_attention_qkvpacked
 from .samplers import ir_index, rs_index, window_order
 from .modules import RSIRAttention, RSIRBlock
 from . import models
+
+models.timm_registry.register_when_timm_imported()  # timm.create_model("rsir_tiny"), timm optional
 
 __version__ = "0.1.0"
 

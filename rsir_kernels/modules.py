@@ -8,7 +8,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .ops import window_attention_qkvpacked
-from .samplers import ir_index, rs_index
+from .samplers import fixed_rs_index, ir_index, rs_index
+
+RS_EVAL_MODES = ("fixed", "random")
 
 
 class RSIRAttention(nn.Module):
@@ -18,13 +20,20 @@ class RSIRAttention(nn.Module):
     others in important-region windows (IR-Win, Algorithm 2: tokens sorted by the channel
     mean of this module's input); windows are window_size x window_size tokens.
 
-    RS-Win draws a fresh permutation at every forward, in training and in eval alike (the
-    paper's Algorithm 1 has no eval branch). Pass a seeded `generator` (on any device) to
-    make the draws reproducible: two modules with equal weights and equally seeded
-    generators give equal outputs, call after call. torch.compile cannot trace a draw from an
-    explicit generator (fullgraph=True then fails): to compile, leave `generator=None` and
-    seed torch's global RNG (torch._inductor.config.fallback_random = True makes compiled
-    draws equal eager ones).
+    In training, RS-Win draws a fresh uniform permutation per image at every forward
+    (Algorithm 1). In eval mode, by default (rs_eval="fixed"), it uses one fixed permutation
+    per resolution, derived from `seed` (samplers.fixed_rs_index): the same for every image
+    of a batch and on every device, so an image's output depends on that image alone, call
+    after call. The orders are cached per (seed, H, W, device) in eager mode (not in the
+    state dict); under torch.compile / torch.export they are computed in the graph, equal to
+    the cached ones. rs_eval="random" keeps fresh draws in eval (the paper's Algorithm 1 has
+    no eval branch).
+
+    Pass a seeded `generator` (on any device) to make the random draws reproducible: two
+    modules with equal weights and equally seeded generators give equal outputs, call after
+    call. torch.compile cannot trace a draw from an explicit generator (fullgraph=True then
+    fails): to compile training, leave `generator=None` and seed torch's global RNG
+    (torch._inductor.config.fallback_random = True makes compiled draws equal eager ones).
 
     Args:
         dim: channels C; num_heads: heads K (C % K == 0).
@@ -37,16 +46,24 @@ class RSIRAttention(nn.Module):
             the packed qkv and the log-sum-exp, most of what the module keeps, are not saved,
             for one more projection and attention forward per backward. Gradients are the
             same bits.
+        rs_eval: "fixed" (default) or "random": RS-Win's order in eval mode, see above.
+        seed: the int the fixed eval order derives from (models give each layer its own).
     Shapes:
         forward(x) with x (B, H, W, C), or forward(x, hw=(H, W)) with x (B, H*W, C);
-        returns x's shape.
+        returns x's shape. forward(..., rs_order=o) uses o (B or 1, 1, H*W) as the RS-Win
+        order instead of drawing one (see rs_order(); activation checkpointing passes the
+        order it drew so that the recomputation uses the same windows).
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, rs_heads: Optional[int] = None,
                  backend: str = "auto", generator: Optional[torch.Generator] = None,
-                 recompute_qkv: bool = False):
+                 recompute_qkv: bool = False, rs_eval: str = "fixed", seed: int = 0):
         super().__init__()
+        if rs_eval not in RS_EVAL_MODES:
+            raise ValueError(f"rs_eval must be one of {RS_EVAL_MODES}, got {rs_eval!r}")
+        if not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         rs_heads = num_heads // 2 if rs_heads is None else rs_heads
@@ -58,7 +75,8 @@ class RSIRAttention(nn.Module):
             raise ValueError(f"attn_drop must be 0.0: the fused kernels have no attention dropout, got {attn_drop}")
         self.dim, self.num_heads, self.rs_heads = dim, num_heads, rs_heads
         self.window_size, self.backend, self.generator = window_size, backend, generator
-        self.recompute_qkv = recompute_qkv
+        self.recompute_qkv, self.rs_eval, self.seed = recompute_qkv, rs_eval, seed
+        self._fixed_orders: dict = {}  # (seed, H, W, device) -> (1, 1, L); eager mode only
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -66,15 +84,33 @@ class RSIRAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, rs_heads={self.rs_heads}, "
                 f"window_size={self.window_size}, backend={self.backend!r}"
-                + (", recompute_qkv=True" if self.recompute_qkv else ""))
+                + (", recompute_qkv=True" if self.recompute_qkv else "")
+                + f", rs_eval={self.rs_eval!r}, seed={self.seed}")
 
-    def token_order(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def rs_order(self, batch: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """The RS-Win order this forward would use: a fresh draw (batch, 1, L) in training or
+        with rs_eval="random", the fixed eval order (1, 1, L) otherwise."""
+        if self.training or self.rs_eval == "random":
+            return rs_index(batch, height, width, self.window_size, generator=self.generator,
+                            device=device)
+        if torch.compiler.is_compiling():  # a graph computes it: no Python-side cache to guard on
+            return fixed_rs_index(height, width, self.window_size, self.seed, device)
+        key = (self.seed, height, width, torch.device(device))
+        order = self._fixed_orders.get(key)
+        if order is None:
+            order = self._fixed_orders[key] = fixed_rs_index(height, width, self.window_size,
+                                                             self.seed, device)
+        return order
+
+    def token_order(self, x: torch.Tensor, height: int, width: int,
+                    rs_order: Optional[torch.Tensor] = None) -> torch.Tensor:
         """index (B, G, L) for window_attention: G = 1 or 2, or G = K for an uneven split."""
         batch, ir_heads = x.shape[0], self.num_heads - self.rs_heads
         orders, counts = [], []
         if self.rs_heads:
-            orders.append(rs_index(batch, height, width, self.window_size,
-                                   generator=self.generator, device=x.device))
+            if rs_order is None:
+                rs_order = self.rs_order(batch, height, width, x.device)
+            orders.append(rs_order.expand(batch, 1, height * width))
             counts.append(self.rs_heads)
         if ir_heads:
             orders.append(ir_index(x, height, width, self.window_size))
@@ -83,7 +119,8 @@ class RSIRAttention(nn.Module):
             orders = [o.expand(batch, c, -1) for o, c in zip(orders, counts)]
         return torch.cat(orders, dim=1)
 
-    def forward(self, x: torch.Tensor, hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: Optional[tuple[int, int]] = None,
+                rs_order: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() == 4:
             batch, height, width, channels = x.shape
         elif x.dim() == 3 and hw is not None:
@@ -96,7 +133,7 @@ class RSIRAttention(nn.Module):
         if channels != self.dim:
             raise ValueError(f"x has {channels} channels, the module expects dim={self.dim}")
         tokens = x.reshape(batch, height * width, channels)
-        index = self.token_order(tokens, height, width)  # drawn once: a recompute reuses it
+        index = self.token_order(tokens, height, width, rs_order)  # drawn once: a recompute reuses it
         if self.recompute_qkv and torch.is_grad_enabled():
             out = torch.utils.checkpoint.checkpoint(self._attend, tokens, index, use_reentrant=False)
         else:
@@ -129,25 +166,26 @@ class RSIRBlock(nn.Module):
     """X^ = RSIR-Win(LN(X)) + X; X' = MLP(LN(X^)) + X^ (Eq. 3), after a depthwise 3x3
     convolutional position encoding X = X + DWConv(X) (the windows carry no position).
 
-    x: (B, H, W, C) channels-last -> same shape. `backend`, `generator` and `recompute_qkv`
-    go to RSIRAttention.
+    x: (B, H, W, C) channels-last -> same shape. `backend`, `generator`, `recompute_qkv`,
+    `rs_eval` and `seed` go to RSIRAttention, and so does forward's `rs_order`.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_path: float = 0.0, rs_heads: Optional[int] = None,
                  backend: str = "auto", generator: Optional[torch.Generator] = None,
-                 recompute_qkv: bool = False):
+                 recompute_qkv: bool = False, rs_eval: str = "fixed", seed: int = 0):
         super().__init__()
         self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = RSIRAttention(dim, num_heads, window_size, qkv_bias, rs_heads=rs_heads,
-                                  backend=backend, generator=generator, recompute_qkv=recompute_qkv)
+                                  backend=backend, generator=generator, recompute_qkv=recompute_qkv,
+                                  rs_eval=rs_eval, seed=seed)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rs_order: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x), rs_order=rs_order))
         return x + self.drop_path(self.mlp(self.norm2(x)))

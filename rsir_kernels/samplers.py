@@ -41,10 +41,49 @@ def rs_index(batch: int, height: int, width: int, window: int, *, groups: int = 
     Algorithm 1: argsort of uniform noise. With `generator` the draw is reproducible; the
     noise is drawn on the generator's device and moved to `device` (default: the generator's).
     """
-    noise_device = generator.device if generator is not None else device
-    noise = torch.rand(batch, groups, height * width, generator=generator, device=noise_device)
+    if generator is None:  # no generator keyword at all: torch.rand(..., generator=None) rejects
+        # symbolic sizes under torch.compile with dynamic shapes
+        noise = torch.rand(batch, groups, height * width, device=device)
+    else:
+        noise = torch.rand(batch, groups, height * width, generator=generator, device=generator.device)
     ids_shuffle = noise.argsort(dim=-1)
     return window_order(ids_shuffle, height, width, window).to(device or noise.device)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(h):
+    """A bijection of [0, 2^32) that scrambles bits (a xorshift-multiply finaliser), on a Python
+    int or an int64 tensor alike. The multipliers are odd and below 2^31, so products stay
+    below 2^63: no int64 overflow on any device or compiler, hence equal results everywhere."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x2C1B3C6D) & _MASK32
+    return h ^ (h >> 16)
+
+
+def layer_seed(model_seed: int, position: int) -> int:
+    """A distinct 32-bit seed for the layer at `position` of a model seeded with `model_seed`."""
+    return _mix32((_mix32(model_seed & _MASK32) + position) & _MASK32)
+
+
+def fixed_rs_index(height: int, width: int, window: int, seed: int,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """A fixed RS-Win order for eval: one pseudo-random permutation per (seed, height, width),
+    laid out as window_order lays out a draw -> (1, 1, L) int64.
+
+    The permutation is argsort of an integer hash of (seed, token position): the keys are
+    distinct (the hash is a bijection) and computed exactly, so the order is the same on every
+    device, in eager mode, under torch.compile (dynamic shapes included) and torch.export,
+    with no random-number generator involved.
+    """
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    position = torch.arange(height * width, device=device, dtype=torch.int64)
+    keys = _mix32((position + _mix32(seed & _MASK32)) & _MASK32)
+    return window_order(keys.argsort(dim=-1), height, width, window)[None, None]
 
 
 def ir_index(x: torch.Tensor, height: int, width: int, window: int) -> torch.Tensor:

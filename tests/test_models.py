@@ -14,9 +14,10 @@ def test_output_and_feature_shapes(size):
     model = _tiny(num_classes=10).eval()
     images = torch.randn(2, 3, *size)
     assert model(images).shape == (2, 10)
-    maps = model.forward_features(images)
+    maps = model.forward_intermediates(images, intermediates_only=True)
     for i, m in enumerate(maps):
         assert m.shape == (2, 64 * 2 ** i, size[0] // (4 * 2 ** i), size[1] // (4 * 2 ** i))
+    assert model.forward_features(images).shape == (2, size[0] // 32, size[1] // 32, 512)
     assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 32]
 
 

@@ -14,9 +14,13 @@ class RSIRConfig:
     qkv_bias: bool = True
     drop_path_rate: float = 0.0              # stochastic depth, linear over the blocks
     in_chans: int = 3
-    num_classes: int = 1000                  # 0: no head, forward returns pooled features
+    num_classes: int = 1000                  # 0: no classifier, forward returns pooled features
+    global_pool: str = "avg"                 # "avg", or "": no pooling (forward returns the map)
+    drop_rate: float = 0.0                   # dropout before the classifier
     backend: str = "auto"                    # window_attention backend
     recompute_qkv: bool = False              # RSIRAttention(recompute_qkv=...): less memory, more compute
+    rs_eval: str = "fixed"                   # RS-Win in eval: "fixed" orders, or "random" draws
+    rs_seed: int = 0                         # the fixed eval orders derive from it, per layer
 
     def stage_dims(self) -> list[int]:
         return [self.embed_dim * 2 ** i for i in range(len(self.depths))]
@@ -24,6 +28,8 @@ class RSIRConfig:
 
 RSIR_T = RSIRConfig()
 RSIR_B = RSIRConfig(embed_dim=96, depths=(2, 4, 24, 2), num_heads=(4, 8, 16, 32))
+# Not in the paper: a small variant for tests and demos.
+RSIR_MICRO = RSIRConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 8))
 
 # (parameters, multiply-adds at 224x224) as Tables 2 and 3 of the paper give them.
 PAPER_FIGURES = {"rsir_tiny": (22e6, 5.0e9), "rsir_base": (85e6, 16.3e9)}

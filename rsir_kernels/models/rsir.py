@@ -1,20 +1,61 @@
 """The RSIR Transformer backbone (section 3.5, Figure 4): four stages of RSIR blocks.
 
 Stage i works at 1/(4 * 2^i) of the input resolution with embed_dim * 2^i channels. A
-patch-merging layer opens each stage: a 7x7 stride-4 convolution for stage 1, a 3x3
-stride-2 convolution between stages (both followed by LayerNorm, as in CSWin, whose
-configuration Table 2 follows). Global average pooling and a linear head classify.
+patch-merging layer opens each stage: a 7x7 stride-4 convolution for stage 1 (the stem), a
+3x3 stride-2 convolution between stages (both followed by LayerNorm, as in CSWin, whose
+configuration Table 2 follows). A final LayerNorm, global average pooling and a linear head
+classify (CSWin's order: norm, then pool).
+
+The model follows timm's model API (the meanings of timm's Swin and MaxViT): forward_features
+returns the last stage's unpooled map, forward_head pools and classifies, forward_intermediates
+returns the stage maps; see RSIRTransformer.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
+import torch.fx
+import torch.utils.checkpoint
 from torch import nn
 
 from ..modules import RSIRBlock
-from .config import RSIR_B, RSIR_T, RSIRConfig
+from ..samplers import layer_seed
+from .config import RSIR_B, RSIR_MICRO, RSIR_T, RSIRConfig
+
+GLOBAL_POOLS = ("avg", "")
+OUTPUT_FORMATS = ("NCHW", "NHWC")
+PAPER_ID = "arXiv:2304.06250"
+
+
+def default_cfg(**overrides) -> dict:
+    """timm's pretrained_cfg fields for an RSIR model (no weights exist: no url/file/hub id).
+    Data settings are Swin's and CSWin's ImageNet ones, which the paper's training follows."""
+    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+            "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
+            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "first_conv": "stem.conv", "classifier": "head.fc", "license": None,
+            "paper_ids": PAPER_ID, "origin_url": "https://arxiv.org/abs/2304.06250",
+            "paper_name": "RSIR Transformer: Hierarchical Vision Transformer using Random "
+                          "Sampling Windows and Important Region Windows", **overrides}
+
+
+def feature_take_indices(num_stages: int, indices: Union[None, int, Sequence[int]]) -> tuple[list[int], int]:
+    """timm's meaning of `indices`: None -> all stages, an int n -> the last n, a sequence ->
+    those (negative ones count from the end). Returns (sorted absolute indices, the largest)."""
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices={indices} (the last n stages) must be in 1..{num_stages}")
+        take = list(range(num_stages - indices, num_stages))
+    else:
+        take = sorted(num_stages + i if i < 0 else i for i in indices)
+        if not take or take[0] < 0 or take[-1] >= num_stages:
+            raise ValueError(f"indices={tuple(indices)} must name stages in "
+                             f"{-num_stages}..{num_stages - 1}")
+    return take, take[-1]
 
 
 class PatchMerging(nn.Module):
@@ -32,57 +73,210 @@ class PatchMerging(nn.Module):
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 
+class RSIRStage(nn.Module):
+    """downsample (a stride-2 PatchMerging; Identity for stage 1, after the stem) then RSIR
+    blocks: (B, H, W, Cin) -> (B, H', W', dim), channels last.
+
+    With grad_checkpointing each block is recomputed in the backward; its RS-Win order is drawn
+    before the checkpoint and passed in, so the recomputation sees the same windows (a
+    generator's state is not restored by torch.utils.checkpoint).
+    """
+
+    def __init__(self, in_dim: Optional[int], dim: int, depth: int, num_heads: int, config: RSIRConfig,
+                 drop_path: Sequence[float], seeds: Sequence[int],
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.downsample = nn.Identity() if in_dim is None else PatchMerging(in_dim, dim, 3, 2)
+        self.blocks = nn.Sequential(*(
+            RSIRBlock(dim, num_heads, config.window_size, config.mlp_ratio, config.qkv_bias,
+                      drop_path=drop_path[j], backend=config.backend, generator=generator,
+                      recompute_qkv=config.recompute_qkv, rs_eval=config.rs_eval, seed=seeds[j])
+            for j in range(depth)))
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.blocks(x)
+        batch, height, width, _ = x.shape
+        for block in self.blocks:
+            order = block.attn.rs_order(batch, height, width, x.device) if block.attn.rs_heads else None
+            x = torch.utils.checkpoint.checkpoint(block, x, order, use_reentrant=False)
+        return x
+
+
+class ClassifierHead(nn.Module):
+    """(B, H, W, C) -> global average pool -> dropout -> linear: (B, num_classes).
+
+    global_pool="" skips the pooling ((B, H, W, num_classes) out); num_classes=0 has no linear
+    layer (features out).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, global_pool: str = "avg", drop_rate: float = 0.0):
+        super().__init__()
+        self.in_features = in_features
+        self.drop = nn.Dropout(drop_rate)
+        self.reset(num_classes, global_pool)
+
+    def reset(self, num_classes: int, global_pool: Optional[str] = None):
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.fc = nn.Linear(self.in_features, num_classes) if num_classes else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+
 class RSIRTransformer(nn.Module):
     """forward(images (B, in_chans, H, W)) -> logits (B, num_classes); H and W divisible by 32.
 
-    forward_features returns the four stage maps (B, C_i, H / 2^(i+2), W / 2^(i+2)) for
-    dense tasks (detection, segmentation).
+    timm's model API: forward_features(images) -> (B, H/32, W/32, num_features), the last
+    stage's unpooled map after the final norm, channels last (output_fmt "NHWC", as timm's
+    Swin); forward_head(map, pre_logits=False) -> logits, or the pooled (B, head_hidden_size)
+    features with pre_logits; forward_intermediates(images, indices) -> the stage maps
+    (B, C_i, H / 2^(i+2), W / 2^(i+2)) for dense tasks; feature_info, get_classifier,
+    reset_classifier, set_grad_checkpointing, no_weight_decay, group_matcher,
+    prune_intermediate_layers.
+
+    Args:
+        config: the RSIRConfig; keyword overrides replace its fields
+            (RSIRTransformer(RSIR_T, num_classes=10) == RSIRTransformer(replace(RSIR_T, num_classes=10))).
+        generator: seeds RS-Win's training draws (RSIRAttention's `generator`).
+    Eval mode uses each layer's fixed RS-Win order, derived from config.rs_seed and the layer's
+    position (RSIRAttention's rs_eval="fixed"), unless config.rs_eval == "random".
     """
 
-    def __init__(self, config: RSIRConfig = RSIR_T, generator: Optional[torch.Generator] = None):
+    output_fmt = "NHWC"
+
+    def __init__(self, config: RSIRConfig = RSIR_T, generator: Optional[torch.Generator] = None,
+                 **overrides):
         super().__init__()
+        config = dataclasses.replace(config, **overrides) if overrides else config
+        if config.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {config.global_pool!r}")
+        if len(config.depths) != len(config.num_heads):
+            raise ValueError(f"depths {config.depths} and num_heads {config.num_heads} must have one "
+                             "entry per stage")
         self.config = config
         dims = config.stage_dims()
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
-        self.merges = nn.ModuleList([PatchMerging(config.in_chans, dims[0], 7, 4, channels_last=False)]
-                                    + [PatchMerging(a, b, 3, 2) for a, b in zip(dims, dims[1:])])
-        self.stages = nn.ModuleList()
+        blocks = sum(config.depths)
+        # stochastic depth linear over the blocks; plain floats so that a meta-device build works
+        rates = [config.drop_path_rate * i / max(blocks - 1, 1) for i in range(blocks)]
+        self.stem = PatchMerging(config.in_chans, dims[0], 7, 4, channels_last=False)
+        stages, first = [], 0
         for i, (dim, depth, heads) in enumerate(zip(dims, config.depths, config.num_heads)):
-            first = sum(config.depths[:i])
-            self.stages.append(nn.Sequential(*(
-                RSIRBlock(dim, heads, config.window_size, config.mlp_ratio, config.qkv_bias,
-                          drop_path=rates[first + j], backend=config.backend, generator=generator,
-                          recompute_qkv=config.recompute_qkv)
-                for j in range(depth))))
+            positions = range(first, first + depth)
+            stages.append(RSIRStage(dims[i - 1] if i else None, dim, depth, heads, config,
+                                    rates[first:first + depth],
+                                    [layer_seed(config.rs_seed, p) for p in positions], generator))
+            first += depth
+        self.stages = nn.Sequential(*stages)
+        self.num_classes = config.num_classes
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.feature_info = [{"num_chs": d, "reduction": 4 * 2 ** i, "module": f"stages.{i}"}
+                             for i, d in enumerate(dims)]
         self.norm = nn.LayerNorm(dims[-1])
-        self.head = nn.Linear(dims[-1], config.num_classes) if config.num_classes else nn.Identity()
+        self.head = ClassifierHead(dims[-1], config.num_classes, config.global_pool, config.drop_rate)
+        self.pretrained_cfg = self.default_cfg = default_cfg(num_classes=config.num_classes)
         self.apply(_init_weights)
 
-    @property
-    def feature_info(self) -> list[dict]:
-        return [{"num_chs": d, "reduction": 4 * 2 ** i, "module": f"stages.{i}"}
-                for i, d in enumerate(self.config.stage_dims())]
+    @torch.no_grad()
+    def init_weights(self):
+        """(Re)initialises every parameter: each layer's own reset, then truncated-normal linear
+        weights. Use after a meta-device build and to_empty()."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self.apply(_init_weights)
 
     def _check_size(self, images):
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # shapes are proxies there
+            return
         if images.dim() != 4 or images.shape[1] != self.config.in_chans:
             raise ValueError(f"images must be (B, {self.config.in_chans}, H, W), got {tuple(images.shape)}")
         if images.shape[2] % 32 or images.shape[3] % 32:
             raise ValueError(f"image height and width must be divisible by 32, got {tuple(images.shape[2:])}")
 
-    def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, H/32, W/32, num_features): normed, unpooled."""
         self._check_size(images)
-        x, maps = images, []
-        for merge, stage in zip(self.merges, self.stages):
-            x = stage(merge(x))
-            maps.append(x.permute(0, 3, 1, 2))
-        return maps
+        return self.norm(self.stages(self.stem(images)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """forward_features' map -> logits, or the pooled features with pre_logits."""
+        return self.head(x, pre_logits=pre_logits)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    def forward_intermediates(self, images: torch.Tensor, indices: Union[None, int, Sequence[int]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """The stage maps named by `indices` (None: all; n: the last n; or a list), each
+        (B, C_i, H / 2^(i+2), W / 2^(i+2)) in NCHW, or channels last with output_fmt="NHWC".
+        norm=True applies the final norm to the last stage's map. Returns the list with
+        intermediates_only, else (forward_features' output, the list)."""
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")
         self._check_size(images)
-        x = images
-        for merge, stage in zip(self.merges, self.stages):
-            x = stage(merge(x))
-        return self.head(self.norm(x.mean(dim=(1, 2))))
+        take, last = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:last + 1] if stop_early or intermediates_only else self.stages
+        x, intermediates = self.stem(images), []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                out = self.norm(x) if norm and i == len(self.stages) - 1 else x
+                intermediates.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[None, int, Sequence[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drops the stages after the last one `indices` names (and the norm / head if asked)."""
+        take, last = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        """A fresh classifier for num_classes (0: none); global_pool "avg" or "" (no pooling)."""
+        self.head.reset(num_classes, global_pool)
+        self.num_classes = num_classes
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each block in the backward (the same outputs and gradients, less memory)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters to train without weight decay: norms, biases and the
+        convolutional position encodings (cpe)."""
+        return {name for name, p in self.named_parameters() if p.ndim <= 1 or ".cpe." in name}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth for layer-wise learning-rate decay (timm's convention)."""
+        return {"stem": r"^stem",
+                "blocks": r"^stages\.(\d+)" if coarse else [
+                    (r"^stages\.(\d+)\.downsample", (0,)),
+                    (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                    (r"^norm", (99999,))]}
 
 
 def _init_weights(m):
@@ -92,14 +286,25 @@ def _init_weights(m):
             nn.init.zeros_(m.bias)
 
 
+def _build(config: RSIRConfig, name: str, overrides: dict) -> RSIRTransformer:
+    generator = overrides.pop("generator", None)
+    model = RSIRTransformer(config, generator, **overrides)
+    model.pretrained_cfg = model.default_cfg = default_cfg(architecture=name, num_classes=model.num_classes)
+    return model
+
+
 def rsir_tiny(**overrides) -> RSIRTransformer:
     """RSIR-T: 64 channels, depths 2, 2, 16, 2, heads 4, 4, 8, 16 (Table 2).
     Keyword arguments override RSIRConfig fields; `generator` seeds RS-Win."""
-    generator = overrides.pop("generator", None)
-    return RSIRTransformer(dataclasses.replace(RSIR_T, **overrides), generator)
+    return _build(RSIR_T, "rsir_tiny", overrides)
 
 
 def rsir_base(**overrides) -> RSIRTransformer:
     """RSIR-B: 96 channels, depths 2, 4, 24, 2, heads 4, 8, 16, 32 (Table 2)."""
-    generator = overrides.pop("generator", None)
-    return RSIRTransformer(dataclasses.replace(RSIR_B, **overrides), generator)
+    return _build(RSIR_B, "rsir_base", overrides)
+
+
+def rsir_micro(**overrides) -> RSIRTransformer:
+    """A small variant for tests and demos (not in the paper): 32 channels, depths 1, 1, 2, 1,
+    heads 2, 2, 4, 8."""
+    return _build(RSIR_MICRO, "rsir_micro", overrides)

@@ -1,0 +1,119 @@
+"""rsir_micro, rsir_tiny and rsir_base in timm's model registry (timm >= 1.0, optional).
+
+`import rsir_kernels` calls register_when_timm_imported(): it registers at once when timm is
+already imported, else when timm is first imported (an import hook), so that importing
+rsir_kernels never imports timm itself (that would add seconds). register() does it now.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+
+from .config import RSIR_B, RSIR_MICRO, RSIR_T
+from .rsir import RSIRTransformer, default_cfg
+
+CONFIGS = {"rsir_micro": RSIR_MICRO, "rsir_tiny": RSIR_T, "rsir_base": RSIR_B}
+# the weight sources timm reads; none exists for RSIR
+_WEIGHT_SOURCES = ("url", "file", "state_dict", "hf_hub_id")
+
+default_cfgs: dict = {}  # timm's register_model reads the module's default_cfgs
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> RSIRTransformer:
+    from timm.models import build_model_with_cfg
+
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and not any(overlay.get(k) for k in _WEIGHT_SOURCES):
+        raise ValueError(f"pretrained=True: no pretrained weights exist for {variant}. Use "
+                         "pretrained=False, or name your own checkpoint with "
+                         "pretrained_cfg_overlay=dict(file='path/to/weights.pth').")
+    out_indices = kwargs.pop("out_indices", tuple(range(len(CONFIGS[variant].depths))))
+    return build_model_with_cfg(RSIRTransformer, variant, pretrained, config=CONFIGS[variant],
+                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+                                **kwargs)
+
+
+def rsir_micro(pretrained: bool = False, **kwargs) -> RSIRTransformer:
+    """A small RSIR for tests and demos: embed 32, depths 1, 1, 2, 1, heads 2, 2, 4, 8."""
+    return _create("rsir_micro", pretrained, **kwargs)
+
+
+def rsir_tiny(pretrained: bool = False, **kwargs) -> RSIRTransformer:
+    """RSIR-T (Table 2): embed 64, depths 2, 2, 16, 2, heads 4, 4, 8, 16."""
+    return _create("rsir_tiny", pretrained, **kwargs)
+
+
+def rsir_base(pretrained: bool = False, **kwargs) -> RSIRTransformer:
+    """RSIR-B (Table 2): embed 96, depths 2, 4, 24, 2, heads 4, 8, 16, 32."""
+    return _create("rsir_base", pretrained, **kwargs)
+
+
+_registered = False
+
+
+def register() -> bool:
+    """Registers the three models and marks RSIRAttention as a leaf for timm's FX feature
+    extraction (its token orders can't be traced symbolically). Imports timm. Returns False,
+    registering nothing, when timm is absent or older than 1.0."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        import timm
+        from timm.models import generate_default_cfgs, register_model, register_notrace_module
+    except ImportError:
+        return False
+    if int(timm.__version__.split(".")[0]) < 1:
+        return False
+    from ..modules import RSIRAttention
+
+    default_cfgs.update(generate_default_cfgs({name: default_cfg() for name in CONFIGS}))
+    for entrypoint in (rsir_micro, rsir_tiny, rsir_base):
+        register_model(entrypoint)
+    register_notrace_module(RSIRAttention)
+    _registered = True
+    return True
+
+
+class _RegisterAfterTimm(importlib.abc.Loader):
+    """Runs timm's own loader, then register()."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        register()
+
+
+class _TimmImportHook(importlib.abc.MetaPathFinder):
+    """Finds timm with the other finders, once, and wraps its loader."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "timm":
+            return None
+        _remove_hook()
+        spec = importlib.util.find_spec("timm")
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisterAfterTimm(spec.loader)
+        return spec
+
+
+def _remove_hook():
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _TimmImportHook)]
+
+
+def register_when_timm_imported() -> None:
+    """register() now if timm is imported, else when it is; nothing (and no warning) without timm."""
+    if "timm" in sys.modules:
+        if sys.modules["timm"] is not None:
+            register()
+        return
+    if importlib.util.find_spec("timm") is None:
+        return
+    _remove_hook()
+    sys.meta_path.insert(0, _TimmImportHook())
