@@ -100,7 +100,7 @@ setup(
     description="Fused RS-Win / IR-Win window attention kernels for the RSIR Transformer",
     packages=find_packages(include=["rsir_kernels", "rsir_kernels.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.11"],
     extras_require={"triton": ["triton>=3.6"], "timm": ["timm>=1.0", "torchvision"], "train": ["timm>=1.0", "torchvision", "scikit-learn", "tqdm", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_cls or _setuptools_build_ext},

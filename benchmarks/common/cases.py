@@ -1,5 +1,5 @@
 """What bench_attn.py times: the stage shapes, their random inputs, and the rows (backends of
-rsir_kernels and the baselines of DESIGN.md section 5) built on those inputs."""
+rsir_kernels and the baselines of docs/design.md section 5) built on those inputs."""
 from __future__ import annotations
 
 import dataclasses

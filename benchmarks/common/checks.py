@@ -1,5 +1,5 @@
 """Correctness of a row before it is timed: its output and gradients against
-rsir_kernels.reference (DESIGN.md section 4)."""
+rsir_kernels.reference (docs/design.md section 4)."""
 from __future__ import annotations
 
 import torch
@@ -18,7 +18,7 @@ def exact_reference(inp: Inputs, dtype, upcast=True):
 
 
 def check_row(row: Row, exact, low) -> dict:
-    """Output and leaf gradients of row vs the float64 reference (DESIGN.md section 4)."""
+    """Output and leaf gradients of row vs the float64 reference (docs/design.md section 4)."""
     try:
         with torch.enable_grad():
             out = row.fn(*row.leaves)

@@ -5,10 +5,10 @@
   tensor packed by torch.autograd.graph.saved_tensors_hooks during the forward. Views of
   one storage (q, k, v as views of a packed qkv, a tensor saved twice) count once; a view
   counts its whole storage, since that storage stays alive as long as the view does.
-- attention_io_bytes / bandwidth / copy_bytes: the roofline arithmetic of DESIGN.md
+- attention_io_bytes / bandwidth / copy_bytes: the roofline arithmetic of docs/design.md
   section 5: a fused window attention reads q, k, v once and writes out once.
 - summarize: median and spread of repeated timings.
-- check_close: the correctness rule of DESIGN.md section 4 (FlashAttention-style in
+- check_close: the correctness rule of docs/design.md section 4 (FlashAttention-style in
   fp16/bf16, relative error in fp32/fp64), applied to one tensor.
 """
 from __future__ import annotations
