@@ -42,7 +42,8 @@ bench-model: env ext
 	$(PYTHON) benchmarks/bench_model.py
 
 # On a lent GPU machine: build, the GPU test suite, compute-sanitizer, both benchmarks.
-OUT ?= benchmarks/results/gpu_check
+# OUT= overrides the script's default folder, benchmarks/results/<device>/
+OUT ?=
 gpu-check:
 	bash scripts/gpu_check.sh $(OUT)
 
@@ -51,3 +52,9 @@ summary: env
 
 clean:
 	rm -rf build rsir_kernels/*.so .pytest_cache
+
+# Property cases against the float64 reference at scale (scripts/fuzz.py): every backend,
+# every ISA build of the CPU core; prints a progress bar and the tag of any failing case.
+.PHONY: fuzz
+fuzz: env ext
+	$(PYTHON) scripts/fuzz.py --cases $(or $(N),1000)
