@@ -21,7 +21,6 @@ and as a key it takes no part in any softmax) nor stored.
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -129,21 +128,19 @@ def _fwd_packed(q, k, v, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr, ROWS
 
 
 @triton.jit
-def _bwd_packed(q, k, v, do, lse2, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr,
+def _bwd_packed(q, k, v, do, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr,
                 ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
-    """The backward of _fwd_packed: 2-D (dq, dk, dv) before the softmax scale of dq and dk.
-    delta = rowsum(P * dP) / rowsum(P) on chip, in fp32 (see _bwd_tile, WHOLE_ROWS)."""
+    """The backward of _fwd_packed: 2-D (dq, dk, dv) before the softmax scale of dq and dk
+    (P and dS from _softmax_grad, per window)."""
     q3 = tl.reshape(q, (WPP, NB, BLOCK_D))
     k3 = tl.reshape(k, (WPP, NB, BLOCK_D))
     v3 = tl.reshape(v, (WPP, NB, BLOCK_D))
     do3 = tl.reshape(do, (WPP, NB, BLOCK_D))
     ok3 = tl.reshape(ok, (WPP, NB))
-    lse3 = tl.reshape(lse2, (WPP, NB))
     s = _mm(q3, tl.permute(k3, (0, 2, 1)), DOT_PREC, BF16_FIX) * qk_scale
-    p = tl.where(ok3[:, :, None] & ok3[:, None, :], tl.exp2(s - lse3[:, :, None]), 0.0)
     dp = _mm(do3, tl.permute(v3, (0, 2, 1)), DOT_PREC, BF16_FIX)
-    delta3 = _rowsum_ratio(p * dp, p, 2)
-    ds = _cast(p * (dp - delta3[:, :, None]), q.dtype, BF16_FIX)
+    p, ds = _softmax_grad(s, dp, ok3[:, :, None] & ok3[:, None, :], 2)
+    ds = _cast(ds, q.dtype, BF16_FIX)
     p = _cast(p, q.dtype, BF16_FIX)
     dv = _mm(tl.permute(p, (0, 2, 1)), do3, DOT_PREC, BF16_FIX)
     dq = _mm(ds, k3, DOT_PREC, BF16_FIX)
@@ -225,55 +222,79 @@ def window_attn_fwd_kernel(
 
 @triton.jit
 def _rowsum_ratio(pdp, p, AXIS: tl.constexpr):
-    """delta = rowsum(P * dP) / rowsum(P): normalised by the recomputed P's row sum (1 up to
-    the rounding of lse), so that a large common part of dP (v with a large mean) cancels
-    exactly in dP - delta instead of leaving (rowsum(P) - 1) * dP. Empty rows give 0."""
+    """delta = rowsum(P * dP) / rowsum(P): normalised by P's row sum (1 up to rounding), so
+    that a large common part of dP (v with a large mean) cancels exactly in dP - delta instead
+    of leaving (rowsum(P) - 1) * dP. Empty rows give 0."""
     l = tl.sum(p, AXIS)
     return tl.sum(pdp, AXIS) / tl.where(l == 0.0, 1.0, l)
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, lse2, delta, mask, qk_scale, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr,
-              WHOLE_ROWS: tl.constexpr):
-    """One query tile x one key tile: (P, dS) with P = exp(S - lse), dS = P * (dP - delta),
-    dP = dO V^T. WHOLE_ROWS (the tile holds its rows' whole windows): delta = rowsum(P * dP) /
-    rowsum(P) here, in fp32, from the very P that dS uses, so every row of dS sums to zero up to fp32
-    rounding; the given delta is ignored. Else delta is the caller's rowsum(dO * O), which
-    reads O rounded to fp16/bf16: at a saturated softmax (P near one-hot) dS cancels and that
-    rounding alone put dq beyond 2x the same-precision reference's error (benchmarks/NOTES.md)."""
+def _softmax_grad(s, dp, mask, AXIS: tl.constexpr):
+    """Rows that hold their whole windows: (P, dS) with P = softmax(s) along AXIS recomputed
+    from the scores (row max and sum on chip; the saved lse is not read, so a token that
+    several windows visit gets one window's consistent gradient) and dS = P * (dP - delta),
+    delta = rowsum(P * dP) / rowsum(P) in fp32 from this very P: every row of dS sums to zero
+    up to fp32 rounding, also at a saturated softmax (FlashAttention's rowsum(dO * O) reads the
+    rounded O; benchmarks/NOTES.md). Masked entries give P = dS = 0."""
+    s = tl.where(mask, s, float("-inf"))
+    m = tl.max(s, AXIS)
+    m = tl.where(m == float("-inf"), 0.0, m)  # masked rows have no key at all
+    p = tl.exp2(s - tl.expand_dims(m, AXIS))
+    l = tl.sum(p, AXIS)
+    p = p / tl.expand_dims(tl.where(l == 0.0, 1.0, l), AXIS)
+    delta = _rowsum_ratio(p * dp, p, AXIS)
+    return p, p * (dp - tl.expand_dims(delta, AXIS))
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, lse2, delta, mask, qk_scale, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
+    """One query tile x one key tile of the multi-tile path: (P, dS) with P = exp(S - lse),
+    dS = P * (dP - delta), dP = dO V^T; lse2 (log2 domain) and delta come from _row_stats."""
     s = _mm(q, tl.trans(k), DOT_PREC, BF16_FIX) * qk_scale
     p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
     dp = _mm(do, tl.trans(v), DOT_PREC, BF16_FIX)
-    if WHOLE_ROWS:
-        delta = _rowsum_ratio(p * dp, p, 1)
     return p, p * (dp - delta[:, None])
 
 
 @triton.jit
-def _query_rows(qb, dob, ob, lseb, tok, ok, stride_ql, stride_qd, stride_dol, stride_dod,
-                stride_ol, stride_od, stride_ll, offs_d, D, ALIGN: tl.constexpr, WITH_DELTA: tl.constexpr):
-    """A query tile's q, dO, lse (log2 domain) and, WITH_DELTA, delta = rowsum(dO * O) (the
-    multi-tile path, whose tiles see part of a row of P; else zeros, and O is not read)."""
-    q = _load_rows(qb, tok, ok, stride_ql, stride_qd, offs_d, D, ALIGN)
-    do = _load_rows(dob, tok, ok, stride_dol, stride_dod, offs_d, D, ALIGN)
-    if WITH_DELTA:
-        o = _load_rows(ob, tok, ok, stride_ol, stride_od, offs_d, D, ALIGN)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    else:
-        delta = tl.zeros([q.shape[0]], tl.float32)
-    lse = tl.load(lseb + tok * stride_ll, mask=ok, other=0.0)
-    return q, do, lse * LOG2E, delta
+def _row_stats(q, do, ok_m, kb, vb, idx_base, stride_il, seg_start, seg_end, L, stride_kl, stride_kd,
+               stride_vl, stride_vd, offs_d, D, qk_scale, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
+               NUM_TILES: tl.constexpr, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
+    """A query tile's softmax statistics over its whole window, one online pass over the key
+    tiles: (lse2, delta), lse2 = log2 sum exp2(s) and delta = rowsum(P * dP) / rowsum(P), the
+    formula of _softmax_grad (both sums rescaled together as the running max moves; a common
+    factor of P cancels in dP - delta)."""
+    m = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    l = tl.zeros([q.shape[0]], tl.float32)
+    pdp = tl.zeros([q.shape[0]], tl.float32)
+    for start_n in range(0, NUM_TILES * BLOCK_N, BLOCK_N):
+        pos_n = seg_start + start_n + tl.arange(0, BLOCK_N)
+        tok_n, ok_n = _tokens(idx_base, stride_il, pos_n, pos_n < seg_end, L)
+        k = _load_rows(kb, tok_n, ok_n, stride_kl, stride_kd, offs_d, D, ALIGN)
+        v = _load_rows(vb, tok_n, ok_n, stride_vl, stride_vd, offs_d, D, ALIGN)
+        s = _mm(q, tl.trans(k), DOT_PREC, BF16_FIX) * qk_scale
+        s = tl.where(ok_m[:, None] & ok_n[None, :], s, float("-inf"))
+        dp = _mm(do, tl.trans(v), DOT_PREC, BF16_FIX)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        pdp = pdp * alpha + tl.sum(p * dp, 1)
+        m = m_new
+    m = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.where(l == 0.0, 1.0, l)
+    return m + tl.log2(l), pdp / l
 
 
 @triton.jit
 def window_attn_bwd_kernel(
-    DO, Q, K, V, O, LSE, IDX, DQKV,
+    DO, Q, K, V, IDX, DQKV, STATS,
     stride_dob, stride_dol, stride_doh, stride_dod,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
-    stride_ob, stride_ol, stride_oh, stride_od,
-    stride_lb, stride_lh, stride_ll,
     stride_ib, stride_ig, stride_il,
     stride_gb, stride_gl, stride_gs, stride_gh, stride_gd,  # dqkv (B, L, 3, H, D)
     L, G, HG, N, SEG, num_seg, num_chunks,
@@ -283,6 +304,9 @@ def window_attn_bwd_kernel(
     BF16_FIX: tl.constexpr, ALIGN: tl.constexpr, NUM_TILES: tl.constexpr, WPP: tl.constexpr,
     NB: tl.constexpr,
 ):
+    """STATS: (B, H, L, 2) float32 scratch of the multi-tile path, (lse2, delta) of each index
+    position (unused when SINGLE). O and the forward's lse are not read: both paths recompute
+    the softmax from the scores."""
     _, seg, chunk, g, b = _program_coords(1, num_seg, num_chunks, G)
     seg_start = seg * SEG
     seg_end = tl.minimum(seg_start + SEG, L)
@@ -297,22 +321,20 @@ def window_attn_bwd_kernel(
         kb = _head_ptr(K, b, h, stride_kb, stride_kh, ALIGN)
         vb = _head_ptr(V, b, h, stride_vb, stride_vh, ALIGN)
         dob = _head_ptr(DO, b, h, stride_dob, stride_doh, ALIGN)
-        ob = _head_ptr(O, b, h, stride_ob, stride_oh, ALIGN)
-        lseb = LSE + b * stride_lb + h * stride_lh
         dqb = _head_ptr(DQKV, b, h, stride_gb, stride_gh, ALIGN)
         dkb = dqb + tl.multiple_of(stride_gs, ALIGN)
         dvb = dqb + tl.multiple_of(2 * stride_gs, ALIGN)
         if SINGLE:
-            q, do, lse2, delta = _query_rows(qb, dob, ob, lseb, tok, ok, stride_ql, stride_qd, stride_dol,
-                                             stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN, False)
+            q = _load_rows(qb, tok, ok, stride_ql, stride_qd, offs_d, D, ALIGN)
+            do = _load_rows(dob, tok, ok, stride_dol, stride_dod, offs_d, D, ALIGN)
             k = _load_rows(kb, tok, ok, stride_kl, stride_kd, offs_d, D, ALIGN)
             v = _load_rows(vb, tok, ok, stride_vl, stride_vd, offs_d, D, ALIGN)
             if PACKED:
-                dq, dk, dv = _bwd_packed(q, k, v, do, lse2, ok, qk_scale, WPP, NB, BLOCK_M, BLOCK_D,
-                                         DOT_PREC, BF16_FIX)
+                dq, dk, dv = _bwd_packed(q, k, v, do, ok, qk_scale, WPP, NB, BLOCK_M, BLOCK_D, DOT_PREC, BF16_FIX)
             else:
-                p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok[:, None] & ok[None, :], qk_scale,
-                                  DOT_PREC, BF16_FIX, True)
+                s = _mm(q, tl.trans(k), DOT_PREC, BF16_FIX) * qk_scale
+                dp = _mm(do, tl.trans(v), DOT_PREC, BF16_FIX)
+                p, ds = _softmax_grad(s, dp, ok[:, None] & ok[None, :], 1)
                 p = _cast(p, q.dtype, BF16_FIX)
                 ds = _cast(ds, q.dtype, BF16_FIX)
                 dv = _mm(tl.trans(p), do, DOT_PREC, BF16_FIX)
@@ -324,7 +346,33 @@ def window_attn_bwd_kernel(
             _store_rows(dkb, tok, ok, stride_gl, stride_gd, offs_d, D, _cast(dk, out_ty, BF16_FIX), ALIGN)
             _store_rows(dvb, tok, ok, stride_gl, stride_gd, offs_d, D, _cast(dv, out_ty, BF16_FIX), ALIGN)
         else:
-            # pass 1, key tiles outer: dK, dV; pass 2, query tiles outer: dQ (recomputes P)
+            # pass 1, query tiles outer: each row's (lse2, delta) over its whole window, then dQ;
+            # the statistics go to STATS at the row's index position, which this program alone owns
+            stats = STATS + (b * (G * HG) + h) * L * 2
+            for start_m in range(0, NUM_TILES * BLOCK_M, BLOCK_M):
+                pos_m = seg_start + start_m + tl.arange(0, BLOCK_M)
+                in_seg = pos_m < seg_end
+                tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, in_seg, L)
+                q = _load_rows(qb, tok_m, ok_m, stride_ql, stride_qd, offs_d, D, ALIGN)
+                do = _load_rows(dob, tok_m, ok_m, stride_dol, stride_dod, offs_d, D, ALIGN)
+                lse2, delta = _row_stats(q, do, ok_m, kb, vb, idx_base, stride_il, seg_start, seg_end, L,
+                                         stride_kl, stride_kd, stride_vl, stride_vd, offs_d, D, qk_scale,
+                                         ALIGN, BLOCK_N, NUM_TILES, DOT_PREC, BF16_FIX)
+                dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                for start_n in range(0, NUM_TILES * BLOCK_N, BLOCK_N):
+                    pos_n = seg_start + start_n + tl.arange(0, BLOCK_N)
+                    tok_n, ok_n = _tokens(idx_base, stride_il, pos_n, pos_n < seg_end, L)
+                    k = _load_rows(kb, tok_n, ok_n, stride_kl, stride_kd, offs_d, D, ALIGN)
+                    v = _load_rows(vb, tok_n, ok_n, stride_vl, stride_vd, offs_d, D, ALIGN)
+                    p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
+                                      DOT_PREC, BF16_FIX)
+                    dq += _mm(_cast(ds, q.dtype, BF16_FIX), k, DOT_PREC, BF16_FIX)
+                _store_rows(dqb, tok_m, ok_m, stride_gl, stride_gd, offs_d, D,
+                            _cast(dq * sm_scale, out_ty, BF16_FIX), ALIGN)
+                tl.store(stats + pos_m * 2, lse2, mask=in_seg)
+                tl.store(stats + pos_m * 2 + 1, delta, mask=in_seg)
+            tl.debug_barrier()  # pass 2 reads statistics that other threads of this program stored
+            # pass 2, key tiles outer: dK, dV (recomputes P)
             for start_n in range(0, NUM_TILES * BLOCK_N, BLOCK_N):
                 pos_n = seg_start + start_n + tl.arange(0, BLOCK_N)
                 tok_n, ok_n = _tokens(idx_base, stride_il, pos_n, pos_n < seg_end, L)
@@ -334,29 +382,16 @@ def window_attn_bwd_kernel(
                 dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
                 for start_m in range(0, NUM_TILES * BLOCK_M, BLOCK_M):
                     pos_m = seg_start + start_m + tl.arange(0, BLOCK_M)
-                    tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, pos_m < seg_end, L)
-                    q, do, lse2, delta = _query_rows(qb, dob, ob, lseb, tok_m, ok_m, stride_ql, stride_qd, stride_dol,
-                                                     stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN, True)
+                    in_seg = pos_m < seg_end
+                    tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, in_seg, L)
+                    q = _load_rows(qb, tok_m, ok_m, stride_ql, stride_qd, offs_d, D, ALIGN)
+                    do = _load_rows(dob, tok_m, ok_m, stride_dol, stride_dod, offs_d, D, ALIGN)
+                    lse2 = tl.load(stats + pos_m * 2, mask=in_seg, other=0.0)
+                    delta = tl.load(stats + pos_m * 2 + 1, mask=in_seg, other=0.0)
                     p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
-                                      DOT_PREC, BF16_FIX, False)
+                                      DOT_PREC, BF16_FIX)
                     dv += _mm(tl.trans(_cast(p, q.dtype, BF16_FIX)), do, DOT_PREC, BF16_FIX)
                     dk += _mm(tl.trans(_cast(ds, q.dtype, BF16_FIX)), q, DOT_PREC, BF16_FIX)
                 _store_rows(dkb, tok_n, ok_n, stride_gl, stride_gd, offs_d, D,
                             _cast(dk * sm_scale, out_ty, BF16_FIX), ALIGN)
                 _store_rows(dvb, tok_n, ok_n, stride_gl, stride_gd, offs_d, D, _cast(dv, out_ty, BF16_FIX), ALIGN)
-            for start_m in range(0, NUM_TILES * BLOCK_M, BLOCK_M):
-                pos_m = seg_start + start_m + tl.arange(0, BLOCK_M)
-                tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, pos_m < seg_end, L)
-                q, do, lse2, delta = _query_rows(qb, dob, ob, lseb, tok_m, ok_m, stride_ql, stride_qd, stride_dol,
-                                                 stride_dod, stride_ol, stride_od, stride_ll, offs_d, D, ALIGN, True)
-                dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-                for start_n in range(0, NUM_TILES * BLOCK_N, BLOCK_N):
-                    pos_n = seg_start + start_n + tl.arange(0, BLOCK_N)
-                    tok_n, ok_n = _tokens(idx_base, stride_il, pos_n, pos_n < seg_end, L)
-                    k = _load_rows(kb, tok_n, ok_n, stride_kl, stride_kd, offs_d, D, ALIGN)
-                    v = _load_rows(vb, tok_n, ok_n, stride_vl, stride_vd, offs_d, D, ALIGN)
-                    p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
-                                      DOT_PREC, BF16_FIX, False)
-                    dq += _mm(_cast(ds, q.dtype, BF16_FIX), k, DOT_PREC, BF16_FIX)
-                _store_rows(dqb, tok_m, ok_m, stride_gl, stride_gd, offs_d, D,
-                            _cast(dq * sm_scale, out_ty, BF16_FIX), ALIGN)

@@ -21,12 +21,14 @@ from typing import Optional
 import torch
 import triton
 
-from ..reference import fake_backward, fake_forward
+from .. import fake_backward, fake_forward
+from . import BACKWARD_OP, FORWARD_OP
 from .kernels import window_attn_bwd_kernel, window_attn_fwd_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 128
 MAX_WINDOW = 256
+MAX_PROGRAMS = 2 ** 31 - 1  # CUDA's grid x limit; program ids are int32
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -153,24 +155,26 @@ def forward_into(q, k, v, index, window_size: int, scale: float, out, lse,
 
 def backward_into(dout, q, k, v, out, lse, index, window_size: int, scale: float, dqkv,
                   config: Optional[Config] = None) -> None:
-    """Writes dq, dk, dv into dqkv (B, L, 3, H, D), each row at its original token position."""
+    """Writes dq, dk, dv into dqkv (B, L, 3, H, D), each row at its original token position.
+    out and lse are not read: the kernels recompute the softmax from the scores."""
     batch, length, heads, dim = q.shape
     cfg = config or make_config(batch, length, heads, index.shape[1], dim, window_size, q.dtype, q.device)
     batch, length, groups, per_group, num_seg, num_chunks = _grid_sizes(q, index, cfg)
     grid = (num_seg * num_chunks * groups * batch,)
     if grid[0] == 0:
         return
+    # the multi-tile path keeps each row's (lse2, delta) between its two passes (kernels.py)
+    stats = lse if cfg.single else torch.empty((batch, heads, length, 2), dtype=torch.float32, device=q.device)
     with _device_guard(q):
         window_attn_bwd_kernel[grid](
-            dout, q, k, v, out, lse, index, dqkv,
-            *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-            *index.stride(), *dqkv.stride(),
+            dout, q, k, v, index, dqkv, stats,
+            *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *index.stride(), *dqkv.stride(),
             length, groups, per_group, cfg.window, cfg.seg, num_seg, num_chunks,
             float(scale) * math.log2(math.e), float(scale),
             D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
             DOT_PREC=_dot_precision(q.dtype), BF16_FIX=INTERPRET and q.dtype == torch.bfloat16,
-            ALIGN=_row_align(dout, q, k, v, out, dqkv), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
+            ALIGN=_row_align(dout, q, k, v, dqkv), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
             WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
             num_warps=cfg.num_warps,
             num_stages=1 if cfg.single else 2)
@@ -184,6 +188,13 @@ def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if min(window_size, q.shape[1]) > MAX_WINDOW:
         return f"window size {window_size} > {MAX_WINDOW}"
+    # one flat grid (x only: no 65535 limit of grid y/z); programs <= B * H * windows * query
+    # tiles a window (heads per program >= 1), and grid x and program ids stop at 2^31 - 1
+    batch, length, heads, _ = q.shape
+    n = max(1, min(window_size, length))
+    programs = batch * heads * _cdiv(length, n) * _cdiv(n, 16)
+    if programs > MAX_PROGRAMS:
+        return f"{programs} programs (B * H * windows * query tiles) > {MAX_PROGRAMS}, the grid's limit"
     if q.device.type == "cpu":
         return None if INTERPRET else "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)"
     if q.device.type != "cuda":
@@ -195,7 +206,9 @@ def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
             window_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # zeros, not empty: with an unchecked index that is no permutation, tokens that no window
+    # visits are never written and must read 0 (the backends' shared contract)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
     forward_into(q, k, v, index, window_size, scale, out, lse)
     return out, lse
@@ -205,13 +218,13 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor,
              window_size: int, scale: float) -> torch.Tensor:
     batch, length, heads, dim = q.shape
-    dqkv = torch.empty((batch, length, 3, heads, dim), dtype=q.dtype, device=q.device)
+    dqkv = torch.zeros((batch, length, 3, heads, dim), dtype=q.dtype, device=q.device)
     backward_into(dout, q, k, v, out, lse, index, window_size, scale, dqkv)
     return dqkv
 
 
-window_attention_fwd = torch.library.custom_op("rsir::window_attention_triton", mutates_args=())(forward)
-window_attention_bwd = torch.library.custom_op("rsir::window_attention_triton_backward", mutates_args=())(backward)
+window_attention_fwd = torch.library.custom_op(FORWARD_OP, mutates_args=())(forward)
+window_attention_bwd = torch.library.custom_op(BACKWARD_OP, mutates_args=())(backward)
 
 
 @window_attention_fwd.register_fake
