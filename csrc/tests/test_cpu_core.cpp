@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/visits.h"
 #include "kernels/cpu/window_attention_cpu.h"
 #include "rsir/params.h"
 
@@ -199,9 +200,19 @@ void run_case(const Case& c) {
   p.lse_stride[0] = H * L; p.lse_stride[1] = L; p.lse_stride[2] = 1;
 
   const int64_t items = rsir::cpu::num_work_items(p);
+  // a bad index: record the visits, so that unvisited tokens' rows are zeroed (visits.h)
+  std::vector<uint8_t> visits(c.bad_index ? B * G * L : 0, 0);
+  if (c.bad_index) p.visits = visits.data();
   // split the items unevenly: results must not depend on it
   rsir::cpu::run_forward(p, 0, items / 3);
   rsir::cpu::run_forward(p, items / 3, items);
+  if (c.bad_index) {
+    CHECK(!rsir::cpu::settle_visits(p, false), "%s: no token is visited twice", c.name.c_str());
+    bool nan = false;
+    for (int64_t i = 0; i < B * L * H * D; ++i) nan = nan || std::isnan(out.get(i));
+    CHECK(!nan, "%s: out has NaN after settle_visits (a row neither written nor zeroed)", c.name.c_str());
+    std::fill(visits.begin(), visits.end(), 0);
+  }
 
   Buffer dqkv(c.dtype, B * L * 3 * H * D);
   dqkv.fill_nan();
@@ -217,6 +228,13 @@ void run_case(const Case& c) {
   std::memcpy(p.dv_stride, sdv.s, sizeof sdv.s);
   rsir::cpu::run_backward(p, 0, items / 2);
   rsir::cpu::run_backward(p, items / 2, items);
+  if (c.bad_index) {
+    rsir::cpu::settle_visits(p, true);
+    bool nan = false;
+    for (int64_t i = 0; i < B * L * 3 * H * D; ++i) nan = nan || std::isnan(dqkv.get(i));
+    CHECK(!nan, "%s: dq, dk or dv has NaN after settle_visits", c.name.c_str());
+    p.visits = nullptr;
+  }
 
   // determinism: a second backward, one call, bitwise equal
   Buffer dqkv2(c.dtype, B * L * 3 * H * D);
@@ -237,7 +255,7 @@ void run_case(const Case& c) {
   // naive reference in double, from the stored (rounded) inputs
   std::vector<double> ro(B * L * H * D, NAN), rl(B * H * L, NAN), rdq(B * L * H * D, NAN), rdk(B * L * H * D, NAN),
       rdv(B * L * H * D, NAN);
-  const int64_t nw = (L + N - 1) / N;
+  const int64_t nw = L / N + (L % N != 0);  // N may be INT64_MAX
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < G; ++g)
       for (int64_t w = 0; w < nw; ++w) {
@@ -334,6 +352,7 @@ int main() {
       {1, 20, 2, 8, 2, 49},    // one window, shorter than N
       {1, 30, 3, 5, 3, 9},     // odd head dim, G = H = 3
       {1, 70, 2, 64, 1, 70},   // one window of 70, D = 64
+      {1, 25, 2, 8, 2, std::numeric_limits<int64_t>::max()},  // any int64 window: one window of L
   };
   int layout = 0;
   for (DType t : dtypes)
@@ -349,6 +368,11 @@ int main() {
   cases.push_back({"f32 bad index int64", 2, 50, 2, 16, 2, 7, DType::kFloat32, 8, 0, true});
   cases.push_back({"f64 bad index int32", 1, 33, 2, 8, 1, 10, DType::kFloat64, 4, 2, true});
   for (const Case& c : cases) run_case(c);
+  // A window of 1600 tokens needs ~20 MiB of scratch (scores and probabilities): released when
+  // the call returns, not kept per thread.
+  run_case({"f32 B1 L1600 H1 D4 G1 N1600 (scratch)", 1, 1600, 1, 4, 1, 1600, DType::kFloat32, 8, 0, false});
+  CHECK(rsir::cpu::thread_scratch_bytes() <= (int64_t(16) << 20), "scratch of %lld bytes kept after the call",
+        (long long)rsir::cpu::thread_scratch_bytes());
   if (g_failures) {
     std::printf("%d failure(s)\n", g_failures);
     return 1;

@@ -8,8 +8,8 @@
 //   lse                              (B, H, L)     float32 (float64 for float64 inputs)
 // Window w of group g holds the tokens index[b, g, w*N : min((w+1)*N, L)]; heads
 // g*H/G .. (g+1)*H/G - 1 use group g. out / lse / gradients are written in the original
-// token order. Index values outside 0..L-1 are skipped by every kernel (wrong numbers,
-// never an out-of-bounds access).
+// token order. Index values outside 0..L-1 are absent slots for every kernel: neither read
+// as a key nor written (wrong numbers, never an out-of-bounds access).
 #pragma once
 
 #include <cstdint>
@@ -45,7 +45,13 @@ struct WindowAttentionParams {
   void* dk = nullptr;         int64_t dk_stride[4] = {0, 0, 0, 0};
   void* dv = nullptr;         int64_t dv_stride[4] = {0, 0, 0, 0};
 
-  int64_t num_windows() const { return N > 0 ? (L + N - 1) / N : 0; }
+  // ceil(L / N) without forming L + N - 1 (N may be any int64, e.g. INT64_MAX: one window)
+  // CPU core, optional (B, G, L) bytes, zero before the call: a window of group g visiting
+  // token t sets bit 1 of visits[(b * G + g) * L + t], a second visit bit 2 (see
+  // kernels/cpu/visits.h). nullptr: not recorded.
+  uint8_t* visits = nullptr;
+
+  int64_t num_windows() const { return N > 0 && L > 0 ? L / N + (L % N != 0) : 0; }
   int64_t heads_per_group() const { return G > 0 ? H / G : 0; }
 };
 

@@ -64,31 +64,52 @@ const Table& table() {
 struct Scratch {
   void* ptr = nullptr;
   int64_t bytes = 0;
-  ~Scratch() { std::free(ptr); }
+  void release() {
+    std::free(ptr);
+    ptr = nullptr;
+    bytes = 0;
+  }
+  ~Scratch() { release(); }
 };
+
+thread_local Scratch t_scratch;
+
+// A call's scratch is O(N^2) (the score matrix): kept for the next call up to this size
+// (every window up to a few hundred tokens), released when the call returns above it, so that
+// one call with a huge window does not leave its buffers resident in every thread.
+constexpr int64_t kScratchKeepBytes = int64_t(16) << 20;
+
+void trim_scratch() {
+  if (t_scratch.bytes > kScratchKeepBytes) t_scratch.release();
+}
 
 }  // namespace
 
 void* thread_scratch(int64_t bytes) {
-  thread_local Scratch s;
+  Scratch& s = t_scratch;
   if (bytes > s.bytes) {
-    std::free(s.ptr);
+    s.release();
     const int64_t rounded = (bytes + 4095) / 4096 * 4096;
     s.ptr = std::aligned_alloc(64, (size_t)rounded);
-    if (!s.ptr) {
-      s.bytes = 0;
-      throw std::bad_alloc();
-    }
+    if (!s.ptr) throw std::bad_alloc();
     s.bytes = rounded;
   }
   return s.ptr;
 }
 
+int64_t thread_scratch_bytes() { return t_scratch.bytes; }
+
 int64_t num_work_items(const WindowAttentionParams& p) { return p.B * p.G * p.num_windows(); }
 
-void run_forward(const WindowAttentionParams& p, int64_t begin, int64_t end) { table().forward(p, begin, end); }
+void run_forward(const WindowAttentionParams& p, int64_t begin, int64_t end) {
+  table().forward(p, begin, end);
+  trim_scratch();
+}
 
-void run_backward(const WindowAttentionParams& p, int64_t begin, int64_t end) { table().backward(p, begin, end); }
+void run_backward(const WindowAttentionParams& p, int64_t begin, int64_t end) {
+  table().backward(p, begin, end);
+  trim_scratch();
+}
 
 const char* isa_name() { return table().name; }
 

@@ -262,11 +262,29 @@ static inline VI lane_ids(int64_t j) {
   return base + (int32_t)j;
 }
 
-// Forward softmax of the score rows S[0..m) (row stride mp, mp % 8 == 0):
-// S <- exp(scale * S - c_i) = 2^(y - y_max) with y = log2(e) * scale * S (0 beyond column m);
-// inv[i] = 1 / row sum; lse_i = ln 2 * y_max + log(sum) stored through lse_at(i).
-// Three passes: scale, mask and max per row; one flat exp loop over the whole block (tight:
-// its constants stay in registers; per-row exp loops were ~6 % slower overall); row sums.
+// Softmax rows at any score magnitude. With sigma = sign(scale) (1 for scale 0), the row's
+// exponents are taken as (sigma * S_ij - M_i) * |scale| with M_i = max_j sigma * S_ij: the
+// difference is <= 0 and exact for the scores that matter (Sterbenz), so the row maximum
+// gets exactly 2^0 = 1 and nothing can overflow. Scaling before subtracting (y = scale * S,
+// then y - max y) would not do: with FMA, `y_j - y_max` contracts to fma(S_j, scale, -y_max),
+// which differs from the rounded y that the max was taken of by up to half an ulp of y --
+// 2^64 and more at |y| ~ 1e9, then inf * 0 = NaN.
+//
+// Forward, rows i < m of S (row stride mp, mp % 8 == 0):
+//   S <- 2^((sigma * S - M_i) * |scale| * log2(e)) (0 beyond column m); inv[i] = 1 / row sum;
+//   lse_i = |scale| * M_i + ln(sum) stored through lse_at(i).
+// The backward (grad_rows) recomputes M_i and the row sum from the same scores, so its P is
+// the forward's P to the bit: no rebuild from the stored lse, whose rounding (an ulp of a
+// number as large as the scores) would be a relative error of P at large scores.
+struct ScaleSplit {
+  float sigma, scale2;  // sign, |scale| * log2(e)
+  double abs_scale;
+};
+static inline ScaleSplit split_scale(double scale) {
+  const double a = scale < 0 ? -scale : scale;
+  return {scale < 0 ? -1.0f : 1.0f, (float)(a * 1.4426950408889634), a};
+}
+
 #if RSIR_WIDE_VECTORS == 2
 // ln x on 16 lanes for the row sums (x in [1, 2^126): normal, positive; NaN in, NaN out):
 // Cephes logf (x = 2^e * (1 + f), f in [sqrt(1/2) - 1, sqrt(2) - 1), degree-8 polynomial,
@@ -300,38 +318,44 @@ static inline VF log_v(VF x) {
 static inline float hmax16(VF v) { return _mm512_reduce_max_ps((__m512)v); }
 static inline float hsum16(VF v) { return _mm512_reduce_add_ps((__m512)v); }
 
-// AVX-512: two passes per row instead of four over the block (32 registers: the exp's
-// constants stay in registers across rows): (1) the max of y = log2(e) * scale * S over the
-// row; (2) e = 2^(y - y_max) by one FMA + exp (0 beyond column m), stored, and summed.
-template <class LseAt, class Pump>
-static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, float* inv, float* rmax, LseAt lse_at,
-                                Pump pump) {
-  const float ninf = -__builtin_inff();
-  const float scale2 = (float)((double)scale * 1.4426950408889634);  // base 2: log2(e) folded in
+// M_i = max_j sigma * S_ij over columns < m (AVX-512: a masked last vector).
+static inline float row_max16(const float* s, int64_t m, int64_t mp, float sigma) {
   const int64_t mfull = m / VL * VL;  // columns below mfull need no mask
+  VF vmax = VF{} - __builtin_inff();
+  int64_t j = 0;
+  for (; j < mfull; j += VL) {
+    const VF x = vload<VF>(s + j) * sigma;
+    vmax = vmax > x ? vmax : x;
+  }
+  if (j < mp) {
+    VF x = vload<VF>(s + j) * sigma;
+    x = lane_ids(j) < (int32_t)m ? x : VF{} - __builtin_inff();
+    vmax = vmax > x ? vmax : x;
+  }
+  return hmax16(vmax);
+}
+
+// AVX-512: two passes per row instead of four over the block (32 registers: the exp's
+// constants stay in registers across rows): (1) M_i; (2) e = 2^((sigma S - M_i) |scale|
+// log2(e)), 0 beyond column m, stored and summed.
+template <class LseAt, class Pump>
+static inline void softmax_rows(float* S, int64_t m, int64_t mp, double scale, float* inv, float* rmax, LseAt lse_at,
+                                Pump pump) {
+  const ScaleSplit sc = split_scale(scale);
+  const int64_t mfull = m / VL * VL;
   for (int64_t i = 0; i < m; ++i) {
     pump();
     float* s = S + i * mp;
-    VF vmax = VF{} + ninf;
+    const float mx = row_max16(s, m, mp, sc.sigma);
+    VF vsum = VF{};
     int64_t j = 0;
     for (; j < mfull; j += VL) {
-      const VF x = vload<VF>(s + j) * scale2;
-      vmax = vmax > x ? vmax : x;
-    }
-    if (j < mp) {  // the last, partial vector: columns >= m masked
-      VF x = vload<VF>(s + j) * scale2;
-      x = lane_ids(j) < (int32_t)m ? x : VF{} + ninf;
-      vmax = vmax > x ? vmax : x;
-    }
-    const float mx = hmax16(vmax);
-    VF vsum = VF{};
-    for (j = 0; j < mfull; j += VL) {
-      const VF e = exp2_approx_v(vload<VF>(s + j) * scale2 - mx);
+      const VF e = exp2_approx_v((vload<VF>(s + j) * sc.sigma - mx) * sc.scale2);
       vstore(s + j, e);
       vsum += e;
     }
     if (j < mp) {
-      VF e = exp2_approx_v(vload<VF>(s + j) * scale2 - mx);
+      VF e = exp2_approx_v((vload<VF>(s + j) * sc.sigma - mx) * sc.scale2);
       e = lane_ids(j) < (int32_t)m ? e : VF{};
       vstore(s + j, e);
       vsum += e;
@@ -339,33 +363,37 @@ static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, fl
     inv[i] = hsum16(vsum);
     rmax[i] = mx;
   }
+  const float abs_scale = (float)sc.abs_scale;
   for (int64_t i0 = 0; i0 < m; i0 += VL) {  // lse and 1 / sum, 16 rows at a time
     const VF sum = vload<VF>(inv + i0);
-    const VF l = vload<VF>(rmax + i0) * 0.69314718055994531f + log_v(sum);
+    const VF l = vload<VF>(rmax + i0) * abs_scale + log_v(sum);
     vstore(inv + i0, 1.0f / sum);
     for (int64_t i = i0; i < imin(m, i0 + VL); ++i) *lse_at(i) = l[i - i0];
   }
 }
 #else
+// Three passes: exponents per row; one flat exp loop over the whole block (tight: its
+// constants stay in registers; per-row exp loops were ~6 % slower overall); row sums.
 template <class LseAt, class Pump>
-static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, float* inv, float* /*rmax: the AVX-512 variant's scratch*/, LseAt lse_at,
+static inline void softmax_rows(float* S, int64_t m, int64_t mp, double scale, float* inv, float* rmax, LseAt lse_at,
                                 Pump pump) {
-  const float ninf = -__builtin_inff();
-  const float scale2 = (float)((double)scale * 1.4426950408889634);  // base 2: log2(e) folded in
+  const ScaleSplit sc = split_scale(scale);
   for (int64_t i = 0; i < m; ++i) {
     pump();
     float* s = S + i * mp;
-    VF vmax = VF{} + ninf;
+    VF vmax = VF{} - __builtin_inff();
     for (int64_t j = 0; j < mp; j += VL) {
-      VF x = vload<VF>(s + j) * scale2;
-      x = lane_ids(j) < (int32_t)m ? x : VF{} + ninf;
-      vstore(s + j, x);
+      VF x = vload<VF>(s + j) * sc.sigma;
+      x = lane_ids(j) < (int32_t)m ? x : VF{} - __builtin_inff();
       vmax = vmax > x ? vmax : x;
     }
     float mx = vmax[0];
     for (int w = 1; w < VL; ++w) mx = vmax[w] > mx ? vmax[w] : mx;
-    inv[i] = mx;
-    for (int64_t j = 0; j < mp; j += VL) vstore(s + j, vload<VF>(s + j) - mx);
+    rmax[i] = mx;
+    for (int64_t j = 0; j < mp; j += VL) {
+      const VF y = (vload<VF>(s + j) * sc.sigma - mx) * sc.scale2;
+      vstore(s + j, lane_ids(j) < (int32_t)m ? y : VF{} - __builtin_inff());
+    }
   }
   for (int64_t e = 0; e < m * mp; e += VL) vstore(S + e, exp2_approx_v(vload<VF>(S + e)));
   for (int64_t i = 0; i < m; ++i) {
@@ -373,7 +401,7 @@ static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, fl
     VF vsum = {0};
     for (int64_t j = 0; j < mp; j += VL) vsum += vload<VF>(s + j);
     const float sum = hsum(vsum);
-    *lse_at(i) = inv[i] * 0.69314718055994531f + std::log(sum);
+    *lse_at(i) = (float)(sc.abs_scale * rmax[i] + std::log((double)sum));
     inv[i] = 1.0f / sum;
   }
 }
@@ -382,114 +410,126 @@ static inline void softmax_rows(float* S, int64_t m, int64_t mp, float scale, fl
 template <class LseAt, class Pump>
 static inline void softmax_rows(double* S, int64_t m, int64_t mp, double scale, double* inv, double*, LseAt lse_at,
                                 Pump pump) {
+  const double sigma = scale < 0 ? -1.0 : 1.0, abs_scale = scale < 0 ? -scale : scale;
   for (int64_t i = 0; i < m; ++i) {
     pump();
     double* s = S + i * mp;
     double mx = -__builtin_inf();
-    for (int64_t j = 0; j < m; ++j) {
-      s[j] *= scale;
-      mx = s[j] > mx ? s[j] : mx;
-    }
+    for (int64_t j = 0; j < m; ++j) mx = s[j] * sigma > mx ? s[j] * sigma : mx;
     double sum = 0;
     for (int64_t j = 0; j < m; ++j) {
-      s[j] = std::exp(s[j] - mx);
+      s[j] = std::exp((s[j] * sigma - mx) * abs_scale);
       sum += s[j];
     }
     for (int64_t j = m; j < mp; ++j) s[j] = 0;
-    *lse_at(i) = mx + std::log(sum);
+    *lse_at(i) = abs_scale * mx + std::log(sum);
     inv[i] = 1.0 / sum;
   }
 }
 
-// Backward, rows i < m (P and dS 0 beyond column m):
-//   P <- exp(scale * S - lse_i) = 2^(log2(e) * (scale * S - lse_i)),
+// Backward, rows i < m (P and dS 0 beyond column m), P recomputed exactly as the forward's:
+//   e_ij = 2^((sigma S_ij - M_i) |scale| log2(e)), P_ij = e_ij / sum_j e_ij,
 //   delta_i = sum_j P_ij dP_ij / sum_j P_ij, dS <- P * (dP - delta_i).
 // delta comes from the very P that dS uses, in the accumulation type, so each row of dS sums to
-// zero up to its rounding; normalised by P's row sum (1 up to lse's rounding), so that a large
-// common part of dP (v with a large mean) cancels exactly instead of leaving (sum - 1) * dP. FlashAttention's delta_i = dO_i . O_i reads O rounded to the input
-// dtype: at a saturated softmax (P near one-hot) dS cancels and that rounding alone put fp16 /
-// bf16 dq beyond 2x the same-precision reference's error (benchmarks/NOTES.md). And O is not read.
-static inline void ds_row(const float* pr, float* dr, int64_t mp, float pdp_sum, float p_sum) {
-  const float di = pdp_sum / (p_sum == 0.0f ? 1.0f : p_sum);
-  for (int64_t j = 0; j < mp; j += VL) vstore(dr + j, vload<VF>(pr + j) * (vload<VF>(dr + j) - di));
+// zero up to its rounding; normalised by P's row sum, so that a large common part of dP (v with
+// a large mean) cancels exactly instead of leaving (sum - 1) * dP. FlashAttention's
+// delta_i = dO_i . O_i reads O rounded to the input dtype: at a saturated softmax (P near
+// one-hot) dS cancels and that rounding alone put fp16 / bf16 dq beyond 2x the same-precision
+// reference's error (benchmarks/NOTES.md). Neither O nor lse is read.
+static inline void ds_row(float* pr, float* dr, int64_t mp, float pdp_sum, float e_sum) {
+  const float inv = 1.0f / e_sum, di = pdp_sum * inv;  // e_sum >= 1: the row max gives 2^0
+  for (int64_t j = 0; j < mp; j += VL) {
+    const VF p = vload<VF>(pr + j) * inv;
+    vstore(pr + j, p);
+    vstore(dr + j, p * (vload<VF>(dr + j) - di));
+  }
 }
 
 #if RSIR_WIDE_VECTORS == 2
-// AVX-512: one pass per row for P and delta (32 registers: the exp's constants stay in
-// registers across rows), then dS.
+// AVX-512: per row one pass for M_i, one for e, its sum and sum e * dP (32 registers: the
+// exp's constants stay in registers across rows), then P and dS.
 template <class Pump>
-static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, float scale, const float* lse,
-                             Pump pump) {
-  const float scale2 = (float)((double)scale * 1.4426950408889634);  // base 2, as the forward
+static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, double scale, Pump pump) {
+  const ScaleSplit sc = split_scale(scale);
   const int64_t mfull = m / VL * VL;  // columns below mfull need no mask
   for (int64_t i = 0; i < m; ++i) {
     pump();
     float* pr = P + i * mp;
     float* dr = dS + i * mp;
-    const float l = lse[i] * 1.44269504088896341f;
-    VF acc = VF{}, psum = VF{};
+    const float mx = row_max16(pr, m, mp, sc.sigma);
+    VF acc = VF{}, esum = VF{};
     int64_t j = 0;
     for (; j < mfull; j += VL) {
-      const VF e = exp2_approx_v(vload<VF>(pr + j) * scale2 - l);
+      const VF e = exp2_approx_v((vload<VF>(pr + j) * sc.sigma - mx) * sc.scale2);
       vstore(pr + j, e);
       acc += e * vload<VF>(dr + j);
-      psum += e;
+      esum += e;
     }
     if (j < mp) {  // the last, partial vector: columns >= m masked
-      VF e = exp2_approx_v(vload<VF>(pr + j) * scale2 - l);
+      VF e = exp2_approx_v((vload<VF>(pr + j) * sc.sigma - mx) * sc.scale2);
       e = lane_ids(j) < (int32_t)m ? e : VF{};
       vstore(pr + j, e);
       acc += e * vload<VF>(dr + j);
-      psum += e;
+      esum += e;
     }
-    ds_row(pr, dr, mp, hsum16(acc), hsum16(psum));
+    ds_row(pr, dr, mp, hsum16(acc), hsum16(esum));
   }
 }
 #else
 // The exp runs as one flat loop over the block, as in the forward; then delta and dS per row.
 template <class Pump>
-static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, float scale, const float* lse,
-                             Pump pump) {
-  const float ninf = -__builtin_inff();
-  const float scale2 = (float)((double)scale * 1.4426950408889634);  // base 2, as the forward
+static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, double scale, Pump pump) {
+  const ScaleSplit sc = split_scale(scale);
   for (int64_t i = 0; i < m; ++i) {
     pump();
     float* s = P + i * mp;
-    const float l = lse[i] * 1.44269504088896341f;
+    VF vmax = VF{} - __builtin_inff();
     for (int64_t j = 0; j < mp; j += VL) {
-      const VF x = vload<VF>(s + j) * scale2 - l;
-      vstore(s + j, lane_ids(j) < (int32_t)m ? x : VF{} + ninf);
+      VF x = vload<VF>(s + j) * sc.sigma;
+      x = lane_ids(j) < (int32_t)m ? x : VF{} - __builtin_inff();
+      vmax = vmax > x ? vmax : x;
+    }
+    float mx = vmax[0];
+    for (int w = 1; w < VL; ++w) mx = vmax[w] > mx ? vmax[w] : mx;
+    for (int64_t j = 0; j < mp; j += VL) {
+      const VF y = (vload<VF>(s + j) * sc.sigma - mx) * sc.scale2;
+      vstore(s + j, lane_ids(j) < (int32_t)m ? y : VF{} - __builtin_inff());
     }
   }
   for (int64_t e = 0; e < m * mp; e += VL) vstore(P + e, exp2_approx_v(vload<VF>(P + e)));
   for (int64_t i = 0; i < m; ++i) {
-    const float* pr = P + i * mp;
+    float* pr = P + i * mp;
     float* dr = dS + i * mp;
-    VF acc = VF{}, psum = VF{};
+    VF acc = VF{}, esum = VF{};
     for (int64_t j = 0; j < mp; j += VL) {
       acc += vload<VF>(pr + j) * vload<VF>(dr + j);
-      psum += vload<VF>(pr + j);
+      esum += vload<VF>(pr + j);
     }
-    ds_row(pr, dr, mp, hsum(acc), hsum(psum));
+    ds_row(pr, dr, mp, hsum(acc), hsum(esum));
   }
 }
 #endif
 
 template <class Pump>
-static inline void grad_rows(double* P, double* dS, int64_t m, int64_t mp, double scale, const double* lse,
-                             Pump pump) {
+static inline void grad_rows(double* P, double* dS, int64_t m, int64_t mp, double scale, Pump pump) {
+  const double sigma = scale < 0 ? -1.0 : 1.0, abs_scale = scale < 0 ? -scale : scale;
   for (int64_t i = 0; i < m; ++i) {
     pump();
     double* pr = P + i * mp;
     double* dr = dS + i * mp;
-    double pdp_sum = 0.0, p_sum = 0.0;
+    double mx = -__builtin_inf();
+    for (int64_t j = 0; j < m; ++j) mx = pr[j] * sigma > mx ? pr[j] * sigma : mx;
+    double pdp_sum = 0.0, e_sum = 0.0;
     for (int64_t j = 0; j < mp; ++j) {
-      pr[j] = j < m ? std::exp(pr[j] * scale - lse[i]) : 0.0;
+      pr[j] = j < m ? std::exp((pr[j] * sigma - mx) * abs_scale) : 0.0;
       pdp_sum += pr[j] * dr[j];
-      p_sum += pr[j];
+      e_sum += pr[j];
     }
-    const double di = pdp_sum / (p_sum == 0.0 ? 1.0 : p_sum);
-    for (int64_t j = 0; j < mp; ++j) dr[j] = pr[j] * (dr[j] - di);
+    const double inv = 1.0 / e_sum, di = pdp_sum * inv;
+    for (int64_t j = 0; j < mp; ++j) {
+      pr[j] *= inv;
+      dr[j] = pr[j] * (dr[j] - di);
+    }
   }
 }
 
@@ -501,7 +541,8 @@ static inline int64_t read_index(const WindowAttentionParams& p, int64_t b, int6
   return static_cast<const int64_t*>(p.index)[off];
 }
 
-// The window's valid tokens (index values outside 0..L-1 are skipped): returns their count.
+// The window's valid tokens (index values outside 0..L-1 are skipped): returns their count;
+// marks them in p.visits when recorded.
 static inline int64_t window_tokens(const WindowAttentionParams& p, int64_t item, int64_t* tok,
                                     int64_t* b_out, int64_t* g_out) {
   const int64_t nw = p.num_windows();
@@ -512,6 +553,12 @@ static inline int64_t window_tokens(const WindowAttentionParams& p, int64_t item
   for (int64_t j = 0; j < n; ++j) {
     const int64_t t = read_index(p, b, g, start + j);
     if (t >= 0 && t < p.L) tok[m++] = t;
+  }
+  if (p.visits) {  // relaxed atomics: other threads mark other windows' tokens concurrently
+    uint8_t* row = p.visits + (b * p.G + g) * p.L;
+    for (int64_t i = 0; i < m; ++i)
+      if (__atomic_fetch_or(row + tok[i], (uint8_t)1, __ATOMIC_RELAXED) & 1)
+        __atomic_fetch_or(row + tok[i], (uint8_t)2, __ATOMIC_RELAXED);
   }
   *b_out = b;
   *g_out = g;
@@ -683,7 +730,6 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
   using A = typename Elem<T>::acc;  // compute type, also the lse type
   const int64_t D = p.D, hpg = p.heads_per_group();
   const int64_t dp = round_up(D, PAD), wp = round_up(imin(p.N, p.L), PAD);
-  const A scale = (A)p.scale;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -730,7 +776,7 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
       gemm(S, mp, Q, dp, KT, mp, mr, mp, D);  // S = Q K^T
       A* lse_bh = lse + b * p.lse_stride[0] + h * p.lse_stride[1];
       softmax_rows(
-          S, m, mp, scale, inv, rmax, [&](int64_t i) { return lse_bh + tok[i] * p.lse_stride[2]; },
+          S, m, mp, p.scale, inv, rmax, [&](int64_t i) { return lse_bh + tok[i] * p.lse_stride[2]; },
           [&] { ring.pump(pk); });
       for (int64_t i = m; i < mr; ++i)
         for (int64_t j = 0; j < mp; ++j) S[i * mp + j] = 0;
@@ -757,7 +803,6 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const T* dout = static_cast<const T*>(p.dout);
-  const A* lse = static_cast<const A*>(p.lse);
   T* dq = static_cast<T*>(p.dq);
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
@@ -778,7 +823,6 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   A* dV = carve<A>(cursor, wp * dp);    // rows j, cols d
   A* P = carve<A>(cursor, wp * wp);     // rows i, cols j
   A* dS = carve<A>(cursor, wp * wp);    // dP, then dS
-  A* lrow = carve<A>(cursor, wp);
 
   auto ring = make_ring(p, cursor, wp, qcap, begin, end, [&](const ItemTokens& t, PrefetchQueue& pq) {
     const int64_t h0 = t.g * hpg;
@@ -808,10 +852,9 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
       gather_rows(dQ, dp, v, p.v_stride, b, h, tok, m, D);  // V rows (dQ is free until dS K)
       transpose(VT, mp, dQ, dp, m, D);
       gather_rows(dO, dp, dout, p.dout_stride, b, h, tok, m, D);
-      for (int64_t i = 0; i < m; ++i) lrow[i] = lse[b * p.lse_stride[0] + h * p.lse_stride[1] + tok[i] * p.lse_stride[2]];
       gemm(P, mp, Q, dp, KT, mp, mr, mp, D);    // S = Q K^T
       gemm(dS, mp, dO, dp, VT, mp, mr, mp, D);  // dP = dO V^T
-      grad_rows(P, dS, m, mp, scale, lrow, [&] { ring.pump(pk); });  // P = exp(S * scale - lse), dS = P * (dP - delta)
+      grad_rows(P, dS, m, mp, p.scale, [&] { ring.pump(pk); });  // P = softmax(scale * S), dS = P * (dP - delta)
       for (int64_t i = m; i < mp; ++i)
         for (int64_t j = 0; j < mp; ++j) P[i * mp + j] = dS[i * mp + j] = 0;
       gemm(dQ, dp, dS, mp, K, dp, mr, dp, m);      // dQ = dS K
