@@ -1,0 +1,41 @@
+"""python -m rsir_kernels.train: train an RSIR model, one process or one per device under torchrun.
+
+    python -m rsir_kernels.train --data digits --model rsir_micro --epochs 30 --batch-size 64
+    torchrun --standalone --nproc_per_node 2 -m rsir_kernels.train --data digits --epochs 30 --batch-size 64
+
+Modules: cli (arguments), data (digits / ImageFolder / fake, sharded loaders), model (timm
+names), recipe (optimizer, schedule, loss), distributed (process group, DDP / FSDP2, seeds),
+checkpoint (atomic last.pt), loop (one epoch, sharded eval), report (metrics.jsonl, curves.png),
+run (the whole run).
+"""
+from __future__ import annotations
+
+import sys
+
+from .errors import TrainError
+
+__all__ = ["main", "TrainError"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses argv and trains; a TrainError prints one line "error: ..." and returns 2."""
+    from .cli import parser
+    from .run import train
+
+    args = parser().parse_args(argv)
+    try:
+        train(args)
+    except TrainError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def _one_line(error: TrainError) -> str:
+    """The message on one line; from a DataLoader worker, the original message without the
+    worker's traceback (the loader re-raises it as TrainError("Caught ... Traceback ...: msg"))."""
+    text = str(error)
+    if "Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(f"{TrainError.__name__}: ", 1)[-1]
+    return " ".join(text.split())

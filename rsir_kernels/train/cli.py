@@ -1,0 +1,65 @@
+"""Command-line arguments of python -m rsir_kernels.train (also under torchrun)."""
+from __future__ import annotations
+
+import argparse
+
+from .model import MODEL_NAMES
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rsir_kernels.train",
+        description="Train an RSIR model: one process, or one per device under "
+                    "torchrun --nproc_per_node N -m rsir_kernels.train ...")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="digits",
+                      help="'digits' (scikit-learn's, bundled), 'fake' (random images of the model's input "
+                           "size) or PATH of an ImageFolder tree PATH/train/<class>/*, PATH/val/<class>/*")
+    data.add_argument("--workers", type=int, default=4, help="data loader processes per rank (ImageFolder)")
+    data.add_argument("--train-items", type=int, default=None, help="train on the first N items only")
+    data.add_argument("--val-items", type=int, default=None, help="evaluate on the first N items only")
+    data.add_argument("--img-size", type=int, default=None, help="input side for ImageFolder/fake data "
+                      "(default: the model's pretrained_cfg, 224)")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="rsir_micro", help=f"one of {', '.join(MODEL_NAMES)}")
+    model.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    model.add_argument("--backend", default="auto", help="window_attention backend: auto, cpp, triton, reference")
+    model.add_argument("--window-size", type=int, default=None,
+                       help="window side (default: 4 on digits' 32x32 images, the model's 7 otherwise)")
+    model.add_argument("--grad-checkpointing", action="store_true", help="model.set_grad_checkpointing()")
+    model.add_argument("--recompute-qkv", action="store_true",
+                       help="recompute each attention's qkv projection and attention in the backward")
+    recipe = p.add_argument_group("recipe (the paper's, section 4.1, by default)")
+    recipe.add_argument("--epochs", type=int, default=300)
+    recipe.add_argument("--batch-size", type=int, default=256, help="global batch, over all ranks")
+    recipe.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 * batch / 256)")
+    recipe.add_argument("--weight-decay", type=float, default=0.05)
+    recipe.add_argument("--warmup-epochs", type=float, default=None,
+                        help="linear warmup (default: the paper's 20 of 300 epochs, as a share of --epochs)")
+    recipe.add_argument("--label-smoothing", type=float, default=0.1)
+    recipe.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
+    recipe.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (timm), 0: off")
+    recipe.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (timm), 0: off")
+    recipe.add_argument("--randaugment", default=None, metavar="SPEC",
+                        help="timm auto_augment spec for ImageFolder training, e.g. rand-m9-mstd0.5-inc1")
+    recipe.add_argument("--seed", type=int, default=0)
+    speed = p.add_argument_group("precision and speed")
+    speed.add_argument("--amp", choices=("fp32", "bf16", "fp16"), default="fp32",
+                       help="autocast dtype (fp16 adds a gradient scaler)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--channels-last", action="store_true", help="images and convolutions in NHWC")
+    speed.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block, then the model) "
+                       "instead of DDP")
+    speed.add_argument("--threads", type=int, default=None,
+                       help="CPU threads per rank (default: the cores shared out among this node's ranks)")
+    speed.add_argument("--steps-per-epoch", type=int, default=None, help="stop each epoch after N steps")
+    speed.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is present, else cpu")
+    out = p.add_argument_group("output")
+    out.add_argument("--output", default=None, help="folder for last.pt, metrics.jsonl, curves.png "
+                     "(default: a fresh runs/<time>-<model>-<data>, or --resume's folder)")
+    out.add_argument("--resume", default=None, metavar="OUTPUT/last.pt", help="continue this run")
+    out.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                     help="end this invocation after that many epochs in all (the schedule still spans "
+                          "--epochs), as a time-limited job would; continue with --resume")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p

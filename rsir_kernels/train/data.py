@@ -1,0 +1,116 @@
+"""Datasets and loaders: scikit-learn's digits, an ImageFolder tree, or random images.
+
+Every loader is sharded by a DistributedSampler (also with one process, so the order of a
+run depends on (seed, epoch) only and a resumed run replays it). Evaluation shards the
+validation set without padding (rank r takes items r, r + world, ...), so the all-reduced
+counts are exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+
+from .errors import TrainError
+
+DIGITS_SIZE = 32  # digits' 8x8 images are upsampled to 32x32: the models need sides divisible by 32
+
+
+@dataclasses.dataclass
+class Data:
+    """train/val datasets of (image (C, H, W) float, label int) and what the model must match."""
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_chans: int
+    input_size: tuple  # (C, H, W)
+
+
+def digits(seed: int = 0) -> Data:
+    """scikit-learn's 1,797 handwritten digits (bundled, no download): a stratified 80/20 split
+    (random_state=seed), 8x8 -> 32x32 bilinear, pixels 0..16 scaled to [-1, 1], one channel."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # (N, 1, 8, 8)
+    images = F.interpolate(images, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    train_idx, val_idx = train_test_split(range(len(labels)), test_size=0.2, stratify=bunch.target,
+                                          random_state=seed)
+    train_idx, val_idx = torch.tensor(train_idx), torch.tensor(val_idx)
+    return Data(TensorDataset(images[train_idx], labels[train_idx]),
+                TensorDataset(images[val_idx], labels[val_idx]),
+                num_classes=10, in_chans=1, input_size=(1, DIGITS_SIZE, DIGITS_SIZE))
+
+
+def fake(input_size: tuple, num_classes: int, train_items: int = 2048, val_items: int = 256) -> Data:
+    """Random images of input_size (C, H, W) and random labels: for throughput runs without a
+    dataset (the same images every call: a fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+    def make(n):
+        return TensorDataset(torch.randn(n, *input_size, generator=g),
+                             torch.randint(0, num_classes, (n,), generator=g))
+    return Data(make(train_items), make(val_items), num_classes, input_size[0], tuple(input_size))
+
+
+def _load_image(path: str):
+    """PIL loader that names the file when it cannot be read (a worker's bare PIL error does not)."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # PIL raises several types for a bad file: report them all the same way
+        raise TrainError(f"cannot read image {path}: {e}") from e
+
+
+def image_folder(root: str, pretrained_cfg: dict, *, auto_augment: str | None = None) -> Data:
+    """ImageNet's layout: root/train/<class>/*, root/val/<class>/*. Training: random resized crop
+    and flip (RandAugment with auto_augment, e.g. "rand-m9-mstd0.5-inc1"); eval: resize and center
+    crop, both at pretrained_cfg's input_size, mean, std, crop_pct and interpolation."""
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise TrainError(f"--data {root}: no folder {os.path.join(root, split)} "
+                             f"(expected ImageNet's layout: train/<class>/*, val/<class>/*)")
+    common = dict(input_size=pretrained_cfg["input_size"], mean=pretrained_cfg["mean"],
+                  std=pretrained_cfg["std"], interpolation=pretrained_cfg.get("interpolation", "bicubic"))
+    train_tf = create_transform(is_training=True, auto_augment=auto_augment, **common)
+    val_tf = create_transform(is_training=False, crop_pct=pretrained_cfg.get("crop_pct", 0.875), **common)
+    sets = {}
+    for split, tf in (("train", train_tf), ("val", val_tf)):
+        folder = os.path.join(root, split)
+        try:
+            sets[split] = ImageFolder(folder, transform=tf, loader=_load_image)
+        except FileNotFoundError as e:  # an empty class folder, or no class folder at all
+            raise TrainError(f"--data {root}: {e}") from e
+    if sets["train"].classes != sets["val"].classes:
+        raise TrainError(f"--data {root}: train and val have different class folders")
+    return Data(sets["train"], sets["val"], len(sets["train"].classes), pretrained_cfg["input_size"][0],
+                tuple(pretrained_cfg["input_size"]))
+
+
+def train_loader(dataset: Dataset, batch_per_rank: int, rank: int, world: int, seed: int,
+                 workers: int) -> DataLoader:
+    """Shuffled, sharded, drop_last (every step sees a full global batch); call
+    loader.sampler.set_epoch(epoch) before each epoch."""
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    return DataLoader(dataset, batch_size=batch_per_rank, sampler=sampler, drop_last=True,
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def eval_loader(dataset: Dataset, batch_per_rank: int, rank: int, world: int, workers: int) -> DataLoader:
+    """Rank r gets items r, r + world, ...: every item exactly once over the ranks, no padding."""
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    return DataLoader(shard, batch_size=batch_per_rank, shuffle=False, num_workers=workers)
+
+
+def subset(dataset: Dataset, items: int | None) -> Dataset:
+    """The first `items` items (all when None): small runs for tests and smoke checks."""
+    return dataset if items is None or items >= len(dataset) else Subset(dataset, range(items))

@@ -1,0 +1,5 @@
+"""The one error type the training entry point reports as a single line (and exit status 2)."""
+
+
+class TrainError(ValueError):
+    """A bad argument, input file or checkpoint: the message names it and says what was expected."""

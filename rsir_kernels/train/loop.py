@@ -1,0 +1,115 @@
+"""One training epoch and one sharded evaluation."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed
+from .report import progress
+
+
+def autocast(device: torch.device, amp: str):
+    """torch.autocast for --amp bf16/fp16; nothing for fp32."""
+    if amp == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def to_device(images, labels, device, channels_last: bool):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, *, world, epoch: int, epochs: int,
+                step: int, amp: str = "fp32", scaler=None, clip_grad: Optional[float] = None, mixup=None,
+                channels_last: bool = False, show_progress: bool = True,
+                on_step: Optional[Callable[[int, float, nn.Module], None]] = None, max_steps: Optional[int] = None) -> dict:
+    """Trains one epoch from optimizer step `step`; returns {"loss" (mean over the ranks and
+    steps), "steps", "images_per_s" (global), "train_s", "lr" (last)}. on_step(step, loss of
+    this rank) runs after each optimizer step; max_steps ends the epoch early."""
+    model.train()
+    loader.sampler.set_epoch(epoch)
+    steps = min(len(loader), max_steps or len(loader))
+    loss_sum, images_seen = torch.zeros((), dtype=torch.float64), 0
+    bar = progress(steps, epoch, epochs, show_progress and world.is_main)
+    start = time.perf_counter()
+    for images, labels in itertools.islice(loader, steps):
+        images, labels = to_device(images, labels, world.device, channels_last)
+        if mixup is not None:
+            images, labels = mixup(images, labels)
+        scheduler.step_update(step)
+        with autocast(world.device, amp):
+            loss = loss_fn(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        step += 1
+        loss_value = loss.detach().float().cpu()
+        loss_sum += loss_value.double()
+        images_seen += images.shape[0] * world.world_size
+        if on_step is not None:
+            on_step(step, loss_value.item(), model)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{loss_value.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
+                        img_s=f"{images_seen / elapsed:.1f}", refresh=False)
+        bar.update()
+    bar.close()
+    if world.device.type == "cuda":
+        torch.cuda.synchronize(world.device)
+    train_s = time.perf_counter() - start
+    total_loss, = distributed.all_reduce_sum([loss_sum.item()], world)
+    return {"loss": total_loss / max(steps * world.world_size, 1), "steps": steps,
+            "images_per_s": images_seen / train_s if train_s else 0.0, "train_s": train_s,
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, world, seed: int, amp: str = "fp32",
+             channels_last: bool = False, equal_batches: bool = False) -> dict:
+    """Each rank evaluates its shard; the sums are all-reduced: {"loss" (plain cross-entropy),
+    "top1", "top5" (percent), "items"}. RS-Win draws come from a generator state seeded by
+    (seed, rank) and put back afterwards, so evaluation repeats and leaves training's RNG alone.
+    equal_batches: ranks with fewer batches run discarded forwards until every rank ran as many
+    (FSDP2's forward is a collective)."""
+    model.eval()
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, items
+    devices = [world.device] if world.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(distributed.rank_seed(seed, world.rank))
+        for images, labels in loader:
+            images, labels = to_device(images, labels, world.device, channels_last)
+            with autocast(world.device, amp):
+                logits = model(images)
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == labels[:, None]
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+            sums[1] += hits[:, 0].sum().item()
+            sums[2] += hits.any(dim=1).sum().item()
+            sums[3] += labels.numel()
+        if equal_batches:
+            batches = len(loader)
+            most, = distributed.all_reduce_max([batches], world)
+            for _ in range(int(most) - batches):
+                model(images[:1])
+    loss, top1, top5, items = distributed.all_reduce_sum(sums, world)
+    items = max(items, 1)
+    return {"loss": loss / items, "top1": 100 * top1 / items, "top5": 100 * top5 / items, "items": int(items)}

@@ -1,0 +1,88 @@
+"""Run by tests/test_train.py under torchrun (2 processes, gloo): DDP or FSDP2 training checks.
+
+    torchrun --nproc_per_node 2 tests/train_worker.py {ddp|fsdp} OUT
+
+Writes OUT/result.json on rank 0 (the test reads and asserts on it):
+ddp: after every optimizer step each rank's parameters are gathered and compared bitwise
+     ("steps_checked", "unequal_steps"); 4 epochs straight vs 2 epochs + --resume for 2
+     ("resume_bitwise_equal"), whose metrics of epochs 3-4 must match too; the ranks' RNG
+     states differ ("rank_rng_differ").
+fsdp: 5 epochs of FSDP2 ("val_top1" per epoch), then the saved checkpoint loaded into a plain
+     timm model evaluated on the same shards ("plain_top1", "fsdp_top1").
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from rsir_kernels.train import cli, run
+from rsir_kernels.train.checkpoint import load
+from rsir_kernels.train.data import digits, eval_loader, subset
+from rsir_kernels.train.distributed import World
+from rsir_kernels.train.loop import evaluate
+
+COMMON = ["--data", "digits", "--model", "rsir_micro", "--backend", "cpp", "--no-progress", "--threads", "1"]
+
+
+def args(*extra):
+    return cli.parser().parse_args(COMMON + list(extra))
+
+
+def flat_params(model):
+    module = getattr(model, "module", model)
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def ddp(out):
+    checked, unequal = [0], []
+
+    def compare_ranks(step, loss, model):
+        mine = flat_params(model)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        checked[0] += 1
+        if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+            unequal.append(step)
+
+    small = ["--batch-size", "32", "--train-items", "160", "--val-items", "64", "--epochs", "4"]
+    straight = run.train(args(*small, "--output", f"{out}/straight"), on_step=compare_ranks)
+    run.train(args(*small, "--output", f"{out}/resumed", "--stop-after", "2"), on_step=compare_ranks)
+    resumed = run.train(args(*small, "--resume", f"{out}/resumed/last.pt"), on_step=compare_ranks)
+    if int(os.environ["RANK"]):
+        return
+    a, b = load(f"{out}/straight/last.pt"), load(f"{out}/resumed/last.pt")
+    keys = ("epoch", "train_loss", "val_loss", "val_top1")
+    result = {"steps_checked": checked[0], "unequal_steps": unequal,
+              "resume_bitwise_equal": a["model"].keys() == b["model"].keys()
+              and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]),
+              "metrics_equal": [{k: r[k] for k in keys} for r in straight["metrics"]]
+              == [{k: r[k] for k in keys} for r in resumed["metrics"]],
+              "epochs": [r["epoch"] for r in resumed["metrics"]],
+              "rank_rng_differ": not torch.equal(a["rng"][0]["torch"], a["rng"][1]["torch"])}
+    json.dump(result, open(f"{out}/result.json", "w"))
+
+
+def fsdp(out):
+    result = run.train(args("--fsdp", "--batch-size", "64", "--epochs", "5", "--output", f"{out}/fsdp"))
+    if int(os.environ["RANK"]):
+        return
+    import timm
+    saved = load(f"{out}/fsdp/last.pt")
+    plain = timm.create_model("rsir_micro", num_classes=10, in_chans=1, window_size=4, backend="cpp")
+    plain.load_state_dict(saved["model"])  # strict: the same keys, full tensors
+    val = digits().val
+    hits = items = 0
+    for rank in range(2):  # the shards and batches the FSDP run evaluated, one process
+        shard = evaluate(plain, eval_loader(val, 32, rank, 2, 0), world=World(rank, 1, 0, torch.device("cpu")),
+                         seed=0)
+        hits += shard["top1"] * shard["items"] / 100
+        items += shard["items"]
+    json.dump({"val_top1": [r["val_top1"] for r in result["metrics"]], "plain_top1": 100 * hits / items,
+               "fsdp_top1": result["metrics"][-1]["val_top1"]}, open(f"{out}/result.json", "w"))
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")  # one group for the several runs (train() leaves it open)
+    {"ddp": ddp, "fsdp": fsdp}[sys.argv[1]](sys.argv[2])
