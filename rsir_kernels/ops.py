@@ -14,9 +14,10 @@ import warnings
 from typing import NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.utils.flop_counter
 
-from . import backends
+from . import backends, reference
 
 try:  # the innermost TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...), or None
     from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
@@ -49,26 +50,44 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
             (views of a packed qkv are read in place).
         index: (B, G, L) int32 or int64 on q's device, G dividing H; row (b, g) is a
             permutation of 0..L-1, the token order of heads g*H/G .. (g+1)*H/G - 1.
-        window_size: N >= 1 tokens per window: window w of group g is the tokens
-            index[b, g, w*N:(w+1)*N]; when L % N != 0 the last window is partial.
-        scale: softmax scale, default D ** -0.5.
+        window_size: N >= 1 tokens per window (any Python int; N >= L is one window of
+            all L tokens): window w of group g is the tokens index[b, g, w*N:(w+1)*N];
+            when L % N != 0 the last window is partial.
+        scale: softmax scale, default D ** -0.5; finite in the precision the inputs are
+            computed in (float32 for fp16/bf16/fp32, float64 for fp64). Scores that
+            overflow that precision give NaN, as torch.softmax does.
         backend: "auto" (the fastest that runs these inputs), or one of
             available_backends().
         check_index: verify that every row of index is a permutation (one host sync;
-            skipped while torch.compile traces or a CUDA graph captures). Kernels mask
-            their loads and stores, so a bad index unchecked gives wrong numbers, never an
-            out-of-bounds access.
+            skipped where the values can't be read: while torch.compile or torch.jit
+            traces, a CUDA graph captures, on fake or meta tensors, under FakeTensorMode
+            or make_fx, and on an index mapped by torch.func.vmap).
+            Unchecked, a row that is not a permutation never makes a kernel touch memory
+            outside its tensors, and gives, for the heads of its group:
+            - a token no window visits: out = 0 and dq = dk = dv = 0 (every backend);
+            - an entry outside 0..L-1: an absent slot of its window, neither read as a key
+              nor written (cpp, triton); the reference backend raises torch.gather's
+              RuntimeError "index ... is out of bounds" (a device-side assert on CUDA);
+            - a token visited more than once: its out row and gradient rows are those of
+              one of its windows, which one unspecified (every backend); the gradients of
+              the other tokens of those windows are unspecified too.
     Returns:
         out: (B, L, H, D) in q's dtype, in the original token order:
         out[b, t, h] is token t's attention output inside its own window.
+
+    Derivatives: every autograd route is exact. Reverse mode runs the backend's backward;
+    a backward that builds a graph (create_graph=True, torch.func.grad / jacrev /
+    hessian) takes the gradient from the reference maths in differentiable ops, so second
+    order is exact at the reference's cost. Forward mode (torch.func.jvp, jacfwd,
+    torch.autograd.forward_ad) takes the tangent from the reference maths;
+    torch.func.vmap folds the mapped dimension into the batch. Under torch.compile the
+    registered ops run, reverse mode only (torch.compile has no double backward).
     """
-    _validate(q, k, v, index, window_size, scale, backend)
+    window_size = _validate(q, k, v, index, window_size, scale, backend)
     if q.numel() == 0:
         return q * 0 + k * 0 + v * 0  # empty, but connected to the graph
     chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
-    if _plain_eager(q, k, v, index):
-        return _eager(chosen, index, window_size, scale, (q, k, v))
-    return chosen.forward(q, k, v, index, window_size, scale)[0]
+    return _run(chosen, index, window_size, scale, (q, k, v))
 
 
 def window_attention_qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_size: int, *,
@@ -84,20 +103,16 @@ def window_attention_qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_si
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape (B, L, 3, H, D), got {tuple(qkv.shape)}")
     q, k, v = qkv.unbind(2)
-    _validate(q, k, v, index, window_size, scale, backend)
+    window_size = _validate(q, k, v, index, window_size, scale, backend)
     if q.numel() == 0:
         return q * 0 + k * 0 + v * 0
     chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
-    if _plain_eager(qkv, index):
-        return _eager(chosen, index, window_size, scale, (qkv,))
-    return _qkvpacked(qkv, index, window_size, scale, chosen.name)[0]
+    return _run(chosen, index, window_size, scale, (qkv,))
 
 
 def _prepare(q, index, window_size, scale, backend, check_index):
     """Validated inputs -> (the backend to run, index made contiguous, the scale as a float)."""
-    # the check's host sync can't run while torch.compile traces or a CUDA graph captures
-    if (check_index and not torch.compiler.is_compiling()
-            and not (index.is_cuda and torch.cuda.is_current_stream_capturing())):
+    if check_index and _index_readable(index):
         _check_index(index)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # (B, G, L) integers: a copy only for an expanded or sliced index, and backends may then
@@ -105,7 +120,22 @@ def _prepare(q, index, window_size, scale, backend, check_index):
     return choose_backend(backend, q, window_size), index.contiguous(), scale
 
 
-@torch.library.custom_op("rsir::window_attention_qkvpacked", mutates_args=())
+def _run(chosen, index, window_size, scale, tensors):
+    """Both entry points after validation; tensors is (q, k, v) or a packed (qkv,)."""
+    if torch.compiler.is_compiling():  # the registered ops and their autograd, which compile traces
+        if len(tensors) == 1:
+            return _qkvpacked(tensors[0], index, window_size, scale, chosen.name)[0]
+        return chosen.forward(*tensors, index, window_size, scale)[0]
+    if _needs_autograd(tensors):
+        return _WindowAttention.apply(index, window_size, scale, chosen, *tensors)[0]
+    with _profiled(chosen, "forward"):
+        return _forward_fn(chosen, tensors)(*_unpack(tensors), index, window_size, scale)[0]
+
+
+QKVPACKED_OP = "rsir::window_attention_qkvpacked"
+
+
+@torch.library.custom_op(QKVPACKED_OP, mutates_args=())
 def _qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_size: int, scale: float,
                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return backends.get(backend).forward(*qkv.unbind(2), index, window_size, scale)
@@ -113,7 +143,7 @@ def _qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_size: int, scale: 
 
 @_qkvpacked.register_fake
 def _(qkv, index, window_size, scale, backend):
-    return backends.reference.fake_forward(qkv[:, :, 0])
+    return backends.fake_forward(qkv[:, :, 0])
 
 
 def _qkvpacked_setup(ctx, inputs, output):
@@ -124,12 +154,14 @@ def _qkvpacked_setup(ctx, inputs, output):
 
 def _qkvpacked_backward(ctx, dout, _dlse):
     qkv, out, lse, index = ctx.saved_tensors
-    dqkv = backends.get(ctx.backend).backward(dout, *qkv.unbind(2), out, lse, index, ctx.window_size, ctx.scale)
+    if backends.differentiable_backward_needed():
+        dqkv = reference.window_attention_vjp(dout, *qkv.unbind(2), index, ctx.window_size, ctx.scale)
+    else:
+        dqkv = backends.get(ctx.backend).backward(dout, *qkv.unbind(2), out, lse, index, ctx.window_size, ctx.scale)
     return dqkv, None, None, None, None
 
 
-torch.library.register_autograd("rsir::window_attention_qkvpacked", _qkvpacked_backward,
-                                setup_context=_qkvpacked_setup)
+torch.library.register_autograd(QKVPACKED_OP, _qkvpacked_backward, setup_context=_qkvpacked_setup)
 
 
 def _qkvpacked_flops(qkv_shape, index_shape, window_size, scale, backend, out_shape=None, **kwargs):
@@ -138,24 +170,39 @@ def _qkvpacked_flops(qkv_shape, index_shape, window_size, scale, backend, out_sh
     return backends.forward_flops((batch, length, heads, dim), window_size)
 
 
-torch.utils.flop_counter.register_flop_formula(torch.ops.rsir.window_attention_qkvpacked)(_qkvpacked_flops)
+torch.utils.flop_counter.register_flop_formula(backends.op_packet(QKVPACKED_OP))(_qkvpacked_flops)
 
 
-# ---------------------------------------------------------------- the eager path
+# ---------------------------------------------------------------- outside torch.compile
 
 def _plain_eager(*tensors: torch.Tensor) -> bool:
     """True when nothing needs the ops: no torch.compile or torch.jit tracing, no dispatch
     mode (fake tensors, FLOP counting, ...), plain tensors (no subclass, no functorch
-    transform). Then the backend's implementation runs under the torch.autograd.Function
-    below, skipping the custom ops' dispatch and autograd glue in Python: on a GPU that host
-    time, not the kernels, bounds the small stages (benchmarks/NOTES.md, "Measured on an
-    H200")."""
+    transform). Then the backend's implementation runs directly, skipping the custom ops'
+    dispatch in Python: on a GPU that host time, not the kernels, bounds the small stages
+    (benchmarks/NOTES.md, "Measured on an H200")."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _current_dispatch_mode() is not None:
         return False
     return all(type(t) is torch.Tensor and not _functorch_wrapped(t) for t in tensors)
 
 
 _functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _needs_autograd(tensors) -> bool:
+    """Whether a derivative may be taken: reverse mode (grad mode and an input requiring
+    grad), forward mode (a dual level open), or a torch.func transform (wrapped tensors)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return fwAD._current_level >= 0 or any(_functorch_wrapped(t) for t in tensors)
+
+
+def _forward_fn(chosen, tensors):
+    return chosen.forward_impl if _plain_eager(*tensors) else chosen.forward
+
+
+def _backward_fn(chosen, tensors):
+    return chosen.backward_impl if _plain_eager(*tensors) else chosen.backward
 
 
 def _profiled(chosen, what: str):
@@ -166,38 +213,67 @@ def _profiled(chosen, what: str):
     return contextlib.nullcontext()
 
 
-def _eager(chosen, index, window_size, scale, tensors):
-    """The eager path of both entry points; tensors is (q, k, v) or a packed (qkv,)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _EagerAttention.apply(index, window_size, scale, chosen, *tensors)
-    with _profiled(chosen, "forward"):
-        return chosen.forward_impl(*_unpack(tensors), index, window_size, scale)[0]
-
-
 def _unpack(tensors):
     return tensors[0].unbind(2) if len(tensors) == 1 else tensors
 
 
-class _EagerAttention(torch.autograd.Function):
-    """chosen.forward_impl / backward_impl under autograd, with the same saved tensors as the
-    op path. tensors: (q, k, v), or (qkv,) whose packed gradient then comes back as is."""
+class _WindowAttention(torch.autograd.Function):
+    """The backend under autograd outside torch.compile, for both entry points.
+
+    tensors: (q, k, v), or (qkv,) whose packed gradient then comes back as is. The
+    backend's implementation runs directly in plain eager calls, its ops otherwise
+    (dispatch modes, tracing, subclasses). Returns (out, lse); lse has no derivative.
+    Reverse mode: the backend's backward; in a backward that builds a graph, the reference
+    maths in differentiable ops. Forward mode: the reference maths' tangent. vmap: the
+    mapped dimension folded into the batch, one call.
+    """
 
     @staticmethod
-    def forward(ctx, index, window_size, scale, chosen, *tensors):
+    def forward(index, window_size, scale, chosen, *tensors):
         with _profiled(chosen, "forward"):
-            out, lse = chosen.forward_impl(*_unpack(tensors), index, window_size, scale)
-        ctx.save_for_backward(out, lse, index, *tensors)
-        ctx.window_size, ctx.scale, ctx.chosen = window_size, scale, chosen
-        return out
+            return _forward_fn(chosen, tensors)(*_unpack(tensors), index, window_size, scale)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
+    def setup_context(ctx, inputs, output):
+        index, window_size, scale, chosen, *tensors = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(out, lse, index, *tensors)
+        ctx.save_for_forward(index, *tensors)
+        ctx.window_size, ctx.scale, ctx.chosen, ctx.packed = window_size, scale, chosen, len(tensors) == 1
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
         out, lse, index, *tensors = ctx.saved_tensors
-        with _profiled(ctx.chosen, "backward"):
-            dqkv = ctx.chosen.backward_impl(dout, *_unpack(tensors), out, lse, index, ctx.window_size, ctx.scale)
-        grads = (dqkv,) if len(tensors) == 1 else dqkv.unbind(2)
+        q, k, v = _unpack(tensors)
+        if backends.differentiable_backward_needed():
+            dqkv = reference.window_attention_vjp(dout, q, k, v, index, ctx.window_size, ctx.scale)
+        else:
+            with _profiled(ctx.chosen, "backward"):
+                run = _backward_fn(ctx.chosen, (dout, *tensors))
+                dqkv = run(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
+        grads = (dqkv,) if ctx.packed else dqkv.unbind(2)
         return (None, None, None, None, *grads)
+
+    @staticmethod
+    def jvp(ctx, _index_t, _window_size_t, _scale_t, _chosen_t, *tangents):
+        index, *tensors = ctx.saved_tensors
+        if ctx.packed:
+            tangents = (None,) * 3 if tangents[0] is None else tangents[0].unbind(2)
+        tangent = reference.window_attention_jvp(*_unpack(tensors), *tangents, index, ctx.window_size, ctx.scale)
+        return tangent, None
+
+    @staticmethod
+    def vmap(info, in_dims, index, window_size, scale, chosen, *tensors):
+        size = info.batch_size
+
+        def fold(t, dim):  # the mapped dimension (or a broadcast one) into the batch
+            t = t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+            return t.reshape(size * t.shape[1], *t.shape[2:])
+
+        folded = [fold(t, d) for t, d in zip(tensors, in_dims[4:])]
+        out, lse = _WindowAttention.apply(fold(index, in_dims[0]).contiguous(), window_size, scale, chosen, *folded)
+        return (out.reshape(size, -1, *out.shape[1:]), lse.reshape(size, -1, *lse.shape[1:])), (0, 0)
 
 
 # ---------------------------------------------------------------- backend choice
@@ -245,7 +321,9 @@ def choose_backend(name: str, q: torch.Tensor, window_size: int) -> backends.Bac
 
 # ---------------------------------------------------------------- validation
 
-def _validate(q, k, v, index, window_size, scale, backend) -> None:
+def _validate(q, k, v, index, window_size, scale, backend) -> int:
+    """Raises a named TypeError / ValueError for a bad argument; returns the window size to
+    run, min(window_size, L)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("index", index)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -277,10 +355,43 @@ def _validate(q, k, v, index, window_size, scale, backend) -> None:
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+        _check_scale(scale, q.dtype)
     if backend != "auto" and backend not in backends.names():
         raise ValueError(f"backend must be 'auto' or one of {backends.names()}, got {backend!r}")
+    # N >= L is one window of all L tokens: the same result, and a size every op can hold
+    return max(1, min(window_size, length))
+
+
+def _check_scale(scale, dtype: torch.dtype) -> None:
+    """scale must be a finite number in the compute precision: a larger one rounds to inf
+    there and every score becomes inf or NaN."""
+    work = reference.compute_dtype(dtype)
+    limit = torch.finfo(work).max
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond float64
+        value = math.inf
+    if not (math.isfinite(value) and abs(value) <= limit):
+        shown = f"{value:.4g}" if math.isfinite(value) or isinstance(scale, float) else "an int beyond float64"
+        raise ValueError(f"scale must be finite in {work}, the compute precision of {dtype} inputs "
+                         f"(|scale| <= {limit:.4g}), got {shown}")
+
+
+def _index_readable(index: torch.Tensor) -> bool:
+    """Whether the index check can read index's values now. Not while torch.compile or
+    torch.jit traces (the check would be baked in or break the graph), not on fake or meta
+    tensors or under FakeTensorMode / make_fx / functionalization (no values), not on a
+    tensor mapped by a torch.func transform, not while a CUDA graph captures (no host sync)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if type(index) is not torch.Tensor or index.is_meta or _functorch_wrapped(index):
+        return False
+    if any(torch._C._get_dispatch_mode(key) is not None for key in _VALUELESS_MODES):
+        return False
+    return not (index.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+_VALUELESS_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, name) for name in ("FAKE", "PROXY", "FUNCTIONAL"))
 
 
 def _check_index(index: torch.Tensor) -> None:

@@ -48,7 +48,9 @@ def split_windows(xs: torch.Tensor, window_size: int) -> list[torch.Tensor]:
     full = length - length % window_size
     parts = []
     if full:
-        parts.append(xs[:, :, :full].unflatten(2, (full // window_size, window_size)))
+        # reshape, not unflatten (nor flatten in merge_windows): functorch has no batching rule
+        # for them where a backward or jvp runs on vmapped tensors (batched gradients)
+        parts.append(xs[:, :, :full].reshape(*xs.shape[:2], full // window_size, window_size, *xs.shape[3:]))
     if full < length:
         parts.append(xs[:, :, full:].unsqueeze(2))
     return parts
@@ -56,7 +58,7 @@ def split_windows(xs: torch.Tensor, window_size: int) -> list[torch.Tensor]:
 
 def merge_windows(parts: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of split_windows."""
-    return torch.cat([p.flatten(2, 3) for p in parts], dim=2)
+    return torch.cat([p.reshape(*p.shape[:2], -1, *p.shape[4:]) for p in parts], dim=2)
 
 
 def attend(q, k, v, scale):
@@ -124,3 +126,35 @@ def window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale
         grads.append((ds @ kw * scale, ds.transpose(-1, -2) @ qw * scale, p.transpose(-1, -2) @ dow))
     dq, dk, dv = (scatter_tokens(merge_windows(list(g)), idx) for g in zip(*grads))
     return torch.stack((dq, dk, dv), dim=2).to(q.dtype)
+
+
+def window_attention_vjp(dout, q, k, v, index, window_size, scale):
+    """The gradient dqkv (B, L, 3, H, D) as plain ops differentiable in dout, q, k and v.
+
+    window_attention_backward from a log-sum-exp recomputed with its graph (a saved lse
+    would cut the path from the gradient back to q and k): what a backward that builds a
+    graph runs, so that second-order derivatives are exact.
+    """
+    out, lse = window_attention_with_lse(q, k, v, index, window_size, scale)
+    return window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale)
+
+
+def window_attention_jvp(q, k, v, tq, tk, tv, index, window_size, scale):
+    """Forward-mode derivative: the tangent of out (B, L, H, D) for tangents tq, tk, tv
+    (each (B, L, H, D) or None for zero), in q's dtype, computed in compute_dtype.
+
+    Per window, with S = q k^T * scale, P = softmax(S), out = P V:
+    dS = (tq k^T + q tk^T) * scale, dP = P * (dS - rowsum(P * dS)), tout = dP V + P tv.
+    """
+    heads = q.shape[2]
+    work = compute_dtype(q.dtype)
+    idx = head_index(index, heads)
+    tq, tk, tv = (torch.zeros_like(q) if t is None else t for t in (tq, tk, tv))
+    gathered = (gather_tokens(t.to(work), idx) for t in (q, k, v, tq, tk, tv))
+    parts = []
+    for qw, kw, vw, tqw, tkw, tvw in zip(*(split_windows(t, window_size) for t in gathered)):
+        p = torch.softmax((qw @ kw.transpose(-1, -2)) * scale, dim=-1)
+        ds = (tqw @ kw.transpose(-1, -2) + qw @ tkw.transpose(-1, -2)) * scale
+        dp = p * (ds - (p * ds).sum(-1, keepdim=True))
+        parts.append(dp @ vw + p @ tvw)
+    return scatter_tokens(merge_windows(parts), idx).to(q.dtype)

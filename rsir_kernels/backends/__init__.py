@@ -15,8 +15,9 @@ The contract every backend keeps (DESIGN.md section 1):
                  module whose q, k, v are views of one packed qkv gets its gradient
                  with no torch.cat / torch.stack
 
-Both are torch.library ops with fake implementations, each backend under names of its
-own. `register` wires autograd for the forward op once, the same way for every backend.
+Both are torch.library ops with fake implementations (`fake_forward`, `fake_backward`, here
+for every backend), each backend under op names of its own, written once as constants in its
+module. `register` wires autograd for the forward op once, the same way for every backend.
 A backend whose ops are Python functions also hands those functions over (`eager_forward`,
 `eager_backward`): rsir_kernels.ops calls them directly in plain eager calls, skipping the
 dispatcher's round trips through Python (host time that the small stages of a model on a
@@ -32,6 +33,8 @@ import threading
 from typing import Callable, Optional
 
 import torch
+
+from .. import reference
 
 # (q, window_size) -> None if this backend can run the inputs, else why not.
 CanRun = Callable[[torch.Tensor, int], Optional[str]]
@@ -50,11 +53,11 @@ class Backend:
 
     @property
     def forward(self):
-        return _resolve(self.forward_op).default
+        return op_packet(self.forward_op).default
 
     @property
     def backward(self):
-        return _resolve(self.backward_op).default
+        return op_packet(self.backward_op).default
 
     @property
     def forward_impl(self):
@@ -66,7 +69,7 @@ class Backend:
         return self.eager_backward or self.backward
 
 
-def _resolve(qualname: str):
+def op_packet(qualname: str):
     """"namespace::name" -> torch.ops.namespace.name (an OpOverloadPacket)."""
     namespace, name = qualname.split("::")
     return getattr(getattr(torch.ops, namespace), name)
@@ -104,11 +107,35 @@ def _register_autograd(backend: Backend) -> None:
 
     def backward(ctx, dout, _dlse):  # lse is an auxiliary output: no gradient flows through it
         q, k, v, out, lse, index = ctx.saved_tensors
-        dqkv = backend.backward(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
+        if differentiable_backward_needed():
+            dqkv = reference.window_attention_vjp(dout, q, k, v, index, ctx.window_size, ctx.scale)
+        else:
+            dqkv = backend.backward(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
         dq, dk, dv = dqkv.unbind(2)
         return dq, dk, dv, None, None, None
 
     torch.library.register_autograd(backend.forward_op, backward, setup_context=setup_context)
+
+
+def differentiable_backward_needed() -> bool:
+    """True inside a backward that builds a graph (create_graph=True, torch.func's grad,
+    jacrev, hessian): the gradient must then itself be differentiable, which the backward
+    ops are not, so it is taken from the reference maths in plain differentiable ops
+    (exact second order, at the reference's cost). torch.compile has no double backward;
+    there the backward op always runs."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def fake_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output metadata of every backend's forward op: out (B, L, H, D), lse (B, H, L)."""
+    batch, length, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=reference.lse_dtype(q.dtype))
+
+
+def fake_backward(q: torch.Tensor) -> torch.Tensor:
+    """Output metadata of every backend's backward op: dqkv (B, L, 3, H, D)."""
+    batch, length, heads, dim = q.shape
+    return q.new_empty((batch, length, 3, heads, dim))
 
 
 def forward_flops(q_shape, window_size: int) -> int:
@@ -127,16 +154,16 @@ def _register_flops(backend: Backend) -> None:
     """FLOP formulas for torch.utils.flop_counter, which can't see inside an op."""
     from torch.utils.flop_counter import register_flop_formula
 
-    @register_flop_formula(_resolve(backend.forward_op))
+    @register_flop_formula(op_packet(backend.forward_op))
     def _forward(q_shape, k_shape, v_shape, index_shape, window_size, scale, out_shape=None, **kw):
         return forward_flops(q_shape, window_size)
 
-    @register_flop_formula(_resolve(backend.backward_op))
+    @register_flop_formula(op_packet(backend.backward_op))
     def _backward(dout_shape, q_shape, *args, out_shape=None, **kw):
         return backward_flops(q_shape, args[-2])
 
 
 # Each module registers itself on import; order does not matter (priority decides "auto").
-from . import reference as _reference  # noqa: E402,F401
+from . import pytorch as _pytorch  # noqa: E402,F401
 from . import triton as _triton  # noqa: E402,F401
 from . import cpp as _cpp  # noqa: E402,F401

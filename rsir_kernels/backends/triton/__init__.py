@@ -13,7 +13,7 @@ import torch
 
 from .. import Backend, register
 
-_NAME, _FWD, _BWD = "triton", "rsir::window_attention_triton", "rsir::window_attention_triton_backward"
+NAME, FORWARD_OP, BACKWARD_OP = "triton", "rsir::window_attention_triton", "rsir::window_attention_triton_backward"
 
 
 def _unavailable_reason():
@@ -30,9 +30,9 @@ _reason = _unavailable_reason()
 if _reason is None:
     from . import launch
 
-    register(Backend(name=_NAME, forward_op=_FWD, backward_op=_BWD, priority={"cuda": 30},
+    register(Backend(name=NAME, forward_op=FORWARD_OP, backward_op=BACKWARD_OP, priority={"cuda": 30},
                      cannot_run=launch.cannot_run, eager_forward=launch.forward,
                      eager_backward=launch.backward))
 else:
-    register(Backend(name=_NAME, forward_op=_FWD, backward_op=_BWD, priority={"cuda": 30},
+    register(Backend(name=NAME, forward_op=FORWARD_OP, backward_op=BACKWARD_OP, priority={"cuda": 30},
                      unavailable=_reason))

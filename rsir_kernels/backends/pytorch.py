@@ -1,15 +1,19 @@
-"""The `reference` backend: rsir::window_attention and its backward op, pure PyTorch.
+"""The `reference` backend: its forward and backward ops in pure PyTorch.
 
 Runs on every device and dtype; the slowest path (it materialises the gathered windows and
 the attention matrix), kept as the backend of last resort and the op-level twin of the
-fused kernels.
+fused kernels. The maths is rsir_kernels.reference; this module only registers it as ops.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import reference
-from . import Backend, register
+from . import Backend, fake_backward, fake_forward, register
+
+NAME = "reference"
+FORWARD_OP = "rsir::window_attention"
+BACKWARD_OP = "rsir::window_attention_backward"
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
@@ -24,8 +28,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return reference.window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale)
 
 
-window_attention_fwd = torch.library.custom_op("rsir::window_attention", mutates_args=())(forward)
-window_attention_bwd = torch.library.custom_op("rsir::window_attention_backward", mutates_args=())(backward)
+window_attention_fwd = torch.library.custom_op(FORWARD_OP, mutates_args=())(forward)
+window_attention_bwd = torch.library.custom_op(BACKWARD_OP, mutates_args=())(backward)
 
 
 @window_attention_fwd.register_fake
@@ -38,22 +42,10 @@ def _(dout, q, k, v, out, lse, index, window_size, scale):
     return fake_backward(q)
 
 
-def fake_forward(q):
-    """Output metadata of every backend's forward op: out (B, L, H, D), lse (B, H, L)."""
-    batch, length, heads, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=reference.lse_dtype(q.dtype))
-
-
-def fake_backward(q):
-    """Output metadata of every backend's backward op: dqkv (B, L, 3, H, D)."""
-    batch, length, heads, dim = q.shape
-    return q.new_empty((batch, length, 3, heads, dim))
-
-
 register(Backend(
-    name="reference",
-    forward_op="rsir::window_attention",
-    backward_op="rsir::window_attention_backward",
+    name=NAME,
+    forward_op=FORWARD_OP,
+    backward_op=BACKWARD_OP,
     priority={"cpu": 0, "cuda": 0},
     eager_forward=forward,
     eager_backward=backward,
