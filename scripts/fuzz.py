@@ -1,0 +1,272 @@
+"""Fuzz every backend against the float64 reference: random shapes, dtypes, strides, index
+dtypes, magnitudes and scales, one seed per case.
+
+    python scripts/fuzz.py --cases 10000            # make fuzz N=10000
+    python scripts/fuzz.py --replay cpp:avx2:1234   # one failing case again, by its tag
+
+The cases are split over the targets: `cpp` under every ISA build of the CPU core that this
+machine runs (RSIR_CPU_ISA=avx512 / avx2 / generic, one subprocess each: the core picks its
+build once per process), `reference` (fp32/fp16/bf16 against float64), and `triton` under
+its interpreter on a CPU-only machine (a smaller share: ~100x slower). Each case is checked
+with the project's tolerance rule (tests/util.py): fp32 within 1e-5 relative or, at large
+magnitudes where the fp32 reference itself is further off, within 2x its error level (the
+largest over a few evaluation orders: fp32_error_level); fp16/bf16
+within 2x the same-precision reference's error plus 1e-3; fp64 within 1e-10. Prints a
+progress bar and the tag (target:isa:seed) of every failing case; exits 1 on any failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ISAS = ("avx512", "avx2", "generic")
+ISA_NAMES = {"avx512": "avx512", "avx2": "avx2+fma", "generic": "generic"}
+
+
+def draw_case(seed: int) -> dict:
+    """The problem of case `seed` (a pure function of the seed)."""
+    rng = random.Random(seed)
+    groups = rng.choice([1, 1, 2, 3, 4])
+    heads = groups * rng.choice([1, 1, 2])
+    length = rng.choice([1, 2, rng.randint(3, 20), rng.randint(3, 20), rng.randint(20, 80)])
+    window = rng.choice([1, rng.randint(1, 8), rng.randint(2, 64), length, length + rng.randint(1, 5)])
+    dtype = rng.choices(["float32", "float64", "float16", "bfloat16"], weights=[6, 1, 2, 2])[0]
+    # magnitudes: fp16 overflows past ~6e4, so low precision stays where its inputs are finite
+    top = {"float32": 4.0, "float64": 2.0}.get(dtype, 1.5)
+    magnitude = 10 ** rng.uniform(-2, top) if rng.random() < 0.4 else 1.0
+    scale = None if rng.random() < 0.5 else rng.choice([1, 1, -1]) * 10 ** rng.uniform(-2, top)
+    return dict(batch=rng.randint(1, 2), length=length, heads=heads, groups=groups,
+                dim=rng.choice([1, 3, 8, 16, rng.randint(1, 40)]), window=max(1, window), dtype=dtype,
+                layout=rng.choice(["packed", "separate", "dim-strided"]),
+                index_dtype=rng.choice(["int32", "int64"]), magnitude=magnitude, scale=scale, data_seed=seed)
+
+
+def make_inputs(case: dict, device: str):
+    """q, k, v (B, L, H, D) in the case's layout and dtype, index (B, G, L), dout."""
+    import torch
+    gen = torch.Generator().manual_seed(case["data_seed"])
+    dtype = getattr(torch, case["dtype"])
+    b, n, h, d = case["batch"], case["length"], case["heads"], case["dim"]
+    mag = case["magnitude"]
+    if case["layout"] == "packed":
+        base = torch.randn(b, n, 3, h, d, generator=gen)
+        base[:, :, :2] *= mag
+        q, k, v = (t.to(device, dtype) for t in base.unbind(2))
+    elif case["layout"] == "separate":
+        q, k, v = ((torch.randn(b, n, h, d, generator=gen) * s).to(device, dtype) for s in (mag, mag, 1.0))
+    else:  # non-unit stride along the head dim: views of a (B, D, L, H) buffer
+        q, k, v = ((torch.randn(b, d, n, h, generator=gen) * s).to(device, dtype).permute(0, 2, 3, 1)
+                   for s in (mag, mag, 1.0))
+    index = torch.stack([torch.stack([torch.randperm(n, generator=gen) for _ in range(case["groups"])])
+                         for _ in range(b)]).to(device, getattr(torch, case["index_dtype"]))
+    dout = torch.randn(b, n, h, d, generator=gen).to(device, dtype)
+    return q, k, v, index, dout
+
+
+def fp32_error_level(q, k, v, index, n, scale, dout, exact, orders: int = 4) -> list:
+    """The fp32 reference's own error against `exact` (float64 out, dq, dk, dv), per tensor:
+    the largest over `orders` equally valid evaluation orders (the head dim of q and k
+    permuted, which changes only the rounding of q . k).
+
+    One order alone is a single draw: at large scores the rounding of q . k moves the
+    exponents by ~|scale q . k| * 2^-24, and how far that moves the result depends on the
+    order; on the same inputs one order's fp32 dq was 2.7e-6 off and another's 1e-4
+    (fuzz case cpp:avx512:20112)."""
+    import torch
+    from rsir_kernels import reference
+    from util import max_rel_error
+
+    gen = torch.Generator().manual_seed(0)
+    dim = q.shape[-1]
+    level = [0.0] * 4
+    for j in range(orders):
+        perm = torch.arange(dim) if j == 0 else torch.randperm(dim, generator=gen)
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        sc = dim ** -0.5 if scale is None else scale
+        out = reference.window_attention_reference(leaves[0][..., perm], leaves[1][..., perm], leaves[2], index, n, sc)
+        got = (out, *torch.autograd.grad(out, leaves, dout.float()))
+        level = [max(a, max_rel_error(g, e)) for a, g, e in zip(level, got, exact)]
+    return level
+
+
+def check_case(backend: str, case: dict, device: str = "cpu") -> str | None:
+    """None if `backend` matches the float64 reference on `case` within the rule, else why not."""
+    import torch
+    import rsir_kernels as rk
+    from rsir_kernels import reference
+    from util import max_rel_error
+
+    if backend == "triton" and case["dtype"] == "float64":  # triton has no fp64: the same problem in fp32
+        case = dict(case, dtype="float32")
+    q, k, v, index, dout = make_inputs(case, device)
+    n, scale = case["window"], case["scale"]
+
+    def grads(fn, dtype, upcast=False):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves) if fn else reference.window_attention_reference(*leaves, index, n, scale, upcast=upcast)
+        return [t.detach() for t in (out, *torch.autograd.grad(out, leaves, dout.to(dtype)))]
+
+    exact = grads(None, torch.float64, upcast=True)
+    if not all(torch.isfinite(e).all() for e in exact):
+        return None  # the rule covers finite float64 results
+    run = lambda *t: rk.window_attention(*t, index, n, scale=scale, backend=backend)  # noqa: E731
+    got = grads(run, q.dtype)
+    same = grads(None, q.dtype) if q.dtype in (torch.float16, torch.bfloat16) else [None] * 4
+    level = fp32_error_level(q, k, v, index, n, scale, dout, exact) if q.dtype == torch.float32 else [None] * 4
+    for name, a, e, r, lvl in zip(("out", "dq", "dk", "dv"), got, exact, same, level):
+        if a.shape != e.shape:
+            return f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        if torch.isnan(a).any():
+            return f"{name}: NaN"
+        if q.dtype in (torch.float16, torch.bfloat16):
+            err, ref_err = [float((x.double() - e).abs().max()) for x in (a, r)]
+            if not err <= 2 * ref_err + 1e-3:
+                return f"{name}: error {err:.3g} > 2 x {ref_err:.3g} + 1e-3"
+        elif q.dtype == torch.float32:
+            err = max_rel_error(a, e)
+            if not err <= max(1e-5, 2 * lvl):
+                return f"{name}: relative error {err:.3g} > max(1e-5, 2 x fp32 reference's {lvl:.3g})"
+        else:
+            err = max_rel_error(a, e)
+            if not err <= 1e-10:
+                return f"{name}: relative error {err:.3g} > 1e-10"
+    return None
+
+
+def run_cases(backend: str, seeds, device: str = "cpu", report=None) -> list:
+    """Checks case(seed) for each seed; returns [(seed, message)] of the failures. report(i,
+    failure) is called after each case (failure None when it passed)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    os.environ.setdefault("RSIR_POISON", "1")  # an unwritten row of a cpp output shows up as NaN
+    failures = []
+    for i, seed in enumerate(seeds):
+        try:
+            why = check_case(backend, draw_case(seed), device)
+        except Exception as exc:  # noqa: BLE001  (a crash is a failing case too)
+            why = f"{type(exc).__name__}: {exc}"
+        if why:
+            failures.append((seed, why))
+        if report:
+            report(i, (seed, why) if why else None)
+    return failures
+
+
+def _worker(args) -> None:
+    """One target in this process: prints one JSON line per case."""
+    import torch
+    device = "cuda" if args.target == "triton" and torch.cuda.is_available() else "cpu"
+    if args.target == "triton" and device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+    seeds = range(args.first_seed, args.first_seed + args.count)
+
+    def report(i, failure):
+        print(json.dumps({"done": i + 1, "fail": failure}), flush=True)
+
+    run_cases(args.target, seeds, device, report=report)
+
+
+def _plan(total: int) -> list:
+    """[(target, isa or '', count)]: triton 2 %, reference 5 %, cpp the rest over the ISAs."""
+    sys.path.insert(0, ROOT)
+    import rsir_kernels as rk
+    avail = rk.available_backends()
+    plan = []
+    if avail["triton"].available or _interpreter_usable():
+        plan.append(("triton", "", max(1, total // 50)))
+    plan.append(("reference", "", max(1, total // 20)))
+    if avail["cpp"].available:
+        isas = [isa for isa in ISAS if _isa_runs(isa)]
+        left = total - sum(c for _, _, c in plan)
+        for j, isa in enumerate(isas):
+            plan.append(("cpp", isa, left // len(isas) + (j < left % len(isas))))
+    return plan
+
+
+def _interpreter_usable() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _isa_runs(isa: str) -> bool:
+    """Whether this CPU runs the ISA build (RSIR_CPU_ISA only caps the dispatcher's choice)."""
+    if isa == "generic":
+        return True
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    need = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl"), "avx2": ("avx2", "fma")}[isa]
+    return all(f in flags for f in need)
+
+
+def _bar(done: int, total: int, fails: int, start: float) -> str:
+    width = 40
+    filled = width * done // max(total, 1)
+    rate = done / max(time.time() - start, 1e-9)
+    eta = (total - done) / rate if rate > 0 else 0
+    return f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} failed {fails} eta {eta:.0f}s"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=1000, help="total cases over every target")
+    parser.add_argument("--seed", type=int, default=0, help="first case seed (cases use seed, seed + 1, ...)")
+    parser.add_argument("--replay", help="target:isa:seed of one case (as printed for a failure)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser.add_argument("--first-seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return 0
+    if args.replay:
+        target, isa, seed = args.replay.split(":")
+        plan, args.seed = [(target, isa, 1)], int(seed)
+    else:
+        plan = _plan(args.cases)
+    total = sum(c for _, _, c in plan)
+    print("plan: " + ", ".join(f"{t}{':' + i if i else ''} {c}" for t, i, c in plan), flush=True)
+    start, done, failures, first = time.time(), 0, [], args.seed
+    for target, isa, count in plan:
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        if isa:
+            env["RSIR_CPU_ISA"] = isa
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--target", target,
+               "--first-seed", str(first), "--count", str(count)]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        seen = 0
+        for line in proc.stdout:
+            if not line.startswith("{"):
+                continue
+            msg = json.loads(line)
+            seen = msg["done"]
+            if msg["fail"]:
+                seed, why = msg["fail"]
+                failures.append(f"{target}:{isa}:{seed}")
+                sys.stderr.write(f"\nFAILED {target}:{isa}:{seed}  {why}\n  replay: python scripts/fuzz.py "
+                                 f"--replay {target}:{isa}:{seed}\n")
+            sys.stderr.write(_bar(done + seen, total, len(failures), start))
+            sys.stderr.flush()
+        if proc.wait() != 0 or seen != count:
+            failures.append(f"{target}:{isa}: worker exited {proc.returncode} after {seen}/{count} cases")
+            sys.stderr.write(f"\n{failures[-1]}\n")
+        done += count
+        first += count  # every target gets seeds of its own
+    sys.stderr.write("\n")
+    print(f"{total} cases, {len(failures)} failed, {time.time() - start:.0f} s"
+          + (": " + " ".join(failures) if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
