@@ -91,3 +91,73 @@ def test_upcast_switch(dtype):
     # inputs rounded to dtype are exact in float64: compare against those
     exact = reference.window_attention_reference(*(t.to(dtype).double() for t in (q, k, v)), index, 49)
     assert (up.double() - exact).abs().max() <= (same.double() - exact).abs().max()
+
+
+# ---------------------------------------------------------------- an unchecked index that is not a permutation
+
+def _broken_index(length=11, n=4):
+    """(1, 2, L): group 0 a permutation; in group 1 token 3 is replaced by a second token 5
+    placed in another window (so token 3 is in no window, token 5 in two)."""
+    index = make_index(1, length, 2, device="cpu", seed=6)
+    row = index[0, 1]
+    pos3, pos5 = int((row == 3).nonzero()), int((row == 5).nonzero())
+    if pos3 // n == pos5 // n:  # same window: move token 3 to a slot of another window first
+        other = (pos5 // n + 1) * n % length
+        row[[pos3, other]] = row[[other, pos3]]
+        pos3 = other
+    row[pos3] = 5
+    return index, n
+
+
+def _window_rows(q, k, v, dout, win, h, scale):
+    """Brute force, one window: out rows and the three gradients of its tokens (float64)."""
+    qw, kw, vw = (t[0, win, h].detach().clone().requires_grad_() for t in (q, k, v))
+    ow = torch.softmax(qw @ kw.T * scale, -1) @ vw
+    return (ow.detach(), *torch.autograd.grad(ow, (qw, kw, vw), dout[0, win, h]))
+
+
+def test_unchecked_non_permutation_index_contract():
+    """The shared contract for check_index=False (window_attention's docstring), on the
+    reference maths and the reference backend: (a) a token in no window of a group gets
+    out = 0 and dq = dk = dv = 0 for that group's heads; (c) a token in two windows gets the
+    out row and gradient rows of one of them."""
+    import rsir_kernels as rk
+    index, n = _broken_index()
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 11, 4, 3, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+    dout = torch.randn(1, 11, 4, 3, generator=gen, dtype=torch.float64)
+    scale = 0.7
+    out = rk.window_attention(q, k, v, index, n, scale=scale, backend="reference", check_index=False)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    maths = reference.window_attention_reference(q, k, v, index, n, scale)
+    assert torch.equal(out, maths)
+    group1 = [2, 3]  # heads of group 1 (H = 4, G = 2)
+    for t in (out, *grads):
+        assert torch.all(t[0, 3, group1] == 0)
+        assert torch.all(t[0, 3, :2] != 0)  # group 0 visits token 3
+    row = index[0, 1]
+    windows = [row[s:s + n] for s in range(0, 11, n) if 5 in row[s:s + n]]
+    assert len(windows) == 2
+    for h in group1:
+        got = [t[0, 5, h] for t in (out, *grads)]
+        candidates = []
+        for win in windows:
+            at = int((win == 5).nonzero())
+            candidates.append([r[at] for r in _window_rows(q, k, v, dout, win, h, scale)])
+        for i, name in enumerate(("out", "dq", "dk", "dv")):
+            assert any(torch.allclose(got[i], c[i], atol=1e-12, rtol=0) for c in candidates), name
+
+
+def test_unchecked_index_out_of_range_raises_in_the_reference():
+    """(b) an entry outside 0..L-1: the reference raises torch.gather's error (cpp and triton
+    treat it as an absent slot instead)."""
+    import rsir_kernels as rk
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 9, 2, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    for bad in (9, -1):
+        index = make_index(1, 9, 1, device="cpu", seed=10)
+        index[0, 0, 4] = bad
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            reference.window_attention_reference(q, k, v, index, 4)
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            rk.window_attention(q, k, v, index, 4, backend="reference", check_index=False)
