@@ -6,6 +6,8 @@ Outputs are poisoned: RSIR_POISON=1 makes the C++ ops allocate their outputs fil
 NaN, so a row a kernel forgets to write fails the comparison.
 """
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ import rsir_kernels as rk
 from rsir_kernels import backends
 from rsir_kernels.backends import cpp
 
-from util import assert_matches_reference, make_index, make_qkv
+from util import assert_close_to, assert_matches_reference, make_index, make_qkv, max_rel_error
 
 AVAILABLE = rk.available_backends()["cpp"]
 # Skipped when the extension is not built, unless RSIR_REQUIRE_EXT=1 (then they fail).
@@ -183,6 +185,142 @@ def test_bad_index_stays_in_bounds():
     assert out.shape == q.shape and dqkv.shape == (1, 40, 3, 2, 8)
 
 
+def _naive_windows(q, k, v, idx, n, scale, dout):
+    """Independent float64 loop over the windows of an index that may not be a permutation:
+    entries outside 0..L-1 are absent slots. Returns {(b, h, t): [(out, dq, dk, dv), ...]},
+    each token's rows from every window slot it fills, in index order (forward and the
+    window's own gradients for dout)."""
+    batch, length, heads, _ = q.shape
+    groups = idx.shape[1]
+    rows = {}
+    for b in range(batch):
+        for g in range(groups):
+            for w0 in range(0, length, n):
+                toks = [int(t) for t in idx[b, g, w0:w0 + n] if 0 <= int(t) < length]
+                if not toks:
+                    continue
+                for h in range(g * heads // groups, (g + 1) * heads // groups):
+                    qw, kw, vw = (x[b, toks, h].double().requires_grad_() for x in (q, k, v))
+                    ow = torch.softmax(qw @ kw.T * scale, dim=-1) @ vw
+                    gq, gk, gv = torch.autograd.grad(ow, (qw, kw, vw), dout[b, toks, h].double())
+                    for i, t in enumerate(toks):
+                        rows.setdefault((b, h, t), []).append((ow[i].detach(), gq[i], gk[i], gv[i]))
+    return rows
+
+
+def _run_bad_index(idx, n=5, shape=(2, 20, 4, 8)):
+    q, k, v = make_qkv(*shape, device="cpu", packed=True, requires_grad=False, seed=3)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    scale = shape[-1] ** -0.5
+    out, lse = fwd_op()(q, k, v, idx, n, scale)
+    dqkv = bwd_op()(dout, q, k, v, out, lse, idx, n, scale)
+    return (out, *dqkv.unbind(2)), _naive_windows(q, k, v, idx, n, scale, dout)
+
+
+def _bad_index(seed, duplicates):
+    idx = make_index(2, 20, 2, device="cpu", seed=seed)
+    idx[0, 0, ::3] = 10 ** 6   # absent slots: tokens they replaced are visited by no window of group 0
+    idx[1, 1, ::4] = -7
+    if duplicates:
+        idx[0, 1, 3] = idx[0, 1, 17]  # two windows, and one window twice, hold the same token
+        idx[1, 0, 6] = idx[1, 0, 8]
+    return idx
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_index_not_a_permutation_contract(seed):
+    """check_index=False with absent slots (values outside 0..L-1): every visited token's out
+    and gradients are its window's (computed over the present tokens only), and every token no
+    window of a group visits gets out = 0 and dq = dk = dv = 0 for that group's heads."""
+    got, rows = _run_bad_index(_bad_index(seed, duplicates=False))
+    batch, length, heads, _ = got[0].shape
+    for b in range(batch):
+        for h in range(heads):
+            for t in range(length):
+                cands = rows.get((b, h, t))
+                for name, i, a in zip(("out", "dq", "dk", "dv"), range(4), got):
+                    expected = cands[0][i] if cands else torch.zeros(a.shape[-1], dtype=torch.float64)
+                    assert len(cands or []) <= 1
+                    err = float((a[b, t, h].double() - expected).abs().max())
+                    assert err <= 1e-5 * max(1.0, float(expected.abs().max())), f"{name}[{b},{t},{h}]: {err:.3g}"
+
+
+def test_index_visiting_a_token_twice_gives_its_last_window():
+    """A token in more than one window slot gets the out row and gradients of its last slot in
+    index order (the CPU ops rerun serially when they see one: deterministic at any thread count)."""
+    idx = _bad_index(0, duplicates=True)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            got, rows = _run_bad_index(idx)
+            for (b, h, t), cands in rows.items():
+                for name, i, a in zip(("out", "dq", "dk", "dv"), range(4), got):
+                    expected = cands[-1][i]
+                    err = float((a[b, t, h].double() - expected).abs().max())
+                    assert err <= 1e-5 * max(1.0, float(expected.abs().max())), f"{name}[{b},{t},{h}]: {err:.3g}"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("window_size", [sys.maxsize, 2 ** 62 + 1, 2 ** 40], ids=["int64max", "2^62+1", "2^40"])
+def test_any_int64_window_size_is_one_window(window_size):
+    """A window longer than L is all of L (one window): no overflow of ceil(L / N) anywhere."""
+    q, k, v = make_qkv(2, 30, 4, 8, device="cpu", packed=True, requires_grad=False)
+    idx = make_index(2, 30, 2, device="cpu")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    out, lse = fwd_op()(q, k, v, idx, window_size, 0.3)
+    dqkv = bwd_op()(dout, q, k, v, out, lse, idx, window_size, 0.3)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = rk.reference.window_attention_reference(*leaves, idx, 30, 0.3, upcast=True)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    for name, a, e in zip(("out", "dq", "dk", "dv"), (out, *dqkv.unbind(2)), (ref, *ref_grads)):
+        assert_close_to(a, e.detach(), name=name)
+
+
+def _resident_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    pytest.skip("no VmRSS in /proc/self/status")
+
+
+def test_scratch_of_a_large_window_is_released():
+    """The per-thread scratch is O(N^2) (scores and probabilities): one window of 4096 tokens
+    needs 64 MiB forward, 128 MiB backward. It must not stay resident after the call."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc/self/status")
+    length = 4096
+    q, k, v = make_qkv(1, length, 1, 8, device="cpu", packed=False, requires_grad=False, seed=6)
+    idx = make_index(1, length, 1, device="cpu")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7))
+    _fwd_bwd(q[:, :64], k[:, :64], v[:, :64], idx[:, :, :64] % 64, 64, dout[:, :64])  # warm up
+    before = _resident_mib()
+    out, lse, dqkv = _fwd_bwd(q, k, v, idx, length, dout)
+    growth = _resident_mib() - before
+    expected = rk.reference.window_attention_reference(q.double(), k.double(), v.double(), idx, length)
+    assert max_rel_error(out, expected) <= 1e-5
+    del out, lse, dqkv
+    assert growth < 40, f"resident memory grew by {growth:.0f} MiB after one N = L = {length} call"
+
+
+def test_cannot_run_names_every_cuda_launch_limit(monkeypatch):
+    """The CUDA grid is (windows, heads, batch): heads or batch above 65535 fail at launch, so
+    cannot_run must name them and "auto" falls back instead of raising."""
+    monkeypatch.setattr(cpp, "WITH_CUDA", True)
+
+    def fake(batch, heads, dtype=torch.float16):
+        return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(batch, 49, heads, 32))
+
+    assert cpp.cannot_run(fake(65535, 4), 49) is None
+    assert cpp.cannot_run(fake(8, 65535), 49) is None
+    assert "batch <= 65535" in cpp.cannot_run(fake(65536, 4), 49)
+    assert "heads <= 65535" in cpp.cannot_run(fake(8, 65536), 49)
+    assert "head dim" in cpp.cannot_run(types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16,
+                                                              shape=(1, 49, 2, 256)), 49)
+
+
 def test_empty_inputs():
     q = torch.randn(2, 0, 4, 8)
     idx = torch.zeros(2, 2, 0, dtype=torch.int64)
@@ -253,3 +391,54 @@ def test_cuda_uses_current_stream_and_opcheck():
     with pytest.raises(ValueError, match="float64"):
         qd = q.detach().double()
         cpp_attention(qd, qd, qd, idx, 7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_saturated_softmax_low_precision(dtype):
+    """Scale 1 at D = 32 saturates tiny windows' softmax, where dS = P * (dP - delta) cancels:
+    the CUDA kernels take delta = rowsum(P * dP) / rowsum(P) in fp32 on chip (not
+    FlashAttention's rowsum(dO * O) from the rounded O), so fp16 / bf16 gradients stay within
+    2x the same-precision reference (tests/test_robustness.py's case, on the CUDA kernels)."""
+    if not _cuda_ready():
+        pytest.skip("the extension was built without CUDA")
+    for length, window, heads in ((2, 3, 1), (4, 2, 2), (20, 3, 2)):
+        for seed in range(6):
+            q, k, v = make_qkv(1, length, heads, 32, dtype=dtype, device="cuda", seed=seed, packed=bool(seed % 2))
+            index = make_index(1, length, 1, device="cuda", seed=seed + 1)
+            assert_matches_reference(cpp_attention, q, k, v, index, window, scale=1.0, seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,scale", [(1.0, None), (100.0, None), (1e3, None), (1e4, None), (1.0, 1e4), (30.0, 30.0)])
+def test_cuda_fp32_at_large_scores(m, scale):
+    """P recomputed in the backward as the forward rounded the scores (tests/test_magnitudes.py
+    on the CUDA kernels)."""
+    if not _cuda_ready():
+        pytest.skip("the extension was built without CUDA")
+    from test_magnitudes import check_case
+    assert check_case("cpp", m, scale, device="cuda") == []
+
+
+@pytest.mark.gpu
+def test_cuda_index_not_a_permutation_contract(monkeypatch):
+    """CUDA: unvisited tokens get out = 0 and zero gradients (zero-filled outputs), absent
+    slots are neither read nor written (as the CPU test above)."""
+    if not _cuda_ready():
+        pytest.skip("the extension was built without CUDA")
+    monkeypatch.setenv("RSIR_POISON", "0")  # poisoned outputs would hide the zero fill
+    idx = _bad_index(0, duplicates=False)
+    q, k, v = make_qkv(2, 20, 4, 8, device="cpu", packed=True, requires_grad=False, seed=3)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    qc, kc, vc, dc, ic = (t.cuda() for t in (q, k, v, dout, idx))
+    out, lse = fwd_op()(qc, kc, vc, ic, 5, 8 ** -0.5)
+    dqkv = bwd_op()(dc, qc, kc, vc, out, lse, ic, 5, 8 ** -0.5)
+    got = [t.cpu() for t in (out, *dqkv.unbind(2))]
+    rows = _naive_windows(q, k, v, idx, 5, 8 ** -0.5, dout)
+    for b in range(2):
+        for h in range(4):
+            for t in range(20):
+                cands = rows.get((b, h, t))
+                for i, a in enumerate(got):
+                    expected = cands[0][i] if cands else torch.zeros(8, dtype=torch.float64)
+                    assert float((a[b, t, h].double() - expected).abs().max()) <= 1e-4

@@ -18,6 +18,10 @@ void check_cuda_inputs(const at::Tensor& q, int64_t window_size) {
               rsir::cuda::kMaxHeadDim, ", got ", q.size(3));
   TORCH_CHECK(std::min(window_size, q.size(1)) <= rsir::cuda::kMaxWindow, "rsir_ext: the CUDA kernels take window <= ",
               rsir::cuda::kMaxWindow, ", got ", window_size);
+  TORCH_CHECK(q.size(0) <= rsir::cuda::kMaxGridYZ, "rsir_ext: the CUDA kernels take batch <= ", rsir::cuda::kMaxGridYZ,
+              " (grid z), got ", q.size(0));
+  TORCH_CHECK(q.size(2) <= rsir::cuda::kMaxGridYZ, "rsir_ext: the CUDA kernels take heads <= ", rsir::cuda::kMaxGridYZ,
+              " (grid y), got ", q.size(2));
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -26,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
   check_cuda_inputs(q, window_size);
   const c10::cuda::CUDAGuard guard(q.device());
   rsir::WindowAttentionParams p = make_params(q, k, v, index, window_size, scale);
-  auto outputs = forward_outputs(p, q);
+  auto outputs = forward_outputs(p, q, /*zeroed=*/true);  // unvisited tokens: 0
   if (q.numel() == 0) return outputs;
   const cudaError_t err = rsir::cuda::launch_forward(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "rsir_ext: forward kernel launch failed: ", cudaGetErrorString(err));
@@ -41,7 +45,7 @@ at::Tensor backward_cuda(const at::Tensor& dout, const at::Tensor& q, const at::
   check_cuda_inputs(q, window_size);
   const c10::cuda::CUDAGuard guard(q.device());
   rsir::WindowAttentionParams p = make_params(q, k, v, index, window_size, scale);
-  at::Tensor dqkv = backward_outputs(p, dout, out, lse, q);
+  at::Tensor dqkv = backward_outputs(p, dout, out, lse, q, /*zeroed=*/true);
   if (q.numel() == 0) return dqkv;
   const cudaError_t err = rsir::cuda::launch_backward(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "rsir_ext: backward kernel launch failed: ", cudaGetErrorString(err));

@@ -31,14 +31,18 @@ inline void copy_strides(int64_t* dst, const at::Tensor& t) {
   for (int64_t i = 0; i < t.dim(); ++i) dst[i] = t.stride(i);
 }
 
-// RSIR_POISON=1: outputs start as NaN (tests: an unwritten row shows up). Off: at::empty.
+// RSIR_POISON=1: outputs start as NaN (tests: an unwritten row shows up). Off: at::empty, or
+// `fill` where the kernels leave unvisited tokens' rows unwritten (the CUDA ops: 0 for out
+// and the gradients, -inf for lse).
 inline bool poison_outputs() {
   const char* s = std::getenv("RSIR_POISON");
   return s && s[0] && std::strcmp(s, "0") != 0;
 }
 
-inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  return poison_outputs() ? at::full(shape, std::numeric_limits<double>::quiet_NaN(), opts) : at::empty(shape, opts);
+inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts, bool filled = false,
+                             double fill = 0.0) {
+  if (poison_outputs()) return at::full(shape, std::numeric_limits<double>::quiet_NaN(), opts);
+  return filled ? at::full(shape, fill, opts) : at::empty(shape, opts);
 }
 
 inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& index,
@@ -70,7 +74,7 @@ inline rsir::WindowAttentionParams make_params(const at::Tensor& q, const at::Te
   p.H = q.size(2);
   p.D = q.size(3);
   p.G = index.size(1);
-  p.N = window_size;
+  p.N = window_size < p.L ? window_size : (p.L > 0 ? p.L : 1);  // a window longer than L is all of L
   p.scale = scale;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -98,9 +102,12 @@ inline void check_backward(const at::Tensor& dout, const at::Tensor& q, const at
 }
 
 // The forward's outputs and their pointers/strides in p.
-inline std::tuple<at::Tensor, at::Tensor> forward_outputs(rsir::WindowAttentionParams& p, const at::Tensor& q) {
-  at::Tensor out = new_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = new_output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_scalar_type(q.scalar_type())));
+// zeroed: out = 0 and lse = -inf before the kernels run (for the CUDA ops, see new_output).
+inline std::tuple<at::Tensor, at::Tensor> forward_outputs(rsir::WindowAttentionParams& p, const at::Tensor& q,
+                                                          bool zeroed = false) {
+  at::Tensor out = new_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous), zeroed);
+  at::Tensor lse = new_output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_scalar_type(q.scalar_type())),
+                              zeroed, -std::numeric_limits<double>::infinity());
   p.out = out.data_ptr();
   copy_strides(p.out_stride, out);
   p.lse = lse.data_ptr();
@@ -108,16 +115,16 @@ inline std::tuple<at::Tensor, at::Tensor> forward_outputs(rsir::WindowAttentionP
   return {out, lse};
 }
 
-// The backward's inputs/outputs in p; returns dqkv (B, L, 3, H, D).
+// The backward's inputs/outputs in p; returns dqkv (B, L, 3, H, D) (zeroed: filled with 0).
 inline at::Tensor backward_outputs(rsir::WindowAttentionParams& p, const at::Tensor& dout, const at::Tensor& out,
-                                   const at::Tensor& lse, const at::Tensor& q) {
+                                   const at::Tensor& lse, const at::Tensor& q, bool zeroed = false) {
   p.out = const_cast<void*>(out.data_ptr());
   copy_strides(p.out_stride, out);
   p.lse = const_cast<void*>(lse.data_ptr());
   copy_strides(p.lse_stride, lse);
   p.dout = dout.data_ptr();
   copy_strides(p.dout_stride, dout);
-  at::Tensor dqkv = new_output({q.size(0), q.size(1), 3, q.size(2), q.size(3)}, q.options());
+  at::Tensor dqkv = new_output({q.size(0), q.size(1), 3, q.size(2), q.size(3)}, q.options(), zeroed);
   const at::Tensor dq = dqkv.select(2, 0), dk = dqkv.select(2, 1), dv = dqkv.select(2, 2);
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();

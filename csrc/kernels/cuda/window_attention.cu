@@ -5,9 +5,11 @@
 // padded to D + 1 floats per row so that lanes reading different rows hit different banks.
 // A warp takes one query row at a time: lane l scores keys l, l + 32, ... of the tile,
 // online softmax across tiles (max / sum by warp shuffles), and lane l accumulates output
-// dims l, l + 32, ... (DPL = ceil(D / 32) per lane). The backward runs the same loop twice:
-// per query row for dq (keys and values tiled), per key row for dk and dv (queries and
-// output gradients tiled), recomputing P from the saved log-sum-exp.
+// dims l, l + 32, ... (DPL = ceil(D / 32) per lane). The backward runs the same loop three
+// times: per query row for delta, then for dq (keys and values tiled), per key row for dk and
+// dv (queries and output gradients tiled), recomputing P from the saved log-sum-exp with the
+// score rounded as the forward rounded it (__fmul_rn: a contracted fma(s, scale, -lse) would
+// make the row maximum's P differ from 1 by the product's rounding error, large at large scores).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -209,29 +211,62 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentio
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  const T* o = static_cast<const T*>(p.out);
   const T* dout = static_cast<const T*>(p.dout);
   const float* lse = static_cast<const float*>(p.lse);
   const float scale = (float)p.scale;
   const int n = load_tokens(p, sm.tok, b, g, w);
   __syncthreads();
-  // lse and delta = rowsum(dO * O) of every query of the window
-  for (int i = warp; i < n; i += kWarps) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const int ti = sm.tok[i];
-    float part = 0.0f;
-    if (ti >= 0)
-      for (int d = lane; d < D; d += 32)
-        part += to_f(dout[row_offset(p.dout_stride, b, ti, h) + d * p.dout_stride[3]]) *
-                to_f(o[row_offset(p.out_stride, b, ti, h) + d * p.out_stride[3]]);
-    part = warp_sum(part);
-    if (lane == 0) {
-      sm.delta[i] = part;
-      sm.lse[i] = ti >= 0 ? lse[b * p.lse_stride[0] + h * p.lse_stride[1] + ti * p.lse_stride[2]] : 0.0f;
-    }
+    sm.lse[i] = ti >= 0 ? lse[b * p.lse_stride[0] + h * p.lse_stride[1] + ti * p.lse_stride[2]] : 0.0f;
   }
   __syncthreads();
   const int tiles = (n + tk - 1) / tk;
   const int rounds = (n + kWarps - 1) / kWarps;
+
+  // Phase 0: delta_i = sum_j P_ij dP_ij / sum_j P_ij in fp32 from the very P the phases below
+  // use (warp per query i; K in tileA, V in tileB), as the CPU core and Triton take it: each
+  // row of dS then sums to zero up to its rounding, and a large common part of dP cancels.
+  // FlashAttention's rowsum(dO * O) reads O rounded to the input dtype, which alone put fp16 /
+  // bf16 dq beyond 2x the same-precision reference at a saturated softmax.
+  for (int r = 0; r < rounds; ++r) {
+    const int i = r * kWarps + warp;
+    const int ti = i < n ? sm.tok[i] : -1;
+    if (ti >= 0) {
+      load_row(sm.rowA, q, p.q_stride, ti, b, h, D);
+      load_row(sm.rowB, dout, p.dout_stride, ti, b, h, D);
+    }
+    float pdp = 0.0f, psum = 0.0f;
+    for (int t = 0; t < tiles; ++t) {
+      const int j0 = t * tk, rows = min(tk, n - j0);
+      if (tiles > 1 || r == 0) {
+        __syncthreads();
+        load_tile(sm.tileA, k, p.k_stride, sm.tok, j0, rows, b, h, D);
+        load_tile(sm.tileB, v, p.v_stride, sm.tok, j0, rows, b, h, D);
+      }
+      __syncthreads();
+      if (ti < 0) continue;
+      __syncwarp();
+      for (int jj = lane; jj < rows; jj += 32) {
+        if (sm.tok[j0 + jj] < 0) continue;
+        const float* kr = sm.tileA + jj * (D + 1);
+        const float* vr = sm.tileB + jj * (D + 1);
+        float s = 0.0f, dp = 0.0f;
+        for (int d = 0; d < D; ++d) {
+          s = fmaf(sm.rowA[d], kr[d], s);
+          dp = fmaf(sm.rowB[d], vr[d], dp);
+        }
+        const float pij = expf(__fmul_rn(s, scale) - sm.lse[i]);
+        pdp = fmaf(pij, dp, pdp);
+        psum += pij;
+      }
+    }
+    pdp = warp_sum(pdp);
+    psum = warp_sum(psum);
+    if (ti >= 0 && lane == 0) sm.delta[i] = pdp / (psum == 0.0f ? 1.0f : psum);
+    __syncwarp();
+  }
+  __syncthreads();
 
   // Phase 1: dq_i = scale * sum_j dS_ij k_j (warp per query i; K in tileA, V in tileB).
   for (int r = 0; r < rounds; ++r) {
@@ -264,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentio
             s = fmaf(sm.rowA[d], kr[d], s);
             dp = fmaf(sm.rowB[d], vr[d], dp);
           }
-          const float pij = expf(s * scale - sm.lse[i]);
+          const float pij = expf(__fmul_rn(s, scale) - sm.lse[i]);
           ds = pij * (dp - sm.delta[i]);
         }
         sm.bufA[jj] = ds;
@@ -322,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentio
             s = fmaf(qr[d], sm.rowA[d], s);
             dp = fmaf(gr[d], sm.rowB[d], dp);
           }
-          pij = expf(s * scale - sm.lse[i0 + ii]);
+          pij = expf(__fmul_rn(s, scale) - sm.lse[i0 + ii]);
           ds = pij * (dp - sm.delta[i0 + ii]);
         }
         sm.bufA[ii] = pij;
@@ -382,7 +417,7 @@ cudaError_t launch_dpl(const WindowAttentionParams& p, cudaStream_t stream) {
 template <bool Fwd>
 cudaError_t launch(const WindowAttentionParams& p, cudaStream_t stream) {
   if (p.D < 1 || p.D > kMaxHeadDim || p.N < 1 || (p.N < p.L ? p.N : p.L) > kMaxWindow || p.G < 1 ||
-      p.H % p.G != 0 || p.H > 65535 || p.B > 65535 || p.num_windows() > 0x7fffffff)
+      p.H % p.G != 0 || p.H > kMaxGridYZ || p.B > kMaxGridYZ || p.num_windows() > kMaxWindows)
     return cudaErrorInvalidValue;
   if (p.B == 0 || p.L == 0 || p.H == 0) return cudaSuccess;
   switch (p.dtype) {
