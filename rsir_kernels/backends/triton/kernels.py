@@ -74,6 +74,10 @@ def _segment_tokens(idx_base, stride_il, seg_start, seg_end, N, L, BLOCK: tl.con
 # ALIGN (a power of two <= 16, from the launcher) divides every batch, token and head stride
 # of the row tensors, and their head-dim stride is 1 (else ALIGN is 1): the hints let Triton
 # vectorise row loads when D is not a multiple of 16 (D = 24: 8-element, 16-byte accesses).
+# Integer and float arguments are not specialized (do_not_specialize): ALIGN carries what
+# Triton's own specialization would have found (unit head-dim stride, divisibility), one
+# compiled kernel serves every size, and launches skip the per-argument checks (launch.py).
+# The index's token stride stays specialized: 1 in every call from rsir_kernels.ops.
 
 
 @triton.jit
@@ -82,16 +86,23 @@ def _head_ptr(P, b, h, stride_b, stride_h, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, tok, ok, stride_l, stride_d, offs_d, D, ALIGN: tl.constexpr):
+def _row_ptrs(base, tok, stride_l, stride_d, offs_d, ALIGN: tl.constexpr):
     rows = tl.multiple_of(tok * stride_l, ALIGN)
-    ptrs = base + rows[:, None] + offs_d[None, :] * stride_d
+    if ALIGN > 1:  # the head-dim stride is 1 (launch.py): contiguous rows, vector accesses
+        return base + rows[:, None] + offs_d[None, :]
+    else:
+        return base + rows[:, None] + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _load_rows(base, tok, ok, stride_l, stride_d, offs_d, D, ALIGN: tl.constexpr):
+    ptrs = _row_ptrs(base, tok, stride_l, stride_d, offs_d, ALIGN)
     return tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
 
 
 @triton.jit
 def _store_rows(base, tok, ok, stride_l, stride_d, offs_d, D, value, ALIGN: tl.constexpr):
-    rows = tl.multiple_of(tok * stride_l, ALIGN)
-    ptrs = base + rows[:, None] + offs_d[None, :] * stride_d
+    ptrs = _row_ptrs(base, tok, stride_l, stride_d, offs_d, ALIGN)
     tl.store(ptrs, value, mask=ok[:, None] & (offs_d[None, :] < D))
 
 
@@ -148,7 +159,15 @@ def _bwd_packed(q, k, v, do, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr,
     return tl.reshape(dq, (ROWS, BLOCK_D)), tl.reshape(dk, (ROWS, BLOCK_D)), tl.reshape(dv, (ROWS, BLOCK_D))
 
 
-@triton.jit
+_FWD_UNSPECIALIZED = (
+    "stride_qb", "stride_ql", "stride_qh", "stride_qd", "stride_kb", "stride_kl", "stride_kh",
+    "stride_kd", "stride_vb", "stride_vl", "stride_vh", "stride_vd", "stride_ib", "stride_ig",
+    "stride_ob", "stride_ol", "stride_oh", "stride_od", "stride_lb", "stride_lh", "stride_ll", "L",
+    "G", "HG", "N", "SEG", "num_seg", "num_mtiles", "num_chunks", "qk_scale",
+)
+
+
+@triton.jit(do_not_specialize=_FWD_UNSPECIALIZED)
 def window_attn_fwd_kernel(
     Q, K, V, IDX, OUT, LSE,
     stride_qb, stride_ql, stride_qh, stride_qd,
@@ -288,7 +307,16 @@ def _row_stats(q, do, ok_m, kb, vb, idx_base, stride_il, seg_start, seg_end, L, 
     return m + tl.log2(l), pdp / l
 
 
-@triton.jit
+_BWD_UNSPECIALIZED = (
+    "stride_dob", "stride_dol", "stride_doh", "stride_dod", "stride_qb", "stride_ql", "stride_qh",
+    "stride_qd", "stride_kb", "stride_kl", "stride_kh", "stride_kd", "stride_vb", "stride_vl",
+    "stride_vh", "stride_vd", "stride_ib", "stride_ig", "stride_gb", "stride_gl", "stride_gs",
+    "stride_gh", "stride_gd", "L", "G", "HG", "N", "SEG", "num_seg", "num_chunks", "qk_scale",
+    "sm_scale",
+)
+
+
+@triton.jit(do_not_specialize=_BWD_UNSPECIALIZED)
 def window_attn_bwd_kernel(
     DO, Q, K, V, IDX, DQKV, STATS,
     stride_dob, stride_dol, stride_doh, stride_dod,

@@ -105,79 +105,137 @@ def _dot_precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None  # fp32: no tf32, for the 1e-5 tolerance
 
 
-def _row_align(*tensors) -> int:
+def _row_align(*strides) -> int:
     """Largest power of two <= 16 dividing every stride but the last (which must be 1) of the
-    row tensors: the kernels' alignment hint (kernels.py, ALIGN)."""
+    row tensors' strides: the kernels' alignment hint (kernels.py, ALIGN); ALIGN > 1 also tells
+    them that the head-dim stride is 1."""
     align = 16
-    for t in tensors:
-        if t.stride(-1) != 1:
+    for st in strides:
+        if st[-1] != 1:
             return 1
-        for s in t.stride()[:-1]:
-            align = math.gcd(align, s)
+        for x in st[:-1]:
+            align = math.gcd(align, x)
     return align
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+# ---------------------------------------------------------------- launch plans
+#
+# Everything a launch needs besides the tensors depends only on sizes, strides, dtypes, the
+# window and the scale: it is computed once per such key (a plan) and a call only looks it
+# up. On CUDA the plan also keeps Triton's compiled kernel after its first ordinary
+# `kernel[grid](...)` launch and later calls launch it directly (`compiled[grid](*args)`),
+# skipping Triton's per-call argument binding, specialization and cache-key hashing. That
+# reuse is valid because nothing a call can change selects another compiled kernel: every
+# integer and float argument is `do_not_specialize` (kernels.py) and in the plan's key (with
+# the index's token stride, the one specialized integer), and the tensors' dtypes and 16-byte
+# pointer alignment, which Triton specializes on, key the plan's stored kernels. Under the interpreter, or where a Triton version lacks
+# CompiledKernel.__getitem__, every call takes the ordinary path.
 
 
-def _grid_sizes(q, index, cfg: Config):
-    batch, length, heads, _ = q.shape
-    groups = index.shape[1]
+@dataclasses.dataclass
+class _Plan:
+    grid: tuple
+    args: tuple          # the non-tensor arguments after the tensors, in kernel signature order
+    constexprs: dict     # constexpr and compile-option keyword arguments of kernel[grid]
+    direct_tail: tuple   # args + the constexpr values in signature order: what compiled[grid] takes
+    runners: dict = dataclasses.field(default_factory=dict)  # tensors' (dtype, aligned) -> compiled[grid]
+
+
+def _make_plan(kernel, grid, args, constexprs) -> _Plan:
+    names = kernel.arg_names if hasattr(kernel, "arg_names") else []
+    tail = tuple(args) + tuple(constexprs[n] for n in names if n in constexprs)
+    return _Plan(grid=grid, args=tuple(args), constexprs=constexprs, direct_tail=tail)
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_plan(shape, q_st, k_st, v_st, idx_shape, idx_st, out_st, lse_st, dtype, device, window_size, scale,
+                  config) -> tuple[_Plan, Config]:
+    batch, length, heads, dim = shape
+    groups = idx_shape[1]
+    cfg = config or make_config(batch, length, heads, groups, dim, window_size, dtype, device)
     num_seg = _cdiv(length, cfg.seg)
     num_chunks = heads // groups // cfg.heads_per_program
-    return batch, length, groups, heads // groups, num_seg, num_chunks
+    num_mtiles = 1 if cfg.single else _cdiv(cfg.seg, cfg.block_m)
+    grid = (num_mtiles * num_seg * num_chunks * groups * batch,)
+    args = (*q_st, *k_st, *v_st, *idx_st, *out_st, *lse_st,
+            length, groups, heads // groups, cfg.window, cfg.seg, num_seg, num_mtiles, num_chunks,
+            float(scale) * math.log2(math.e))
+    constexprs = dict(
+        D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
+        DOT_PREC=_dot_precision(dtype), BF16_FIX=INTERPRET and dtype == torch.bfloat16,
+        ALIGN=_row_align(q_st, k_st, v_st, out_st), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
+        WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
+        num_warps=cfg.num_warps, num_stages=1 if cfg.single else 2)
+    return _make_plan(window_attn_fwd_kernel, grid, args, constexprs), cfg
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_plan(shape, do_st, q_st, k_st, v_st, idx_shape, idx_st, dqkv_st, dtype, device, window_size, scale,
+                   config) -> tuple[_Plan, Config]:
+    batch, length, heads, dim = shape
+    groups = idx_shape[1]
+    cfg = config or make_config(batch, length, heads, groups, dim, window_size, dtype, device)
+    num_seg = _cdiv(length, cfg.seg)
+    num_chunks = heads // groups // cfg.heads_per_program
+    grid = (num_seg * num_chunks * groups * batch,)
+    args = (*do_st, *q_st, *k_st, *v_st, *idx_st, *dqkv_st,
+            length, groups, heads // groups, cfg.window, cfg.seg, num_seg, num_chunks,
+            float(scale) * math.log2(math.e), float(scale))
+    constexprs = dict(
+        D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
+        DOT_PREC=_dot_precision(dtype), BF16_FIX=INTERPRET and dtype == torch.bfloat16,
+        ALIGN=_row_align(do_st, q_st, k_st, v_st, dqkv_st), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
+        WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
+        num_warps=cfg.num_warps, num_stages=1 if cfg.single else 2)
+    return _make_plan(window_attn_bwd_kernel, grid, args, constexprs), cfg
+
+
+def _launch(kernel, plan: _Plan, tensors) -> None:
+    """One launch of `kernel` on `tensors` (its pointer arguments, in order) with `plan`."""
+    device = tensors[0].device
+    if device.type != "cuda":  # the interpreter
+        kernel[plan.grid](*tensors, *plan.args, **plan.constexprs)
+        return
+    aligned = tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+    guard = device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if guard else contextlib.nullcontext():
+        runner = plan.runners.get(aligned)
+        if runner is not None:
+            runner(*tensors, *plan.direct_tail)
+            return
+        compiled = kernel[plan.grid](*tensors, *plan.args, **plan.constexprs)
+        if DIRECT_LAUNCH and hasattr(compiled, "__getitem__") and hasattr(compiled, "function"):
+            plan.runners[aligned] = compiled[plan.grid]
+
+
+# The direct launch of compiled kernels (above); False: every call through kernel[grid].
+DIRECT_LAUNCH = os.environ.get("RSIR_TRITON_DIRECT_LAUNCH", "1") != "0"
 
 
 def forward_into(q, k, v, index, window_size: int, scale: float, out, lse,
                  config: Optional[Config] = None) -> None:
-    """Writes out (B, L, H, D) and lse (B, H, L) float32, both in the original token order."""
-    batch, length, heads, dim = q.shape
-    cfg = config or make_config(batch, length, heads, index.shape[1], dim, window_size, q.dtype, q.device)
-    batch, length, groups, per_group, num_seg, num_chunks = _grid_sizes(q, index, cfg)
-    num_mtiles = 1 if cfg.single else _cdiv(cfg.seg, cfg.block_m)
-    grid = (num_mtiles * num_seg * num_chunks * groups * batch,)
-    if grid[0] == 0:
-        return
-    with _device_guard(q):
-        window_attn_fwd_kernel[grid](
-            q, k, v, index, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *index.stride(), *out.stride(), *lse.stride(),
-            length, groups, per_group, cfg.window, cfg.seg, num_seg, num_mtiles, num_chunks,
-            float(scale) * math.log2(math.e),
-            D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
-            DOT_PREC=_dot_precision(q.dtype), BF16_FIX=INTERPRET and q.dtype == torch.bfloat16,
-            ALIGN=_row_align(q, k, v, out), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
-            WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
-            num_warps=cfg.num_warps, num_stages=1 if cfg.single else 2)
+    """Writes out (B, L, H, D) and lse (B, H, L) float32, both in the original token order;
+    rows of tokens that no window visits are left as they are."""
+    plan, _ = _forward_plan(q.shape, q.stride(), k.stride(), v.stride(), index.shape, index.stride(), out.stride(),
+                            lse.stride(), q.dtype, q.device, window_size, scale, config)
+    if plan.grid[0]:
+        _launch(window_attn_fwd_kernel, plan, (q, k, v, index, out, lse))
 
 
 def backward_into(dout, q, k, v, out, lse, index, window_size: int, scale: float, dqkv,
                   config: Optional[Config] = None) -> None:
     """Writes dq, dk, dv into dqkv (B, L, 3, H, D), each row at its original token position.
     out and lse are not read: the kernels recompute the softmax from the scores."""
-    batch, length, heads, dim = q.shape
-    cfg = config or make_config(batch, length, heads, index.shape[1], dim, window_size, q.dtype, q.device)
-    batch, length, groups, per_group, num_seg, num_chunks = _grid_sizes(q, index, cfg)
-    grid = (num_seg * num_chunks * groups * batch,)
-    if grid[0] == 0:
+    plan, cfg = _backward_plan(q.shape, dout.stride(), q.stride(), k.stride(), v.stride(), index.shape,
+                               index.stride(), dqkv.stride(), q.dtype, q.device, window_size, scale, config)
+    if not plan.grid[0]:
         return
     # the multi-tile path keeps each row's (lse2, delta) between its two passes (kernels.py)
+    batch, length, heads, _ = q.shape
     stats = lse if cfg.single else torch.empty((batch, heads, length, 2), dtype=torch.float32, device=q.device)
-    with _device_guard(q):
-        window_attn_bwd_kernel[grid](
-            dout, q, k, v, index, dqkv, stats,
-            *dout.stride(), *q.stride(), *k.stride(), *v.stride(), *index.stride(), *dqkv.stride(),
-            length, groups, per_group, cfg.window, cfg.seg, num_seg, num_chunks,
-            float(scale) * math.log2(math.e), float(scale),
-            D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
-            DOT_PREC=_dot_precision(q.dtype), BF16_FIX=INTERPRET and q.dtype == torch.bfloat16,
-            ALIGN=_row_align(dout, q, k, v, dqkv), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
-            WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
-            num_warps=cfg.num_warps,
-            num_stages=1 if cfg.single else 2)
+    _launch(window_attn_bwd_kernel, plan, (dout, q, k, v, index, dqkv, stats))
 
 
 def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
