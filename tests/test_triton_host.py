@@ -190,3 +190,45 @@ def test_direct_launch_is_bitwise_the_ordinary_launch(dtype, window, monkeypatch
     assert plan.runners, "no compiled kernel stored: the direct launch never ran"
     for a, b, c in zip(ordinary, first, second):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_op_registration_per_device():
+    """Under the interpreter (CPU tensors) the ops are custom_op with register_fake: triton_op
+    fails opcheck and torch.compile there (docs/design.md section 6). On CUDA: triton_op."""
+    assert launch.OP_KIND == ("triton_op" if torch.cuda.is_available() else "custom_op")
+
+
+def test_traceable_bodies_match_the_eager_launch(monkeypatch):
+    """The triton_op bodies (what Inductor traces on CUDA) compute the eager path's numbers:
+    wrap_triton made the identity here, forward and backward bitwise equal to launch.forward /
+    backward, on the single-tile and the multi-tile path."""
+    monkeypatch.setattr(launch, "wrap_triton", lambda kernel: kernel, raising=False)
+    for window in (20, 130):
+        q, k, v = (t.detach() for t in make_qkv(1, 140, 2, 16, torch.float16))
+        index = make_index(1, 140, 2, device="cpu")
+        dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q.dtype)
+        out, lse = launch.forward(q, k, v, index, window, 0.25)
+        traced_out, traced_lse = launch._traceable_forward(q, k, v, index, window, 0.25)
+        assert torch.equal(out, traced_out) and torch.equal(lse, traced_lse)
+        assert torch.equal(launch.backward(dout, q, k, v, out, lse, index, window, 0.25),
+                           launch._traceable_backward(dout, q, k, v, out, lse, index, window, 0.25))
+
+
+@pytest.mark.gpu
+def test_triton_op_opcheck_and_inductor_launches_the_kernels():
+    """On CUDA: opcheck of both triton_ops (fake tensors, schema, autograd registration), and a
+    compiled call whose generated code launches window_attn_fwd_kernel itself, matching eager."""
+    from torch._inductor.utils import run_and_get_code
+    q, k, v = make_qkv(2, 100, 4, 16, torch.bfloat16)
+    index = make_index(2, 100, 2)
+    torch.library.opcheck(torch.ops.rsir.window_attention_triton.default, (q, k, v, index, 49, 0.25))
+    out, lse = torch.ops.rsir.window_attention_triton(q.detach(), k.detach(), v.detach(), index, 49, 0.25)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, index, 49, 0.25)
+    torch.library.opcheck(torch.ops.rsir.window_attention_triton_backward.default, args)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, index: rk.window_attention(q, k, v, index, 49, backend="triton"),
+                             fullgraph=True)
+    result, codes = run_and_get_code(compiled, q.detach(), k.detach(), v.detach(), index)
+    assert any("window_attn_fwd_kernel" in code for code in codes)
+    assert not any("torch.ops.rsir.window_attention_triton.default(" in code for code in codes)
+    assert torch.equal(result, rk.window_attention(q.detach(), k.detach(), v.detach(), index, 49, backend="triton"))

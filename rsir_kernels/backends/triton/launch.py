@@ -1,11 +1,12 @@
 """Launchers of the Triton kernels and their torch.library ops.
 
 `forward_into` / `backward_into` write into caller-given buffers (tests poison them with NaN
-first); `forward` / `backward` allocate with torch.empty and call them, and are the ops
-`rsir::window_attention_triton` and `rsir::window_attention_triton_backward` (and what a
-plain eager call runs directly, rsir_kernels.backends). The ops are `torch.library.custom_op` with
-`register_fake` (DESIGN.md section 6: this registration runs eagerly, under
-torch.compile(fullgraph=True) and passes opcheck, with the interpreter as on a GPU).
+first); `forward` / `backward` allocate (zero-filled outputs) and call them: what a plain eager
+call runs (rsir_kernels.ops), through per-shape launch plans and, on CUDA, a direct launch of
+the compiled kernels. The ops `rsir::window_attention_triton` and
+`rsir::window_attention_triton_backward` are `torch.library.triton_op` on CUDA (Inductor
+launches the kernels from its generated code) and `torch.library.custom_op` with
+`register_fake` under the interpreter (docs/design.md section 6); `OP_KIND` says which.
 Inputs are assumed valid (rsir_kernels.ops checks them); the kernels still mask every load
 and store by the token index, so a bad index never touches memory out of bounds.
 """
@@ -262,12 +263,24 @@ def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
 
 # ---------------------------------------------------------------- the ops
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
-            window_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    # zeros, not empty: with an unchecked index that is no permutation, tokens that no window
-    # visits are never written and must read 0 (the backends' shared contract)
+def _allocate_forward(q):
+    """out (B, L, H, D) and lse (B, H, L) float32. out is zeros, not empty: with an unchecked
+    index that is no permutation, tokens that no window visits are never written and read 0
+    (the backends' shared contract); lse of such a token is unspecified."""
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def _allocate_backward(q):
+    """dqkv (B, L, 3, H, D), zeros for the same reason as out."""
+    batch, length, heads, dim = q.shape
+    return torch.zeros((batch, length, 3, heads, dim), dtype=q.dtype, device=q.device)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+            window_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _allocate_forward(q)
     forward_into(q, k, v, index, window_size, scale, out, lse)
     return out, lse
 
@@ -275,21 +288,70 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tens
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor,
              window_size: int, scale: float) -> torch.Tensor:
-    batch, length, heads, dim = q.shape
-    dqkv = torch.zeros((batch, length, 3, heads, dim), dtype=q.dtype, device=q.device)
+    dqkv = _allocate_backward(q)
     backward_into(dout, q, k, v, out, lse, index, window_size, scale, dqkv)
     return dqkv
 
 
-window_attention_fwd = torch.library.custom_op(FORWARD_OP, mutates_args=())(forward)
-window_attention_bwd = torch.library.custom_op(BACKWARD_OP, mutates_args=())(backward)
+def _static(sizes) -> tuple:
+    """Plain ints from a traced tensor's sizes or strides (a SymInt is specialized: a guard)."""
+    return tuple(int(x) for x in sizes)
 
 
-@window_attention_fwd.register_fake
-def _(q, k, v, index, window_size, scale):
-    return fake_forward(q)
+def _traceable_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                       window_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward through wrap_triton, which Inductor traces into its own generated code."""
+    out, lse = _allocate_forward(q)
+    plan, _ = _forward_plan.__wrapped__(_static(q.shape), _static(q.stride()), _static(k.stride()),
+                                        _static(v.stride()), _static(index.shape), _static(index.stride()),
+                                        _static(out.stride()), _static(lse.stride()), q.dtype, q.device,
+                                        window_size, scale, None)
+    if plan.grid[0]:
+        wrap_triton(window_attn_fwd_kernel)[plan.grid](q, k, v, index, out, lse, *plan.args, **plan.constexprs)
+    return out, lse
 
 
-@window_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, index, window_size, scale):
-    return fake_backward(q)
+def _traceable_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor,
+                        window_size: int, scale: float) -> torch.Tensor:
+    dqkv = _allocate_backward(q)
+    plan, cfg = _backward_plan.__wrapped__(_static(q.shape), _static(dout.stride()), _static(q.stride()),
+                                           _static(k.stride()), _static(v.stride()), _static(index.shape),
+                                           _static(index.stride()), _static(dqkv.stride()), q.dtype, q.device,
+                                           window_size, scale, None)
+    if plan.grid[0]:
+        batch, length, heads, _ = q.shape
+        stats = lse if cfg.single else torch.empty((batch, heads, length, 2), dtype=torch.float32, device=q.device)
+        wrap_triton(window_attn_bwd_kernel)[plan.grid](dout, q, k, v, index, dqkv, stats,
+                                                       *plan.args, **plan.constexprs)
+    return dqkv
+
+
+# CUDA, compiled kernels: torch.library.triton_op, so that Inductor launches the kernels from
+# its generated code (no opaque custom-op call in a compiled graph). Under the interpreter
+# (CPU tensors) triton_op fails opcheck and torch.compile (it touches real storage under fake
+# tensors: docs/design.md section 6), so there, and where torch lacks triton_op, the ops are
+# torch.library.custom_op with register_fake. Plain eager calls run forward / backward above
+# either way (rsir_kernels.ops), with the direct launch.
+OP_KIND = ("triton_op" if not INTERPRET and torch.cuda.is_available() and hasattr(torch.library, "triton_op")
+           else "custom_op")
+
+if OP_KIND == "triton_op":
+    from torch.library import wrap_triton
+
+    window_attention_fwd = torch.library.triton_op("rsir::window_attention_triton", mutates_args=())(
+        _traceable_forward)
+    window_attention_bwd = torch.library.triton_op("rsir::window_attention_triton_backward", mutates_args=())(
+        _traceable_backward)
+else:
+    window_attention_fwd = torch.library.custom_op("rsir::window_attention_triton", mutates_args=())(forward)
+    window_attention_bwd = torch.library.custom_op("rsir::window_attention_triton_backward",
+                                                   mutates_args=())(backward)
+
+    @window_attention_fwd.register_fake
+    def _(q, k, v, index, window_size, scale):
+        return fake_forward(q)
+
+    @window_attention_bwd.register_fake
+    def _(dout, q, k, v, out, lse, index, window_size, scale):
+        return fake_backward(q)
