@@ -113,6 +113,7 @@ struct Case {
   int index_bytes;
   int layout;       // 0: packed (B, L, 3, H, D) views; 1: separate contiguous; 2: dim-major (non-unit d stride)
   bool bad_index;   // put out-of-range values into the index (results unchecked, memory safety only)
+  double tol = 0;   // relative tolerance; 0: tol_for(dtype), calibrated on windows of <= 70 tokens
 };
 
 struct Strides {
@@ -155,7 +156,8 @@ const char* dtype_name(DType t) {
 void run_case(const Case& c) {
   const int64_t B = c.B, L = c.L, H = c.H, D = c.D, G = c.G, N = c.N, hpg = H / G;
   const double scale = 1.0 / std::sqrt((double)D);
-  std::mt19937_64 rng(1234 + B * 7 + L * 13 + H * 17 + D * 19 + G * 23 + N * 29 + (int)c.dtype);
+  std::mt19937_64 rng(1234u + (uint64_t)B * 7 + (uint64_t)L * 13 + (uint64_t)H * 17 + (uint64_t)D * 19 + (uint64_t)G * 23 +
+                      (uint64_t)N * 29 + (uint64_t)c.dtype);  // unsigned: N may be INT64_MAX
   std::normal_distribution<double> normal;
 
   Buffer qkv(c.dtype, 3 * B * L * H * D), dout(c.dtype, B * L * H * D);
@@ -321,7 +323,8 @@ void run_case(const Case& c) {
     }
     const double rel = err / std::max(mag, 1e-30);
     CHECK(!nan, "%s: %s has NaN (an unwritten row?)", c.name.c_str(), what);
-    CHECK(rel <= tol_for(c.dtype), "%s: %s relative error %.3g > %.3g", c.name.c_str(), what, rel, tol_for(c.dtype));
+    const double tol = c.tol > 0 ? c.tol : tol_for(c.dtype);
+    CHECK(rel <= tol, "%s: %s relative error %.3g > %.3g", c.name.c_str(), what, rel, tol);
     return rel;
   };
   const double e0 = compare("out", ro, [&](int64_t i) { return out.get(i); });
@@ -369,8 +372,9 @@ int main() {
   cases.push_back({"f64 bad index int32", 1, 33, 2, 8, 1, 10, DType::kFloat64, 4, 2, true});
   for (const Case& c : cases) run_case(c);
   // A window of 1600 tokens needs ~20 MiB of scratch (scores and probabilities): released when
-  // the call returns, not kept per thread.
-  run_case({"f32 B1 L1600 H1 D4 G1 N1600 (scratch)", 1, 1600, 1, 4, 1, 1600, DType::kFloat32, 8, 0, false});
+  // the call returns, not kept per thread. Its sums run over 1600 terms (fp32 rounding grows
+  // ~ sqrt(n): 2.5e-6 in dq with the baseline build), so the project's fp32 rule, 1e-5, applies.
+  run_case({"f32 B1 L1600 H1 D4 G1 N1600 (scratch)", 1, 1600, 1, 4, 1, 1600, DType::kFloat32, 8, 0, false, 1e-5});
   CHECK(rsir::cpu::thread_scratch_bytes() <= (int64_t(16) << 20), "scratch of %lld bytes kept after the call",
         (long long)rsir::cpu::thread_scratch_bytes());
   if (g_failures) {
