@@ -58,3 +58,11 @@ clean:
 .PHONY: fuzz
 fuzz: env ext
 	$(PYTHON) scripts/fuzz.py --cases $(or $(N),1000)
+
+# python -m rsir_kernels.train on scikit-learn's digits: 2 processes (torchrun, DDP on gloo, one
+# thread each), rsir_micro, 30 epochs; runs/<time>-rsir_micro-digits/ gets last.pt,
+# metrics.jsonl and curves.png.
+.PHONY: train-demo
+train-demo: env ext
+	OMP_NUM_THREADS=1 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node 2 \
+		-m rsir_kernels.train --data digits --model rsir_micro --epochs 30 --batch-size 64 --backend cpp

@@ -7,7 +7,7 @@ ddp: after every optimizer step each rank's parameters are gathered and compared
      ("steps_checked", "unequal_steps"); 4 epochs straight vs 2 epochs + --resume for 2
      ("resume_bitwise_equal"), whose metrics of epochs 3-4 must match too; the ranks' RNG
      states differ ("rank_rng_differ").
-fsdp: 5 epochs of FSDP2 ("val_top1" per epoch), then the saved checkpoint loaded into a plain
+fsdp: 5 epochs of FSDP2 on 640 training images ("val_top1" per epoch), then the saved checkpoint loaded into a plain
      timm model evaluated on the same shards ("plain_top1", "fsdp_top1").
 """
 import json
@@ -65,7 +65,8 @@ def ddp(out):
 
 
 def fsdp(out):
-    result = run.train(args("--fsdp", "--batch-size", "64", "--epochs", "5", "--output", f"{out}/fsdp"))
+    result = run.train(args("--fsdp", "--batch-size", "64", "--epochs", "5", "--train-items", "640",
+                            "--output", f"{out}/fsdp"))
     if int(os.environ["RANK"]):
         return
     import timm

@@ -85,6 +85,7 @@ def image_folder(root: str, pretrained_cfg: dict, *, auto_augment: str | None = 
     sets = {}
     for split, tf in (("train", train_tf), ("val", val_tf)):
         folder = os.path.join(root, split)
+        _check_class_folders(folder)
         try:
             sets[split] = ImageFolder(folder, transform=tf, loader=_load_image)
         except FileNotFoundError as e:  # an empty class folder, or no class folder at all
@@ -93,6 +94,18 @@ def image_folder(root: str, pretrained_cfg: dict, *, auto_augment: str | None = 
         raise TrainError(f"--data {root}: train and val have different class folders")
     return Data(sets["train"], sets["val"], len(sets["train"].classes), pretrained_cfg["input_size"][0],
                 tuple(pretrained_cfg["input_size"]))
+
+
+def _check_class_folders(folder: str) -> None:
+    """TrainError naming the first class folder without an image file (looks at one file per
+    class, not the whole tree)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    classes = sorted(e.path for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise TrainError(f"{folder}: no class folders")
+    for path in classes:
+        if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(path) for f in files):
+            raise TrainError(f"{path}: empty class folder (no {', '.join(IMG_EXTENSIONS)} file)")
 
 
 def train_loader(dataset: Dataset, batch_per_rank: int, rank: int, world: int, seed: int,
