@@ -80,8 +80,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     hessian) takes the gradient from the reference maths in differentiable ops, so second
     order is exact at the reference's cost. Forward mode (torch.func.jvp, jacfwd,
     torch.autograd.forward_ad) takes the tangent from the reference maths;
-    torch.func.vmap folds the mapped dimension into the batch. Under torch.compile the
-    registered ops run, reverse mode only (torch.compile has no double backward).
+    torch.func.vmap folds the mapped dimension into the batch. Under torch.compile and
+    torch.jit.trace the registered ops run: reverse mode (torch.jit.trace: also second
+    order) and no forward mode.
     """
     window_size = _validate(q, k, v, index, window_size, scale, backend)
     if q.numel() == 0:
@@ -122,12 +123,15 @@ def _prepare(q, index, window_size, scale, backend, check_index):
 
 def _run(chosen, index, window_size, scale, tensors):
     """Both entry points after validation; tensors is (q, k, v) or a packed (qkv,)."""
-    if torch.compiler.is_compiling():  # the registered ops and their autograd, which compile traces
+    # torch.compile and torch.jit.trace record the registered ops and their autograd
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         if len(tensors) == 1:
             return _qkvpacked(tensors[0], index, window_size, scale, chosen.name)[0]
         return chosen.forward(*tensors, index, window_size, scale)[0]
+    if any(_functorch_wrapped(t) for t in tensors):  # a torch.func transform
+        return _TransformedAttention.apply(index, window_size, scale, chosen, *tensors)[0]
     if _needs_autograd(tensors):
-        return _WindowAttention.apply(index, window_size, scale, chosen, *tensors)[0]
+        return _EagerAttention.apply(index, window_size, scale, chosen, *tensors)
     with _profiled(chosen, "forward"):
         return _forward_fn(chosen, tensors)(*_unpack(tensors), index, window_size, scale)[0]
 
@@ -191,10 +195,8 @@ _functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorc
 
 def _needs_autograd(tensors) -> bool:
     """Whether a derivative may be taken: reverse mode (grad mode and an input requiring
-    grad), forward mode (a dual level open), or a torch.func transform (wrapped tensors)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return True
-    return fwAD._current_level >= 0 or any(_functorch_wrapped(t) for t in tensors)
+    grad) or forward mode (a dual level open)."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or fwAD._current_level >= 0
 
 
 def _forward_fn(chosen, tensors):
@@ -217,51 +219,81 @@ def _unpack(tensors):
     return tensors[0].unbind(2) if len(tensors) == 1 else tensors
 
 
-class _WindowAttention(torch.autograd.Function):
-    """The backend under autograd outside torch.compile, for both entry points.
+# Two autograd.Functions with the same derivatives. Plain tensors take _EagerAttention, in
+# the old style (forward(ctx, ...)): torch binds a setup_context-style forward's signature
+# with inspect on every apply, ~50 us of host time a call. torch.func transforms need the
+# setup_context style (and take a vmap rule): _TransformedAttention.
 
-    tensors: (q, k, v), or (qkv,) whose packed gradient then comes back as is. The
-    backend's implementation runs directly in plain eager calls, its ops otherwise
-    (dispatch modes, tracing, subclasses). Returns (out, lse); lse has no derivative.
-    Reverse mode: the backend's backward; in a backward that builds a graph, the reference
-    maths in differentiable ops. Forward mode: the reference maths' tangent. vmap: the
-    mapped dimension folded into the batch, one call.
-    """
+def _save(ctx, index, window_size, scale, chosen, tensors, out, lse):
+    ctx.save_for_backward(out, lse, index, *tensors)
+    ctx.save_for_forward(index, *tensors)
+    ctx.window_size, ctx.scale, ctx.chosen, ctx.packed = window_size, scale, chosen, len(tensors) == 1
+
+
+def _backward(ctx, dout):
+    """(dq, dk, dv) or (dqkv,): the backend's backward, or in a backward that builds a graph
+    the reference maths in differentiable ops."""
+    out, lse, index, *tensors = ctx.saved_tensors
+    q, k, v = _unpack(tensors)
+    if backends.differentiable_backward_needed():
+        dqkv = reference.window_attention_vjp(dout, q, k, v, index, ctx.window_size, ctx.scale)
+    else:
+        with _profiled(ctx.chosen, "backward"):
+            run = _backward_fn(ctx.chosen, (dout, *tensors))
+            dqkv = run(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
+    return (dqkv,) if ctx.packed else dqkv.unbind(2)
+
+
+def _jvp(ctx, tangents):
+    """The tangent of out from the reference maths; tangents: of (q, k, v) or of (qkv,)."""
+    index, *tensors = ctx.saved_tensors
+    if ctx.packed:
+        tangents = (None,) * 3 if tangents[0] is None else tangents[0].unbind(2)
+    return reference.window_attention_jvp(*_unpack(tensors), *tangents, index, ctx.window_size, ctx.scale)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The backend under autograd on plain tensors -> out. tensors: (q, k, v), or (qkv,)
+    whose packed gradient then comes back as is. The backend's implementation runs directly
+    in plain eager calls, its ops otherwise (dispatch modes, jit tracing, subclasses)."""
+
+    @staticmethod
+    def forward(ctx, index, window_size, scale, chosen, *tensors):
+        with _profiled(chosen, "forward"):
+            out, lse = _forward_fn(chosen, tensors)(*_unpack(tensors), index, window_size, scale)
+        _save(ctx, index, window_size, scale, chosen, tensors, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (None, None, None, None, *_backward(ctx, dout))
+
+    @staticmethod
+    def jvp(ctx, _index_t, _window_size_t, _scale_t, _chosen_t, *tangents):
+        return _jvp(ctx, tangents)
+
+
+class _TransformedAttention(torch.autograd.Function):
+    """_EagerAttention for tensors inside torch.func transforms -> (out, lse), lse without
+    derivative; vmap folds the mapped dimension into the batch, one call."""
 
     @staticmethod
     def forward(index, window_size, scale, chosen, *tensors):
-        with _profiled(chosen, "forward"):
-            return _forward_fn(chosen, tensors)(*_unpack(tensors), index, window_size, scale)
+        return _forward_fn(chosen, tensors)(*_unpack(tensors), index, window_size, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         index, window_size, scale, chosen, *tensors = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(out, lse, index, *tensors)
-        ctx.save_for_forward(index, *tensors)
-        ctx.window_size, ctx.scale, ctx.chosen, ctx.packed = window_size, scale, chosen, len(tensors) == 1
+        ctx.mark_non_differentiable(output[1])
+        _save(ctx, index, window_size, scale, chosen, tensors, *output)
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        out, lse, index, *tensors = ctx.saved_tensors
-        q, k, v = _unpack(tensors)
-        if backends.differentiable_backward_needed():
-            dqkv = reference.window_attention_vjp(dout, q, k, v, index, ctx.window_size, ctx.scale)
-        else:
-            with _profiled(ctx.chosen, "backward"):
-                run = _backward_fn(ctx.chosen, (dout, *tensors))
-                dqkv = run(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
-        grads = (dqkv,) if ctx.packed else dqkv.unbind(2)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, *_backward(ctx, dout))
 
     @staticmethod
     def jvp(ctx, _index_t, _window_size_t, _scale_t, _chosen_t, *tangents):
-        index, *tensors = ctx.saved_tensors
-        if ctx.packed:
-            tangents = (None,) * 3 if tangents[0] is None else tangents[0].unbind(2)
-        tangent = reference.window_attention_jvp(*_unpack(tensors), *tangents, index, ctx.window_size, ctx.scale)
-        return tangent, None
+        return _jvp(ctx, tangents), None
 
     @staticmethod
     def vmap(info, in_dims, index, window_size, scale, chosen, *tensors):
@@ -272,7 +304,8 @@ class _WindowAttention(torch.autograd.Function):
             return t.reshape(size * t.shape[1], *t.shape[2:])
 
         folded = [fold(t, d) for t, d in zip(tensors, in_dims[4:])]
-        out, lse = _WindowAttention.apply(fold(index, in_dims[0]).contiguous(), window_size, scale, chosen, *folded)
+        out, lse = _TransformedAttention.apply(fold(index, in_dims[0]).contiguous(), window_size, scale, chosen,
+                                               *folded)
         return (out.reshape(size, -1, *out.shape[1:]), lse.reshape(size, -1, *lse.shape[1:])), (0, 0)
 
 

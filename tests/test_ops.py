@@ -320,9 +320,13 @@ def test_jit_trace_records_the_op():
     index = make_index(1, 20, 1, device="cpu")
     traced = torch.jit.trace(lambda a, b, c: rk.window_attention(a, b, c, index, 5, backend="reference"), (q, k, v))
     assert "rsir::window_attention" in str(traced.graph)
-    q2, k2, v2 = make_qkv(1, 20, 2, 8, device="cpu", requires_grad=False, seed=9)
+    q2, k2, v2 = make_qkv(1, 20, 2, 8, device="cpu", seed=9)
     want = reference.window_attention_reference(q2, k2, v2, index, 5)
-    assert torch.allclose(traced(q2, k2, v2), want, atol=1e-6, rtol=1e-5)
+    got = traced(q2, k2, v2)
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    dout = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (q2, k2, v2), dout), torch.autograd.grad(want, (q2, k2, v2), dout)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_index_check_still_runs_where_values_are_readable():
