@@ -1,29 +1,25 @@
 """The public window_attention: validation (once, for every backend), backend choice, glue.
 
 Every backend registers a forward op and a backward op (rsir_kernels.backends); this module
-checks the inputs, picks one backend and calls its forward op, whose autograd runs the same
-backend's backward op. `window_attention_qkvpacked` is the same computation for a packed
-(B, L, 3, H, D) qkv, whose gradient comes back packed with no copy.
+checks the inputs, picks one backend and runs its forward: under torch.compile and
+torch.jit.trace as the registered op, whose autograd runs the same backend's backward op;
+otherwise under an autograd.Function of its own that also gives forward mode, vmap and
+exact second order (window_attention's docstring). `window_attention_qkvpacked` is the same
+computation for a packed (B, L, 3, H, D) qkv, whose gradient comes back packed with no copy.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import warnings
 from typing import NamedTuple, Optional
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.utils.flop_counter
 
 from . import backends, reference
-
-try:  # the innermost TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...), or None
-    from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
-except ImportError:  # a torch that moved it: always take the op path
-    def _current_dispatch_mode():
-        return True
+from .autograd_functions import (EagerAttention, TransformedAttention, forward_fn, functorch_wrapped,
+                                 needs_autograd, profiled, unpack)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -128,12 +124,12 @@ def _run(chosen, index, window_size, scale, tensors):
         if len(tensors) == 1:
             return _qkvpacked(tensors[0], index, window_size, scale, chosen.name)[0]
         return chosen.forward(*tensors, index, window_size, scale)[0]
-    if any(_functorch_wrapped(t) for t in tensors):  # a torch.func transform
-        return _TransformedAttention.apply(index, window_size, scale, chosen, *tensors)[0]
-    if _needs_autograd(tensors):
-        return _EagerAttention.apply(index, window_size, scale, chosen, *tensors)
-    with _profiled(chosen, "forward"):
-        return _forward_fn(chosen, tensors)(*_unpack(tensors), index, window_size, scale)[0]
+    if any(functorch_wrapped(t) for t in tensors):  # a torch.func transform
+        return TransformedAttention.apply(index, window_size, scale, chosen, *tensors)[0]
+    if needs_autograd(tensors):
+        return EagerAttention.apply(index, window_size, scale, chosen, *tensors)
+    with profiled(chosen, "forward"):
+        return forward_fn(chosen, tensors)(*unpack(tensors), index, window_size, scale)[0]
 
 
 QKVPACKED_OP = "rsir::window_attention_qkvpacked"
@@ -175,138 +171,6 @@ def _qkvpacked_flops(qkv_shape, index_shape, window_size, scale, backend, out_sh
 
 
 torch.utils.flop_counter.register_flop_formula(backends.op_packet(QKVPACKED_OP))(_qkvpacked_flops)
-
-
-# ---------------------------------------------------------------- outside torch.compile
-
-def _plain_eager(*tensors: torch.Tensor) -> bool:
-    """True when nothing needs the ops: no torch.compile or torch.jit tracing, no dispatch
-    mode (fake tensors, FLOP counting, ...), plain tensors (no subclass, no functorch
-    transform). Then the backend's implementation runs directly, skipping the custom ops'
-    dispatch in Python: on a GPU that host time, not the kernels, bounds the small stages
-    (benchmarks/NOTES.md, "Measured on an H200")."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _current_dispatch_mode() is not None:
-        return False
-    return all(type(t) is torch.Tensor and not _functorch_wrapped(t) for t in tensors)
-
-
-_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
-
-
-def _needs_autograd(tensors) -> bool:
-    """Whether a derivative may be taken: reverse mode (grad mode and an input requiring
-    grad) or forward mode (a dual level open)."""
-    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or fwAD._current_level >= 0
-
-
-def _forward_fn(chosen, tensors):
-    return chosen.forward_impl if _plain_eager(*tensors) else chosen.forward
-
-
-def _backward_fn(chosen, tensors):
-    return chosen.backward_impl if _plain_eager(*tensors) else chosen.backward
-
-
-def _profiled(chosen, what: str):
-    """A named range for torch.profiler (which, on the eager path, sees no op of ours), only
-    while a profiler runs: record_function costs microseconds a call."""
-    if torch.autograd._profiler_enabled():
-        return torch.autograd.profiler.record_function(f"rsir::window_attention_{what} ({chosen.name})")
-    return contextlib.nullcontext()
-
-
-def _unpack(tensors):
-    return tensors[0].unbind(2) if len(tensors) == 1 else tensors
-
-
-# Two autograd.Functions with the same derivatives. Plain tensors take _EagerAttention, in
-# the old style (forward(ctx, ...)): torch binds a setup_context-style forward's signature
-# with inspect on every apply, ~50 us of host time a call. torch.func transforms need the
-# setup_context style (and take a vmap rule): _TransformedAttention.
-
-def _save(ctx, index, window_size, scale, chosen, tensors, out, lse):
-    ctx.save_for_backward(out, lse, index, *tensors)
-    ctx.save_for_forward(index, *tensors)
-    ctx.window_size, ctx.scale, ctx.chosen, ctx.packed = window_size, scale, chosen, len(tensors) == 1
-
-
-def _backward(ctx, dout):
-    """(dq, dk, dv) or (dqkv,): the backend's backward, or in a backward that builds a graph
-    the reference maths in differentiable ops."""
-    out, lse, index, *tensors = ctx.saved_tensors
-    q, k, v = _unpack(tensors)
-    if backends.differentiable_backward_needed():
-        dqkv = reference.window_attention_vjp(dout, q, k, v, index, ctx.window_size, ctx.scale)
-    else:
-        with _profiled(ctx.chosen, "backward"):
-            run = _backward_fn(ctx.chosen, (dout, *tensors))
-            dqkv = run(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
-    return (dqkv,) if ctx.packed else dqkv.unbind(2)
-
-
-def _jvp(ctx, tangents):
-    """The tangent of out from the reference maths; tangents: of (q, k, v) or of (qkv,)."""
-    index, *tensors = ctx.saved_tensors
-    if ctx.packed:
-        tangents = (None,) * 3 if tangents[0] is None else tangents[0].unbind(2)
-    return reference.window_attention_jvp(*_unpack(tensors), *tangents, index, ctx.window_size, ctx.scale)
-
-
-class _EagerAttention(torch.autograd.Function):
-    """The backend under autograd on plain tensors -> out. tensors: (q, k, v), or (qkv,)
-    whose packed gradient then comes back as is. The backend's implementation runs directly
-    in plain eager calls, its ops otherwise (dispatch modes, jit tracing, subclasses)."""
-
-    @staticmethod
-    def forward(ctx, index, window_size, scale, chosen, *tensors):
-        with _profiled(chosen, "forward"):
-            out, lse = _forward_fn(chosen, tensors)(*_unpack(tensors), index, window_size, scale)
-        _save(ctx, index, window_size, scale, chosen, tensors, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        return (None, None, None, None, *_backward(ctx, dout))
-
-    @staticmethod
-    def jvp(ctx, _index_t, _window_size_t, _scale_t, _chosen_t, *tangents):
-        return _jvp(ctx, tangents)
-
-
-class _TransformedAttention(torch.autograd.Function):
-    """_EagerAttention for tensors inside torch.func transforms -> (out, lse), lse without
-    derivative; vmap folds the mapped dimension into the batch, one call."""
-
-    @staticmethod
-    def forward(index, window_size, scale, chosen, *tensors):
-        return _forward_fn(chosen, tensors)(*_unpack(tensors), index, window_size, scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        index, window_size, scale, chosen, *tensors = inputs
-        ctx.mark_non_differentiable(output[1])
-        _save(ctx, index, window_size, scale, chosen, tensors, *output)
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        return (None, None, None, None, *_backward(ctx, dout))
-
-    @staticmethod
-    def jvp(ctx, _index_t, _window_size_t, _scale_t, _chosen_t, *tangents):
-        return _jvp(ctx, tangents), None
-
-    @staticmethod
-    def vmap(info, in_dims, index, window_size, scale, chosen, *tensors):
-        size = info.batch_size
-
-        def fold(t, dim):  # the mapped dimension (or a broadcast one) into the batch
-            t = t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
-            return t.reshape(size * t.shape[1], *t.shape[2:])
-
-        folded = [fold(t, d) for t, d in zip(tensors, in_dims[4:])]
-        out, lse = _TransformedAttention.apply(fold(index, in_dims[0]).contiguous(), window_size, scale, chosen,
-                                               *folded)
-        return (out.reshape(size, -1, *out.shape[1:]), lse.reshape(size, -1, *lse.shape[1:])), (0, 0)
 
 
 # ---------------------------------------------------------------- backend choice
@@ -417,7 +281,7 @@ def _index_readable(index: torch.Tensor) -> bool:
     tensor mapped by a torch.func transform, not while a CUDA graph captures (no host sync)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if type(index) is not torch.Tensor or index.is_meta or _functorch_wrapped(index):
+    if type(index) is not torch.Tensor or index.is_meta or functorch_wrapped(index):
         return False
     if any(torch._C._get_dispatch_mode(key) is not None for key in _VALUELESS_MODES):
         return False

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rsir_kernels as rk
-from rsir_kernels import ops, reference
+from rsir_kernels import autograd_functions, ops, reference
 
 from util import assert_matches_reference, make_index, make_qkv
 
@@ -249,8 +249,9 @@ def _forward_and_grads(fn, leaves, dout):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["separate", "qkvpacked"])
 def test_eager_path_equals_op_path_and_flops_are_counted(packed):
-    """A plain eager call runs the backends' implementations directly (ops._plain_eager); a
-    dispatch mode (here the FLOP counter) sends the same call through the ops. Both paths
+    """A plain eager call runs the backends' implementations directly
+    (autograd_functions.plain_eager); a dispatch mode (here the FLOP counter) sends the same
+    call through the ops. Both paths
     must give the same bits, and the op path must show the registered FLOP formulas."""
     from torch.utils.flop_counter import FlopCounterMode
     from util import DEVICE
@@ -266,7 +267,7 @@ def test_eager_path_equals_op_path_and_flops_are_counted(packed):
         else:
             call = lambda: rk.window_attention(q, k, v, index, window, backend=name)  # noqa: E731
             leaves = (q, k, v)
-        assert ops._plain_eager(q, index)
+        assert autograd_functions.plain_eager(q, index)
         eager = _forward_and_grads(call, leaves, dout)
         with FlopCounterMode(display=False) as counter:
             through_ops = _forward_and_grads(call, leaves, dout)
@@ -285,7 +286,7 @@ def test_fake_tensors_take_the_op_path():
         index = torch.empty(2, 2, 30, dtype=torch.int64)
         out = rk.window_attention(q, q, q, index, 7)
         assert out.shape == (2, 30, 4, 8) and out.dtype == torch.float32
-        assert not ops._plain_eager(q, index)
+        assert not autograd_functions.plain_eager(q, index)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["separate", "qkvpacked"])
