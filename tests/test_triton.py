@@ -281,8 +281,9 @@ for dtype, n, d in [("bf16", 49, 16), ("bf16", 49, 24), ("fp16", 4, 32), ("bf16"
                      DOT_PREC="ieee" if dtype == "fp32" else None, BF16_FIX=False,
                      ALIGN=8 if d % 16 else 16, NUM_TILES=triton.cdiv(cfg.seg, cfg.block_m),
                      WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program)
-        const.update({p: 1 for p in params if p.startswith("stride_") and p.endswith("d")})
-        sig = {p: "constexpr" if p in const else ("*i32" if p == "IDX" else "*fp32" if p in ("LSE", "STATS") else f"*{dtype}")
+        const["stride_il"] = 1  # the one specialized integer (kernels.py); the rest are runtime values
+        fp32_ptrs = ("LSE", "STATS")
+        sig = {p: "constexpr" if p in const else ("*i32" if p == "IDX" else "*fp32" if p in fp32_ptrs else f"*{dtype}")
                if p in POINTERS or p in const else "fp32" if "scale" in p else "i32" for p in params}
         src = ASTSource(fn, sig, {(params.index(k),): v for k, v in const.items()})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -130,7 +130,8 @@ for (b, l, h, d, g, n, dtype, idx_dtype, tile) in [(2, 103, 4, 24, 2, 49, torch.
     q, k, v = qkv.unbind(2)
     index = torch.stack([torch.randperm(l) for _ in range(b * g)]).view(b, g, l).to(idx_dtype)
     out, lse = torch.empty(b, l, h, d, dtype=dtype), torch.empty(b, h, l)
-    dout, dqkv, stats = torch.randn(b, l, h, d).to(dtype), torch.empty(b, l, 3, h, d, dtype=dtype), torch.empty(b, h, l, 2)
+    dout, dqkv = torch.randn(b, l, h, d).to(dtype), torch.empty(b, l, 3, h, d, dtype=dtype)
+    stats = torch.empty(b, h, l, 2)
     config = None if tile is None else launch.make_config(b, l, h, g, d, n, dtype, q.device, tile=tile)
     fplan, _ = launch._forward_plan(q.shape, q.stride(), k.stride(), v.stride(), index.shape, index.stride(),
                                     out.stride(), lse.stride(), dtype, q.device, n, 0.3, config)

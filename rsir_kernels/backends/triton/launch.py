@@ -129,8 +129,9 @@ def _row_align(*strides) -> int:
 # reuse is valid because nothing a call can change selects another compiled kernel: every
 # integer and float argument is `do_not_specialize` (kernels.py) and in the plan's key (with
 # the index's token stride, the one specialized integer), and the tensors' dtypes and 16-byte
-# pointer alignment, which Triton specializes on, key the plan's stored kernels. Under the interpreter, or where a Triton version lacks
-# CompiledKernel.__getitem__, every call takes the ordinary path.
+# pointer alignment, which Triton specializes on, key the plan's stored kernels. Under the
+# interpreter, or where a Triton version lacks CompiledKernel.__getitem__, every call takes the
+# ordinary path; RSIR_TRITON_DIRECT_LAUNCH=0 forces it everywhere.
 
 
 @dataclasses.dataclass
