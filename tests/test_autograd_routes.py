@@ -160,3 +160,15 @@ def test_triton_forward_mode_and_second_order():
     (dq_exact,) = torch.autograd.grad(exact(*wide).pow(2).sum(), wide[0], create_graph=True)
     _assert_close(torch.autograd.grad(dq.pow(2).sum(), k)[0], torch.autograd.grad(dq_exact.pow(2).sum(), wide[1])[0],
                   tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
+def test_qkvpacked_under_torch_func(backend):
+    """The packed entry point takes the same transforms: its packed tangent and jacobian."""
+    q, k, v, index = _inputs(seed=15)
+    qkv = torch.stack((q, k, v), 2).detach()
+    ours = lambda t: rk.window_attention_qkvpacked(t, index, N, scale=SCALE, backend=backend)  # noqa: E731
+    exact = lambda t: _exact(index)(*t.unbind(2))  # noqa: E731
+    tangent = torch.randn_like(qkv)
+    _assert_close(torch.func.jvp(ours, (qkv,), (tangent,))[1], torch.func.jvp(exact, (qkv,), (tangent,))[1])
+    _assert_close(torch.func.jacrev(ours)(qkv), torch.func.jacrev(exact)(qkv))

@@ -4,8 +4,13 @@ The contract every backend keeps (DESIGN.md section 1):
 
     forward(q, k, v, index, window_size, scale) -> (out, lse)
         q, k, v  (B, L, H, D), any strides, one dtype and device
-        index    (B, G, L) int32/int64, contiguous, each row a permutation of 0..L-1
-                 (unchecked rows may hold anything: kernels mask rows outside 0..L-1)
+        index    (B, G, L) int32/int64, contiguous, each row a permutation of 0..L-1;
+                 an unchecked row may hold anything, and then, for its group's heads: a
+                 token in no window gets out = 0 and dq = dk = dv = 0; an entry outside
+                 0..L-1 is an absent slot, neither read nor written (the reference backend
+                 raises torch.gather's error instead); a token in several windows gets the
+                 rows of one of them
+        window_size  1 <= N <= L (rsir_kernels.ops clamps a larger one to L)
         out      (B, L, H, D) contiguous, q's dtype, original token order
         lse      (B, H, L) contiguous, float32 (float64 for float64 inputs): the
                  log-sum-exp of each row's scaled scores, original token order
