@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import os
 from typing import Optional
@@ -212,8 +213,21 @@ def _launch(kernel, plan: _Plan, tensors) -> None:
             plan.runners[aligned] = compiled[plan.grid]
 
 
+def _direct_launch_supported() -> bool:
+    """Whether this Triton's own launch hands the compiled kernel every bound argument,
+    constexprs included (`kernel.run(..., *bound_args.values())`, as 3.6-3.9 do), which is
+    what a plan's direct_tail reproduces; with any other convention the plans don't launch
+    directly."""
+    try:
+        from triton.compiler import CompiledKernel
+        from triton.runtime.jit import JITFunction
+        return "*bound_args.values()" in inspect.getsource(JITFunction.run) and hasattr(CompiledKernel, "__getitem__")
+    except Exception:  # no source, another layout: the ordinary path is always right
+        return False
+
+
 # The direct launch of compiled kernels (above); False: every call through kernel[grid].
-DIRECT_LAUNCH = os.environ.get("RSIR_TRITON_DIRECT_LAUNCH", "1") != "0"
+DIRECT_LAUNCH = os.environ.get("RSIR_TRITON_DIRECT_LAUNCH", "1") != "0" and _direct_launch_supported()
 
 
 def forward_into(q, k, v, index, window_size: int, scale: float, out, lse,
