@@ -7,7 +7,7 @@ ddp: after every optimizer step each rank's parameters are gathered and compared
      ("steps_checked", "unequal_steps"); 4 epochs straight vs 2 epochs + --resume for 2
      ("resume_bitwise_equal"), whose metrics of epochs 3-4 must match too; the ranks' RNG
      states differ ("rank_rng_differ").
-fsdp: 5 epochs of FSDP2 on 640 training images ("val_top1" per epoch), then the saved checkpoint loaded into a plain
+fsdp: 5 epochs of FSDP2 on 384 training images ("val_top1" per epoch), then the saved checkpoint loaded into a plain
      timm model evaluated on the same shards ("plain_top1", "fsdp_top1").
 """
 import json
@@ -65,15 +65,15 @@ def ddp(out):
 
 
 def fsdp(out):
-    result = run.train(args("--fsdp", "--batch-size", "64", "--epochs", "5", "--train-items", "640",
-                            "--output", f"{out}/fsdp"))
+    result = run.train(args("--fsdp", "--batch-size", "64", "--epochs", "5", "--train-items", "384",
+                            "--val-items", "200", "--output", f"{out}/fsdp"))
     if int(os.environ["RANK"]):
         return
     import timm
     saved = load(f"{out}/fsdp/last.pt")
     plain = timm.create_model("rsir_micro", num_classes=10, in_chans=1, window_size=4, backend="cpp")
     plain.load_state_dict(saved["model"])  # strict: the same keys, full tensors
-    val = digits().val
+    val = subset(digits().val, 200)
     hits = items = 0
     for rank in range(2):  # the shards and batches the FSDP run evaluated, one process
         shard = evaluate(plain, eval_loader(val, 32, rank, 2, 0), world=World(rank, 1, 0, torch.device("cpu")),

@@ -111,11 +111,12 @@ def _check_class_folders(folder: str) -> None:
 def train_loader(dataset: Dataset, batch_per_rank: int, rank: int, world: int, seed: int,
                  workers: int) -> DataLoader:
     """Shuffled, sharded, drop_last (every step sees a full global batch); call
-    loader.sampler.set_epoch(epoch) before each epoch."""
+    loader.sampler.set_epoch(epoch) before each epoch. Workers start afresh every epoch, seeded
+    from torch's global RNG, so a resumed run draws the same augmentations."""
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
     return DataLoader(dataset, batch_size=batch_per_rank, sampler=sampler, drop_last=True,
-                      num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+                      num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
 def eval_loader(dataset: Dataset, batch_per_rank: int, rank: int, world: int, workers: int) -> DataLoader:

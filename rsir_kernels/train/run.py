@@ -13,17 +13,19 @@ from torch import nn
 
 from . import checkpoint, data as datasets, distributed, loop, recipe, report
 from .errors import TrainError
-from .model import create_model, pretrained_cfg
+from .model import MODEL_NAMES, create_model, pretrained_cfg
 
 DIGITS_WINDOW = 4  # 32x32 digits: stage maps 8x8, 4x4, 2x2, 1x1; 4x4 windows tile stage 1 into 4
 # Arguments a resumed run must share with the checkpoint (others, e.g. --epochs, may change).
-RESUME_MUST_MATCH = ("data", "model", "batch_size", "seed", "window_size", "backend", "train_items")
+RESUME_MUST_MATCH = ("data", "model", "batch_size", "seed", "window_size", "train_items", "fsdp")
 
 
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.model not in MODEL_NAMES:
+        raise TrainError(f"--model {args.model!r} is not an RSIR model; choose one of {', '.join(MODEL_NAMES)}")
     if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
         raise TrainError(f"--steps-per-epoch must be >= 1, got {args.steps_per_epoch}")
     if args.data not in ("digits", "fake") and not os.path.isdir(args.data):
@@ -125,8 +127,10 @@ def _train(args, world, resumed, on_step) -> dict:
 
     start_epoch, step = 0, 0
     if resumed is not None:
-        distributed.load_full_state(model, optimizer, resumed["model"], resumed["optimizer"], args.fsdp) \
-            if args.fsdp else optimizer.load_state_dict(resumed["optimizer"])
+        if args.fsdp:  # the model too: its parameters are sharded now
+            distributed.load_full_state(model, optimizer, resumed["model"], resumed["optimizer"], fsdp=True)
+        else:
+            optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
