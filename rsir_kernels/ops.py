@@ -49,9 +49,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
         window_size: N >= 1 tokens per window (any Python int; N >= L is one window of
             all L tokens): window w of group g is the tokens index[b, g, w*N:(w+1)*N];
             when L % N != 0 the last window is partial.
-        scale: softmax scale, default D ** -0.5; finite in the precision the inputs are
-            computed in (float32 for fp16/bf16/fp32, float64 for fp64). Scores that
-            overflow that precision give NaN, as torch.softmax does.
+        scale: softmax scale, default D ** -0.5; |scale| at most half the largest finite
+            value of the precision the inputs are computed in (float32 for fp16/bf16/fp32:
+            1.7e38; float64 for fp64: 9e307), else a ValueError. Scores that overflow that
+            precision give NaN, as torch.softmax does.
         backend: "auto" (the fastest that runs these inputs), or one of
             available_backends().
         check_index: verify that every row of index is a permutation (one host sync;
@@ -260,10 +261,11 @@ def _validate(q, k, v, index, window_size, scale, backend) -> int:
 
 
 def _check_scale(scale, dtype: torch.dtype) -> None:
-    """scale must be a finite number in the compute precision: a larger one rounds to inf
-    there and every score becomes inf or NaN."""
+    """scale must be finite in the compute precision, with room for the factor log2(e) ~ 1.44
+    that kernels fold into it (exp2 softmax): a larger one rounds to inf there and every
+    score becomes inf or NaN."""
     work = reference.compute_dtype(dtype)
-    limit = torch.finfo(work).max
+    limit = torch.finfo(work).max / 2
     try:
         value = float(scale)
     except OverflowError:  # an int beyond float64

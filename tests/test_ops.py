@@ -111,7 +111,8 @@ def _call(**changes):
     (dict(scale=-float("inf")), ValueError, r"scale must be finite in torch.float32, .* got -inf"),
     # finite in float64, infinite in float32, where fp32 inputs are computed: every score NaN
     (dict(scale=1e300), ValueError, r"scale must be finite in torch.float32, the compute precision of "
-                                    r"torch.float32 inputs \(\|scale\| <= 3.403e\+38\), got 1e\+300"),
+                                    r"torch.float32 inputs \(\|scale\| <= 1.701e\+38\), got 1e\+300"),
+    (dict(scale=2e38), ValueError, r"scale must be finite in torch.float32, .* got 2e\+38"),
     (dict(scale=10 ** 400), ValueError, "scale must be finite in torch.float32, .* got an int beyond float64"),
     (dict(backend="cuda"), ValueError, "backend must be 'auto' or one of .*got 'cuda'"),
 ])
