@@ -4,6 +4,8 @@ import torch
 
 import rsir_kernels as rk
 from rsir_kernels import baselines
+from rsir_kernels.backends import get as get_backend
+from rsir_kernels.samplers import fixed_rs_index
 
 
 def _paper_module_output(module, x, seed):
@@ -37,10 +39,11 @@ def test_token_layouts_agree():
 
 
 def test_eval_mode_draws_fresh_windows_reproducibly():
-    """RS-Win samples in eval as in training; equally seeded generators reproduce the draws."""
+    """rs_eval="random": RS-Win samples in eval as in training; equally seeded generators
+    reproduce the draws."""
     torch.manual_seed(0)
-    a = rk.RSIRAttention(32, 4, generator=torch.Generator().manual_seed(3)).eval()
-    b = rk.RSIRAttention(32, 4, generator=torch.Generator().manual_seed(3)).eval()
+    a = rk.RSIRAttention(32, 4, generator=torch.Generator().manual_seed(3), rs_eval="random").eval()
+    b = rk.RSIRAttention(32, 4, generator=torch.Generator().manual_seed(3), rs_eval="random").eval()
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 14, 14, 32)
     first, second = a(x), a(x)
@@ -197,3 +200,54 @@ def test_recompute_qkv_gives_the_same_bits():
             out.backward(torch.ones_like(out))
             results.append([out.detach(), leaf.grad] + [p.grad for p in module.parameters()])
         assert all(torch.equal(a, b) for a, b in zip(*results)), name
+
+
+@pytest.mark.parametrize("backend,dtype,rtol", [("reference", torch.float64, 1e-12), ("cpp", torch.float32, 1e-5),
+                                                ("triton", torch.float32, 1e-5)])
+def test_eval_uses_a_fixed_order_per_image(backend, dtype, rtol):
+    """Eval (rs_eval="fixed"): bitwise equal call after call; an image's output is a function of
+    that image alone (alone = inside a batch of 4); the order is fixed_rs_index of the seed."""
+    if get_backend(backend).unavailable is not None:
+        pytest.skip(f"{backend}: {get_backend(backend).unavailable}")
+    torch.manual_seed(0)
+    module = rk.RSIRAttention(32, 4, 7, backend=backend, seed=17).to(dtype).eval()
+    x = torch.randn(4, 14, 14, 32, dtype=dtype)
+    batch = module(x)
+    assert torch.equal(batch, module(x))
+    alone = module(x[:1])
+    assert torch.allclose(alone, batch[:1], rtol=rtol, atol=rtol * batch.abs().max().item())
+    assert torch.equal(module.rs_order(4, 14, 14, x.device), fixed_rs_index(14, 14, 7, 17))
+    # cached per (seed, H, W, device): the same tensor, no sampler work after the first call
+    assert module.rs_order(1, 14, 14, x.device) is module.rs_order(4, 14, 14, x.device)
+    assert set(module.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}  # not a buffer
+    other = rk.RSIRAttention(32, 4, 7, backend=backend, seed=18).to(dtype).eval()
+    other.load_state_dict(module.state_dict())
+    assert not torch.equal(other(x), batch)  # the seed is configuration: another seed, other windows
+
+
+def test_rs_eval_is_validated():
+    with pytest.raises(ValueError, match="rs_eval"):
+        rk.RSIRAttention(32, 4, rs_eval="sometimes")
+    with pytest.raises(TypeError, match="seed"):
+        rk.RSIRAttention(32, 4, seed="0")
+
+
+def test_compile_with_dynamic_shapes_across_three_resolutions():
+    """Issue 13 item 4: a second resolution crashed the compiled module (torch.rand with
+    generator=None and symbolic sizes). Training draws (fallback_random: eager's RNG stream)
+    and the fixed eval orders, compiled with automatic dynamic shapes and with dynamic=True."""
+    import torch._inductor.config as inductor_config
+    torch.manual_seed(0)
+    module = rk.RSIRAttention(32, 4, 3)
+    for dynamic, mode in ((None, "train"), (True, "eval")):  # the issue's case; then a fixed-order graph
+        torch._dynamo.reset()
+        compiled = torch.compile(module, fullgraph=True, dynamic=dynamic)
+        module.train(mode == "train")
+        for height, width in [(6, 9), (7, 7), (5, 8)]:
+            x = torch.randn(2, height, width, 32)
+            with inductor_config.patch(fallback_random=True):
+                torch.manual_seed(1)
+                eager = module(x)
+                torch.manual_seed(1)
+                out = compiled(x)
+            assert torch.allclose(out, eager, atol=1e-5, rtol=1e-5), (dynamic, mode, height, width)

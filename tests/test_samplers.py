@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from rsir_kernels import baselines, ir_index, rs_index, window_order
+from rsir_kernels.samplers import fixed_rs_index, layer_seed
 
 
 @pytest.mark.parametrize("height,width,window", [(14, 14, 7), (14, 21, 7), (8, 12, 4)])
@@ -74,3 +75,52 @@ def test_ir_index_sorts_by_channel_mean_without_gradient():
     assert (scores[:, 1:] >= scores[:, :-1]).all()
     # (B, H, W, C) input gives the same order
     assert torch.equal(ir_index(x.detach().view(2, 14, 14, 16), 14, 14, 7), index)
+
+
+def _python_mix32(h):
+    """The fixed order's hash written with Python's unbounded ints, modulo 2^32 at each step."""
+    m = 2 ** 32
+    h ^= h >> 16
+    h = h * 0x7FEB352D % m
+    h ^= h >> 15
+    h = h * 0x2C1B3C6D % m
+    return h ^ (h >> 16)
+
+
+@pytest.mark.parametrize("height,width,window,seed", [(14, 14, 7, 0), (6, 9, 3, 123456789), (7, 7, 7, 2 ** 31 + 5)])
+def test_fixed_rs_index_is_the_hash_order_computed_independently(height, width, window, seed):
+    """torch's int64 arithmetic (no overflow) against Python ints, then sorted() and window_order."""
+    length = height * width
+    offset = _python_mix32(seed % 2 ** 32)
+    keys = [_python_mix32((p + offset) % 2 ** 32) for p in range(length)]
+    assert len(set(keys)) == length  # a bijection: no ties, one order on every device
+    expected = window_order(torch.tensor(sorted(range(length), key=keys.__getitem__)), height, width, window)
+    index = fixed_rs_index(height, width, window, seed)
+    assert index.shape == (1, 1, length) and index.dtype == torch.int64
+    assert torch.equal(index[0, 0], expected) and _is_permutation(index)
+    assert torch.equal(fixed_rs_index(height, width, window, seed), index)
+
+
+def test_fixed_orders_differ_by_seed_and_layer_seeds_are_distinct():
+    assert not torch.equal(fixed_rs_index(14, 14, 7, 0), fixed_rs_index(14, 14, 7, 1))
+    seeds = [layer_seed(model_seed, p) for model_seed in (0, 1) for p in range(64)]
+    assert len(set(seeds)) == len(seeds)
+    with pytest.raises(TypeError, match="seed"):
+        fixed_rs_index(14, 14, 7, 0.5)
+
+
+def test_rs_index_traces_with_symbolic_sizes():
+    """Issue 13 item 4: torch.rand(..., generator=None) rejected symbolic sizes under
+    torch.compile(dynamic=True). Three sizes, one compiled function, each row a permutation
+    drawn as eager draws it (aot_eager runs the same random op on the same global RNG)."""
+    def draw(x):
+        return rs_index(x.shape[0], x.shape[1], x.shape[2], 3, device=x.device)
+
+    compiled = torch.compile(draw, backend="aot_eager", fullgraph=True, dynamic=True)
+    for height, width in [(6, 9), (7, 7), (5, 8)]:
+        x = torch.empty(2, height, width)
+        torch.manual_seed(3)
+        expected = draw(x)
+        torch.manual_seed(3)
+        got = compiled(x)
+        assert torch.equal(got, expected) and _is_permutation(got)
