@@ -110,6 +110,27 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("window", [5, 49], ids=["packed", "single"])
+def test_persistent_grid_is_exact(window):
+    """A persistent grid (3 programs walking every work item, prefetching the next one's token
+    ids) writes every row (NaN-poisoned buffers) with the bits of the default grid, and the
+    float64 reference's values."""
+    import dataclasses
+    q, k, v = make_qkv(2, 103, 4, 16, requires_grad=False)
+    index = make_index(2, 103, 2, dtype=torch.int32)
+    default = launch.make_config(2, 103, 4, 2, 16, window, q.dtype, q.device)
+    persistent = dataclasses.replace(default, persistent=3)
+    results = [_direct(q, k, v, index, window, 0.25, cfg) for cfg in (default, persistent)]
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a, b)
+    out_ref = reference.window_attention_reference(q.double(), k.double(), v.double(), index, window, 0.25)
+    assert max_rel_error(results[1][0], out_ref) < 1e-5
+    tiled = launch.make_config(2, 103, 4, 2, 16, window, q.dtype, q.device, tile=16)
+    with pytest.raises(ValueError, match="persistent"):
+        launch.forward_into(q, k, v, index, window, 0.25, torch.empty_like(q), torch.empty(2, 4, 103),
+                            config=dataclasses.replace(tiled, persistent=2))
+
+
 def _window_candidates(q, k, v, dout, index, window, scale):
     """Float64, window by window, independently of the kernels: for each (b, g, window) the
     attention of its in-range slots and the gradients of that window alone. Returns, per
@@ -270,8 +291,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from rsir_kernels.backends.triton import kernels, launch
 POINTERS = {"Q", "K", "V", "IDX", "OUT", "LSE", "DO", "DQKV", "STATS"}
-for dtype, n, d in [("bf16", 49, 16), ("bf16", 49, 24), ("fp16", 4, 32), ("bf16", 1, 16), ("bf16", 256, 32),
-                    ("fp32", 49, 32), ("fp32", 7, 24)]:
+for dtype, n, d, persistent in [("bf16", 49, 16, False), ("bf16", 49, 24, False), ("fp16", 4, 32, False),
+                                ("bf16", 1, 16, False), ("bf16", 256, 32, False), ("fp32", 49, 32, False),
+                                ("fp32", 7, 24, False), ("bf16", 49, 16, True), ("fp16", 4, 32, True)]:
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     cfg = launch.make_config(64, 3136, 4, 2, d, n, tdtype, torch.device("cpu"))
     for fn in (kernels.window_attn_fwd_kernel, kernels.window_attn_bwd_kernel):
@@ -280,7 +302,8 @@ for dtype, n, d in [("bf16", 49, 16), ("bf16", 49, 24), ("fp16", 4, 32), ("bf16"
                      BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
                      DOT_PREC="ieee" if dtype == "fp32" else None, BF16_FIX=False,
                      ALIGN=8 if d % 16 else 16, NUM_TILES=triton.cdiv(cfg.seg, cfg.block_m),
-                     WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program)
+                     WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
+                     PERSISTENT=persistent)
         const["stride_il"] = 1  # the one specialized integer (kernels.py); the rest are runtime values
         fp32_ptrs = ("LSE", "STATS")
         sig = {p: "constexpr" if p in const else ("*i32" if p == "IDX" else "*fp32" if p in fp32_ptrs else f"*{dtype}")

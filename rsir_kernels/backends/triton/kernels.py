@@ -71,6 +71,20 @@ def _segment_tokens(idx_base, stride_il, seg_start, seg_end, N, L, BLOCK: tl.con
     return _tokens(idx_base, stride_il, pos, valid, L)
 
 
+@triton.jit
+def _work_tokens(work, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg, num_chunks,
+                 BLOCK: tl.constexpr, WPP: tl.constexpr, NB: tl.constexpr, BOUNDED: tl.constexpr = True):
+    """Token ids of work item `work` of a SINGLE launch (all masked when BOUNDED and
+    work >= num_work; a program's own item needs no such check)."""
+    _, seg, _, g, b = _program_coords(work, 1, num_seg, num_chunks, G)
+    seg_start = seg * SEG
+    seg_end = tl.minimum(seg_start + SEG, L)
+    if BOUNDED:
+        seg_end = tl.where(work < num_work, seg_end, seg_start)
+    idx_base = IDX + b * stride_ib + g.to(tl.int64) * stride_ig
+    return _segment_tokens(idx_base, stride_il, seg_start, seg_end, N, L, BLOCK, WPP, NB)
+
+
 # ALIGN (a power of two <= 16, from the launcher) divides every batch, token and head stride
 # of the row tensors, and their head-dim stride is 1 (else ALIGN is 1): the hints let Triton
 # vectorise row loads when D is not a multiple of 16 (D = 24: 8-element, 16-byte accesses).
@@ -107,9 +121,8 @@ def _store_rows(base, tok, ok, stride_l, stride_d, offs_d, D, value, ALIGN: tl.c
 
 
 @triton.jit
-def _program_coords(num_mtiles, num_seg, num_chunks, G):
-    """Flat program id -> (query tile, segment, head chunk, group, batch); segment fastest."""
-    pid = tl.program_id(0)
+def _program_coords(pid, num_mtiles, num_seg, num_chunks, G):
+    """Flat work id -> (query tile, segment, head chunk, group, batch); segment fastest."""
     mt = pid % num_mtiles
     rest = pid // num_mtiles
     seg = rest % num_seg
@@ -160,6 +173,7 @@ def _bwd_packed(q, k, v, do, ok, qk_scale, WPP: tl.constexpr, NB: tl.constexpr,
 
 
 _FWD_UNSPECIALIZED = (
+    "num_work",
     "stride_qb", "stride_ql", "stride_qh", "stride_qd", "stride_kb", "stride_kl", "stride_kh",
     "stride_kd", "stride_vb", "stride_vl", "stride_vh", "stride_vd", "stride_ib", "stride_ig",
     "stride_ob", "stride_ol", "stride_oh", "stride_od", "stride_lb", "stride_lh", "stride_ll", "L",
@@ -167,8 +181,8 @@ _FWD_UNSPECIALIZED = (
 )
 
 
-@triton.jit(do_not_specialize=_FWD_UNSPECIALIZED)
-def window_attn_fwd_kernel(
+@triton.jit
+def _fwd_work(work, tok_m, ok_m,
     Q, K, V, IDX, OUT, LSE,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
@@ -183,14 +197,14 @@ def window_attn_fwd_kernel(
     BF16_FIX: tl.constexpr, ALIGN: tl.constexpr, NUM_TILES: tl.constexpr, WPP: tl.constexpr,
     NB: tl.constexpr,
 ):
-    mt, seg, chunk, g, b = _program_coords(num_mtiles, num_seg, num_chunks, G)
+    """One work item of the forward: segment x head chunk x group x batch (x query tile when
+    not SINGLE); tok_m, ok_m: the segment's token ids when SINGLE (else recomputed here)."""
+    mt, seg, chunk, g, b = _program_coords(work, num_mtiles, num_seg, num_chunks, G)
     seg_start = seg * SEG
     seg_end = tl.minimum(seg_start + SEG, L)
     offs_d = tl.arange(0, BLOCK_D)
     idx_base = IDX + b * stride_ib + g.to(tl.int64) * stride_ig
-    if SINGLE:  # the segment is one tile: its rows are both the queries and the keys
-        tok_m, ok_m = _segment_tokens(idx_base, stride_il, seg_start, seg_end, N, L, BLOCK_M, WPP, NB)
-    else:
+    if not SINGLE:
         pos_m = seg_start + mt * BLOCK_M + tl.arange(0, BLOCK_M)
         tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, pos_m < seg_end, L)
     for hh in tl.static_range(HPP):
@@ -237,6 +251,53 @@ def window_attn_fwd_kernel(
         _store_rows(ob, tok_m, ok_m, stride_ol, stride_od, offs_d, D, out, ALIGN)
         lse = (m + tl.log2(l)) * LN2
         tl.store(LSE + b * stride_lb + h * stride_lh + tok_m * stride_ll, lse, mask=ok_m)
+
+
+@triton.jit(do_not_specialize=_FWD_UNSPECIALIZED)
+def window_attn_fwd_kernel(
+    Q, K, V, IDX, OUT, LSE,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_ib, stride_ig, stride_il,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_ll,
+    L, G, HG, N, SEG, num_seg, num_mtiles, num_chunks, num_work,
+    qk_scale,  # softmax scale * log2(e): scores live in the log2 domain
+    D: tl.constexpr, HPP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    BF16_FIX: tl.constexpr, ALIGN: tl.constexpr, NUM_TILES: tl.constexpr, WPP: tl.constexpr,
+    NB: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """PERSISTENT (SINGLE only): the grid is smaller than the num_work items and each program
+    walks items pid, pid + programs, ..., loading the next item's token ids before it computes
+    the current one. Else one program per item."""
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        step = tl.num_programs(0)
+        tok_m, ok_m = _work_tokens(pid, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg,
+                                   num_chunks, BLOCK_M, WPP, NB)
+        for work in range(pid, num_work, step):
+            tok_next, ok_next = _work_tokens(work + step, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N,
+                                             SEG, num_seg, num_chunks, BLOCK_M, WPP, NB)
+            _fwd_work(work, tok_m, ok_m, Q, K, V, IDX, OUT, LSE, stride_qb, stride_ql, stride_qh, stride_qd, stride_kb,
+                stride_kl, stride_kh, stride_kd, stride_vb, stride_vl, stride_vh, stride_vd, stride_ib, stride_ig,
+                stride_il, stride_ob, stride_ol, stride_oh, stride_od, stride_lb, stride_lh, stride_ll, L, G, HG, N,
+                SEG, num_seg, num_mtiles, num_chunks, qk_scale, D, HPP, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE, PACKED,
+                DOT_PREC, BF16_FIX, ALIGN, NUM_TILES, WPP, NB)
+            tok_m, ok_m = tok_next, ok_next
+    else:
+        if SINGLE:
+            tok_m, ok_m = _work_tokens(pid, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg,
+                                       num_chunks, BLOCK_M, WPP, NB, False)
+        else:  # _fwd_work loads each query tile's own
+            tok_m = tl.zeros([BLOCK_M], tl.int64)
+            ok_m = tl.zeros([BLOCK_M], tl.int1)
+        _fwd_work(pid, tok_m, ok_m, Q, K, V, IDX, OUT, LSE, stride_qb, stride_ql, stride_qh, stride_qd, stride_kb,
+            stride_kl, stride_kh, stride_kd, stride_vb, stride_vl, stride_vh, stride_vd, stride_ib, stride_ig,
+            stride_il, stride_ob, stride_ol, stride_oh, stride_od, stride_lb, stride_lh, stride_ll, L, G, HG, N,
+            SEG, num_seg, num_mtiles, num_chunks, qk_scale, D, HPP, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE, PACKED,
+            DOT_PREC, BF16_FIX, ALIGN, NUM_TILES, WPP, NB)
 
 
 @triton.jit
@@ -308,6 +369,7 @@ def _row_stats(q, do, ok_m, kb, vb, idx_base, stride_il, seg_start, seg_end, L, 
 
 
 _BWD_UNSPECIALIZED = (
+    "num_work",
     "stride_dob", "stride_dol", "stride_doh", "stride_dod", "stride_qb", "stride_ql", "stride_qh",
     "stride_qd", "stride_kb", "stride_kl", "stride_kh", "stride_kd", "stride_vb", "stride_vl",
     "stride_vh", "stride_vd", "stride_ib", "stride_ig", "stride_gb", "stride_gl", "stride_gs",
@@ -316,8 +378,8 @@ _BWD_UNSPECIALIZED = (
 )
 
 
-@triton.jit(do_not_specialize=_BWD_UNSPECIALIZED)
-def window_attn_bwd_kernel(
+@triton.jit
+def _bwd_work(work, tok, ok,
     DO, Q, K, V, IDX, DQKV, STATS,
     stride_dob, stride_dol, stride_doh, stride_dod,
     stride_qb, stride_ql, stride_qh, stride_qd,
@@ -332,17 +394,14 @@ def window_attn_bwd_kernel(
     BF16_FIX: tl.constexpr, ALIGN: tl.constexpr, NUM_TILES: tl.constexpr, WPP: tl.constexpr,
     NB: tl.constexpr,
 ):
-    """STATS: (B, H, L, 2) float32 scratch of the multi-tile path, (lse2, delta) of each index
-    position (unused when SINGLE). O and the forward's lse are not read: both paths recompute
-    the softmax from the scores."""
-    _, seg, chunk, g, b = _program_coords(1, num_seg, num_chunks, G)
+    """One work item of the backward: segment x head chunk x group x batch; tok, ok: the
+    segment's token ids when SINGLE (unused otherwise)."""
+    _, seg, chunk, g, b = _program_coords(work, 1, num_seg, num_chunks, G)
     seg_start = seg * SEG
     seg_end = tl.minimum(seg_start + SEG, L)
     offs_d = tl.arange(0, BLOCK_D)
     idx_base = IDX + b * stride_ib + g.to(tl.int64) * stride_ig
     out_ty = DQKV.dtype.element_ty
-    if SINGLE:
-        tok, ok = _segment_tokens(idx_base, stride_il, seg_start, seg_end, N, L, BLOCK_M, WPP, NB)
     for hh in tl.static_range(HPP):
         h = (g * HG + chunk * HPP + hh).to(tl.int64)
         qb = _head_ptr(Q, b, h, stride_qb, stride_qh, ALIGN)
@@ -423,3 +482,53 @@ def window_attn_bwd_kernel(
                 _store_rows(dkb, tok_n, ok_n, stride_gl, stride_gd, offs_d, D,
                             _cast(dk * sm_scale, out_ty, BF16_FIX), ALIGN)
                 _store_rows(dvb, tok_n, ok_n, stride_gl, stride_gd, offs_d, D, _cast(dv, out_ty, BF16_FIX), ALIGN)
+
+
+@triton.jit(do_not_specialize=_BWD_UNSPECIALIZED)
+def window_attn_bwd_kernel(
+    DO, Q, K, V, IDX, DQKV, STATS,
+    stride_dob, stride_dol, stride_doh, stride_dod,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_ib, stride_ig, stride_il,
+    stride_gb, stride_gl, stride_gs, stride_gh, stride_gd,  # dqkv (B, L, 3, H, D)
+    L, G, HG, N, SEG, num_seg, num_chunks, num_work,
+    qk_scale, sm_scale,
+    D: tl.constexpr, HPP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    BF16_FIX: tl.constexpr, ALIGN: tl.constexpr, NUM_TILES: tl.constexpr, WPP: tl.constexpr,
+    NB: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """STATS: (B, H, L, 2) float32 scratch of the multi-tile path, (lse2, delta) of each index
+    position (unused when SINGLE). O and the forward's lse are not read: both paths recompute
+    the softmax from the scores.
+    PERSISTENT (SINGLE only): as in the forward, programs walk the work items and prefetch
+    the next item's token ids."""
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        step = tl.num_programs(0)
+        tok, ok = _work_tokens(pid, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg,
+                               num_chunks, BLOCK_M, WPP, NB)
+        for work in range(pid, num_work, step):
+            tok_next, ok_next = _work_tokens(work + step, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N,
+                                             SEG, num_seg, num_chunks, BLOCK_M, WPP, NB)
+            _bwd_work(work, tok, ok, DO, Q, K, V, IDX, DQKV, STATS, stride_dob, stride_dol, stride_doh, stride_dod,
+                stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd, stride_vb,
+                stride_vl, stride_vh, stride_vd, stride_ib, stride_ig, stride_il, stride_gb, stride_gl, stride_gs,
+                stride_gh, stride_gd, L, G, HG, N, SEG, num_seg, num_chunks, qk_scale, sm_scale, D, HPP, BLOCK_M,
+                BLOCK_N, BLOCK_D, SINGLE, PACKED, DOT_PREC, BF16_FIX, ALIGN, NUM_TILES, WPP, NB)
+            tok, ok = tok_next, ok_next
+    else:
+        if SINGLE:
+            tok, ok = _work_tokens(pid, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg,
+                                   num_chunks, BLOCK_M, WPP, NB, False)
+        else:  # _bwd_work walks the window's tiles itself
+            tok = tl.zeros([BLOCK_M], tl.int64)
+            ok = tl.zeros([BLOCK_M], tl.int1)
+        _bwd_work(pid, tok, ok, DO, Q, K, V, IDX, DQKV, STATS, stride_dob, stride_dol, stride_doh, stride_dod,
+                  stride_qb,
+            stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd, stride_vb, stride_vl,
+            stride_vh, stride_vd, stride_ib, stride_ig, stride_il, stride_gb, stride_gl, stride_gs, stride_gh,
+            stride_gd, L, G, HG, N, SEG, num_seg, num_chunks, qk_scale, sm_scale, D, HPP, BLOCK_M, BLOCK_N, BLOCK_D,
+            SINGLE, PACKED, DOT_PREC, BF16_FIX, ALIGN, NUM_TILES, WPP, NB)

@@ -47,6 +47,8 @@ class Config:
     single: bool
     windows_per_program: int  # > 1: that many windows of 16 slots each, batched 3-D dots
     num_warps: int
+    persistent: int = 0       # > 0 (single tile only): a persistent grid of that many programs,
+                              # each walking work items and prefetching the next one's token ids
 
 
 # Host-side integer helpers: triton.cdiv / next_power_of_2 are @jit functions whose host
@@ -150,6 +152,15 @@ def _make_plan(kernel, grid, args, constexprs) -> _Plan:
     return _Plan(grid=grid, args=tuple(args), constexprs=constexprs, direct_tail=tail)
 
 
+def _grid(num_work: int, cfg: Config) -> tuple:
+    """One program per work item, or cfg.persistent programs (at most one per item)."""
+    if cfg.persistent <= 0:
+        return (num_work,)
+    if not cfg.single:
+        raise ValueError(f"config.persistent={cfg.persistent} needs the single-tile path (config.single)")
+    return (min(num_work, cfg.persistent),)
+
+
 @functools.lru_cache(maxsize=4096)
 def _forward_plan(shape, q_st, k_st, v_st, idx_shape, idx_st, out_st, lse_st, dtype, device, window_size, scale,
                   config) -> tuple[_Plan, Config]:
@@ -159,18 +170,18 @@ def _forward_plan(shape, q_st, k_st, v_st, idx_shape, idx_st, out_st, lse_st, dt
     num_seg = _cdiv(length, cfg.seg)
     num_chunks = heads // groups // cfg.heads_per_program
     num_mtiles = 1 if cfg.single else _cdiv(cfg.seg, cfg.block_m)
-    grid = (num_mtiles * num_seg * num_chunks * groups * batch,)
+    num_work = num_mtiles * num_seg * num_chunks * groups * batch
     args = (*q_st, *k_st, *v_st, *idx_st, *out_st, *lse_st,
-            length, groups, heads // groups, cfg.window, cfg.seg, num_seg, num_mtiles, num_chunks,
+            length, groups, heads // groups, cfg.window, cfg.seg, num_seg, num_mtiles, num_chunks, num_work,
             float(scale) * math.log2(math.e))
     constexprs = dict(
         D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
         DOT_PREC=_dot_precision(dtype), BF16_FIX=INTERPRET and dtype == torch.bfloat16,
         ALIGN=_row_align(q_st, k_st, v_st, out_st), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
-        WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
+        WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program, PERSISTENT=cfg.persistent > 0,
         num_warps=cfg.num_warps, num_stages=1 if cfg.single else 2)
-    return _make_plan(window_attn_fwd_kernel, grid, args, constexprs), cfg
+    return _make_plan(window_attn_fwd_kernel, _grid(num_work, cfg), args, constexprs), cfg
 
 
 @functools.lru_cache(maxsize=4096)
@@ -181,18 +192,18 @@ def _backward_plan(shape, do_st, q_st, k_st, v_st, idx_shape, idx_st, dqkv_st, d
     cfg = config or make_config(batch, length, heads, groups, dim, window_size, dtype, device)
     num_seg = _cdiv(length, cfg.seg)
     num_chunks = heads // groups // cfg.heads_per_program
-    grid = (num_seg * num_chunks * groups * batch,)
+    num_work = num_seg * num_chunks * groups * batch
     args = (*do_st, *q_st, *k_st, *v_st, *idx_st, *dqkv_st,
-            length, groups, heads // groups, cfg.window, cfg.seg, num_seg, num_chunks,
+            length, groups, heads // groups, cfg.window, cfg.seg, num_seg, num_chunks, num_work,
             float(scale) * math.log2(math.e), float(scale))
     constexprs = dict(
         D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
         DOT_PREC=_dot_precision(dtype), BF16_FIX=INTERPRET and dtype == torch.bfloat16,
         ALIGN=_row_align(do_st, q_st, k_st, v_st, dqkv_st), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
-        WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
+        WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program, PERSISTENT=cfg.persistent > 0,
         num_warps=cfg.num_warps, num_stages=1 if cfg.single else 2)
-    return _make_plan(window_attn_bwd_kernel, grid, args, constexprs), cfg
+    return _make_plan(window_attn_bwd_kernel, _grid(num_work, cfg), args, constexprs), cfg
 
 
 def _launch(kernel, plan: _Plan, tensors) -> None:
