@@ -101,7 +101,7 @@ def _jvp(ctx, tangents):
 class EagerAttention(torch.autograd.Function):
     """The backend under autograd on plain tensors -> out. tensors: (q, k, v), or (qkv,)
     whose packed gradient then comes back as is. The backend's implementation runs directly
-    in plain eager calls, its ops otherwise (dispatch modes, jit tracing, subclasses)."""
+    in plain eager calls, its ops otherwise (dispatch modes, tensor subclasses)."""
 
     @staticmethod
     def forward(ctx, index, window_size, scale, chosen, *tensors):
