@@ -47,8 +47,8 @@ struct WindowAttentionParams {
 
   // ceil(L / N) without forming L + N - 1 (N may be any int64, e.g. INT64_MAX: one window)
   // CPU core, optional (B, G, L) bytes, zero before the call: a window of group g visiting
-  // token t sets bit 1 of visits[(b * G + g) * L + t], a second visit bit 2 (see
-  // kernels/cpu/visits.h). nullptr: not recorded.
+  // token t sets visits[(b * G + g) * L + t] to 1 (see kernels/cpu/visits.h). nullptr: not
+  // recorded.
   uint8_t* visits = nullptr;
 
   int64_t num_windows() const { return N > 0 && L > 0 ? L / N + (L % N != 0) : 0; }

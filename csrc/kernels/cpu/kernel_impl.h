@@ -554,11 +554,9 @@ static inline int64_t window_tokens(const WindowAttentionParams& p, int64_t item
     const int64_t t = read_index(p, b, g, start + j);
     if (t >= 0 && t < p.L) tok[m++] = t;
   }
-  if (p.visits) {  // relaxed atomics: other threads mark other windows' tokens concurrently
+  if (p.visits) {  // relaxed atomic stores (plain moves): other threads may mark the same byte
     uint8_t* row = p.visits + (b * p.G + g) * p.L;
-    for (int64_t i = 0; i < m; ++i)
-      if (__atomic_fetch_or(row + tok[i], (uint8_t)1, __ATOMIC_RELAXED) & 1)
-        __atomic_fetch_or(row + tok[i], (uint8_t)2, __ATOMIC_RELAXED);
+    for (int64_t i = 0; i < m; ++i) __atomic_store_n(row + tok[i], (uint8_t)1, __ATOMIC_RELAXED);
   }
   *b_out = b;
   *g_out = g;

@@ -32,7 +32,9 @@ inline void zero_row(void* x, const int64_t* s, int64_t b, int64_t t, int64_t h,
 }
 
 // Zeroes the rows of unvisited tokens (forward: out, and lse = -inf; backward: dq, dk, dv).
-// Returns true when some token was visited more than once (the caller reruns serially).
+// Returns true when some token was visited more than once (the caller reruns serially): the
+// row (b, g) of the index holds more valid entries than distinct visited tokens. (Counting
+// here keeps the kernels' marks plain stores, not read-modify-write atomics.)
 inline bool settle_visits(const WindowAttentionParams& p, bool backward) {
   if (!p.visits) return false;
   const int64_t esize = element_bytes(p.dtype), hpg = p.heads_per_group();
@@ -40,8 +42,15 @@ inline bool settle_visits(const WindowAttentionParams& p, bool backward) {
   for (int64_t bg = 0; bg < p.B * p.G; ++bg) {
     const uint8_t* row = p.visits + bg * p.L;
     const int64_t b = bg / p.G, g = bg % p.G;
+    int64_t valid = 0, visited = 0;
+    for (int64_t pos = 0; pos < p.L; ++pos) {
+      const int64_t off = b * p.index_stride[0] + g * p.index_stride[1] + pos * p.index_stride[2];
+      const int64_t t = p.index_bytes == 4 ? (int64_t) static_cast<const int32_t*>(p.index)[off]
+                                           : static_cast<const int64_t*>(p.index)[off];
+      valid += t >= 0 && t < p.L;
+    }
     for (int64_t t = 0; t < p.L; ++t) {
-      again = again || (row[t] & 2);
+      visited += row[t];
       if (row[t]) continue;
       for (int64_t h = g * hpg; h < (g + 1) * hpg; ++h) {
         if (backward) {
@@ -58,6 +67,7 @@ inline bool settle_visits(const WindowAttentionParams& p, bool backward) {
         }
       }
     }
+    again = again || valid > visited;
   }
   return again;
 }
