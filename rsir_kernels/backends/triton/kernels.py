@@ -16,7 +16,18 @@ Every token row a program reads or writes belongs to it alone: no atomics, and b
 deterministic results.
 
 A token index outside 0..L-1 is masked out: its row is neither loaded (it reads as zeros,
-and as a key it takes no part in any softmax) nor stored.
+and as a key it takes no part in any softmax) nor stored. The backward recomputes each
+window's softmax from the scores (never reads the forward's lse or out), so with an unchecked
+index that is no permutation a token visited by several windows gets, row by row, one
+window's output and gradients (which one is unspecified; on a GPU two programs' stores to one
+row race element by element), and twice in one window it is two keys whose dk, dv rows are
+each one slot's share; tokens no window visits are never written (launch.py zero-fills).
+
+The backward has one formula on every path: delta = rowsum(P * dP) / rowsum(P) in fp32 on
+chip (not FlashAttention's rowsum(dO * O) from the rounded O, which fails fp16/bf16 accuracy
+at a saturated softmax). The multi-tile path gets it from an extra online pass over the key
+tiles per query tile (_row_stats: 2 of its now 9 tile products, against 7 before) and keeps
+(lse2, delta) in a (B, H, L, 2) fp32 scratch between its dQ and dK/dV passes.
 """
 import triton
 import triton.language as tl

@@ -365,14 +365,11 @@ OP_KIND = ("triton_op" if not INTERPRET and torch.cuda.is_available() and hasatt
 if OP_KIND == "triton_op":
     from torch.library import wrap_triton
 
-    window_attention_fwd = torch.library.triton_op("rsir::window_attention_triton", mutates_args=())(
-        _traceable_forward)
-    window_attention_bwd = torch.library.triton_op("rsir::window_attention_triton_backward", mutates_args=())(
-        _traceable_backward)
+    window_attention_fwd = torch.library.triton_op(FORWARD_OP, mutates_args=())(_traceable_forward)
+    window_attention_bwd = torch.library.triton_op(BACKWARD_OP, mutates_args=())(_traceable_backward)
 else:
-    window_attention_fwd = torch.library.custom_op("rsir::window_attention_triton", mutates_args=())(forward)
-    window_attention_bwd = torch.library.custom_op("rsir::window_attention_triton_backward",
-                                                   mutates_args=())(backward)
+    window_attention_fwd = torch.library.custom_op(FORWARD_OP, mutates_args=())(forward)
+    window_attention_bwd = torch.library.custom_op(BACKWARD_OP, mutates_args=())(backward)
 
     @window_attention_fwd.register_fake
     def _(q, k, v, index, window_size, scale):
