@@ -1,5 +1,6 @@
 """The RSIR models as timm models: the checks timm's own tests/test_models.py makes for every
 registered model (forward, backward, default cfg, features, intermediates, FX), on small inputs."""
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ import rsir_kernels as rk  # noqa: E402  registers the models
 from rsir_kernels.models import RSIRTransformer  # noqa: E402
 
 MODELS = ["rsir_micro", "rsir_tiny", "rsir_base"]
+# minutes on 2 CPU cores: run with RSIR_SLOW=1
+SLOW = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("RSIR_SLOW") != "1", reason="slow: RSIR_SLOW=1 runs it")]
 SIZE = 64  # the smallest input with a 2x2 last stage: pooling is not a no-op
 
 
@@ -62,8 +65,7 @@ def test_features_only_gives_strides_4_to_32_with_feature_info_channels():
     assert [m.shape[1] for m in subset(images)] == [64, 256] == subset.feature_info.channels()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "rsir_micro" else pytest.mark.slow)
-                                  for n in MODELS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "rsir_micro" else SLOW) for n in MODELS])
 def test_forward_backward_every_parameter_gets_a_gradient(name):
     model = timm.create_model(name, num_classes=42)
     out = model(_images(2, 32))
