@@ -6,6 +6,7 @@ Runs are small (a few steps on a subset of digits); the 30-epoch digits run is `
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -234,6 +235,9 @@ def test_bad_inputs_exit_with_one_clear_line(tmp_path, capsys, monkeypatch):
     empty = _image_tree(tmp_path / "empty", empty_class=True)
     line = _one_error_line(capsys, base + ["--data", str(empty), "--img-size", "32", "--workers", "0"])
     assert f"{empty / 'train' / 'b'}: empty class folder" in line, line
+    no_val = _image_tree(tmp_path / "no_val")
+    shutil.rmtree(no_val / "val")
+    assert f"no folder {no_val / 'val'}" in _one_error_line(capsys, base + ["--data", str(no_val)])
     broken = _image_tree(tmp_path / "broken", bad_image=True)
     for workers in ("0", "1"):  # in the main process and in a loader worker: the file is named
         line = _one_error_line(capsys, base + ["--data", str(broken), "--img-size", "32", "--workers", workers,

@@ -74,10 +74,7 @@ def image_folder(root: str, pretrained_cfg: dict, *, auto_augment: str | None = 
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise TrainError(f"--data {root}: no folder {os.path.join(root, split)} "
-                             f"(expected ImageNet's layout: train/<class>/*, val/<class>/*)")
+    image_folder_classes(root)
     common = dict(input_size=pretrained_cfg["input_size"], mean=pretrained_cfg["mean"],
                   std=pretrained_cfg["std"], interpolation=pretrained_cfg.get("interpolation", "bicubic"))
     train_tf = create_transform(is_training=True, auto_augment=auto_augment, **common)
@@ -85,27 +82,35 @@ def image_folder(root: str, pretrained_cfg: dict, *, auto_augment: str | None = 
     sets = {}
     for split, tf in (("train", train_tf), ("val", val_tf)):
         folder = os.path.join(root, split)
-        _check_class_folders(folder)
         try:
             sets[split] = ImageFolder(folder, transform=tf, loader=_load_image)
         except FileNotFoundError as e:  # an empty class folder, or no class folder at all
             raise TrainError(f"--data {root}: {e}") from e
-    if sets["train"].classes != sets["val"].classes:
-        raise TrainError(f"--data {root}: train and val have different class folders")
     return Data(sets["train"], sets["val"], len(sets["train"].classes), pretrained_cfg["input_size"][0],
                 tuple(pretrained_cfg["input_size"]))
 
 
-def _check_class_folders(folder: str) -> None:
-    """TrainError naming the first class folder without an image file (looks at one file per
-    class, not the whole tree)."""
+def image_folder_classes(root: str) -> list[str]:
+    """The class names of root/train, after checking ImageNet's layout: TrainError naming a
+    missing split folder, or the first class folder without an image file (it looks for one
+    image per class, not through the whole tree)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
-    classes = sorted(e.path for e in os.scandir(folder) if e.is_dir())
-    if not classes:
-        raise TrainError(f"{folder}: no class folders")
-    for path in classes:
-        if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(path) for f in files):
-            raise TrainError(f"{path}: empty class folder (no {', '.join(IMG_EXTENSIONS)} file)")
+    names = {}
+    for split in ("train", "val"):
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise TrainError(f"--data {root}: no folder {folder} "
+                             f"(expected ImageNet's layout: train/<class>/*, val/<class>/*)")
+        names[split] = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+        if not names[split]:
+            raise TrainError(f"{folder}: no class folders")
+        for name in names[split]:
+            path = os.path.join(folder, name)
+            if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(path) for f in files):
+                raise TrainError(f"{path}: empty class folder (no {', '.join(IMG_EXTENSIONS)} file)")
+    if names["train"] != names["val"]:
+        raise TrainError(f"--data {root}: train and val have different class folders")
+    return names["train"]
 
 
 def train_loader(dataset: Dataset, batch_per_rank: int, rank: int, world: int, seed: int,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from typing import Callable, Optional
@@ -25,7 +24,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.model not in MODEL_NAMES:
-        raise TrainError(f"--model {args.model!r} is not an RSIR model; choose one of {', '.join(MODEL_NAMES)}")
+        raise TrainError(f"--model {args.model!r} is not a registered RSIR model; choose one of {', '.join(MODEL_NAMES)}")
     if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
         raise TrainError(f"--steps-per-epoch must be >= 1, got {args.steps_per_epoch}")
     if args.data not in ("digits", "fake") and not os.path.isdir(args.data):
@@ -44,11 +43,7 @@ def _build(args, world) -> tuple:
         if args.data == "fake":
             num_classes = 1000
         else:
-            from torchvision.datasets.folder import find_classes
-            try:
-                num_classes = len(find_classes(os.path.join(args.data, "train"))[0])
-            except FileNotFoundError as e:
-                raise TrainError(f"--data {args.data}: {e}") from e
+            num_classes = len(datasets.image_folder_classes(args.data))
         model = create_model(args.model, num_classes=num_classes, in_chans=3, window_size=args.window_size,
                              **common)
         cfg = pretrained_cfg(model)
