@@ -251,3 +251,22 @@ def test_compile_with_dynamic_shapes_across_three_resolutions():
                 torch.manual_seed(1)
                 out = compiled(x)
             assert torch.allclose(out, eager, atol=1e-5, rtol=1e-5), (dynamic, mode, height, width)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_op_compiles_with_dynamic_shapes(backend):
+    """The op itself over three token counts (full and partial last windows) in one dynamic
+    graph, against eager."""
+    if get_backend(backend).unavailable is not None:
+        pytest.skip(f"{backend}: {get_backend(backend).unavailable}")
+    torch._dynamo.reset()
+
+    def attend(qkv, index):
+        return rk.window_attention_qkvpacked(qkv, index, 9, backend=backend, check_index=False)
+
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True)
+    gen = torch.Generator().manual_seed(0)
+    for length in (54, 49, 40):
+        qkv = torch.randn(2, length, 3, 4, 8, generator=gen)
+        index = rk.rs_index(2, 1, length, 3, groups=2, generator=gen)
+        assert torch.allclose(compiled(qkv, index), attend(qkv, index), rtol=1e-6, atol=1e-6)
