@@ -80,26 +80,21 @@ def check_case(backend, m, scale, seed=0, shape=(1, 60, 2, 16, 2, 16), device="c
     return failures
 
 
-def _cpp_available():
-    return rk.available_backends()["cpp"].available
+def _runnable(backend):
+    if backend == "cpp":
+        return rk.available_backends()["cpp"].available
+    if backend == "triton":  # CUDA, or CPU tensors under the interpreter (tests/conftest.py)
+        return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return True
 
 
 @pytest.mark.parametrize("case", magnitude_cases(), ids=lambda c: f"m{c[0]:.3g}-scale{c[1]}")
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_fp32_at_any_magnitude(backend, case):
-    if backend == "cpp" and not _cpp_available():
-        pytest.skip("backend 'cpp' unavailable")
-    assert check_case(backend, *case) == []
-
-
-TRITON_CASES = [(1.0, None), (100.0, None), (1e4, None), (1.0, 1e4)]  # the interpreter is ~100x slower
-
-
-@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"m{c[0]:.3g}-scale{c[1]}")
-def test_triton_fp32_at_any_magnitude(case):
-    if not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available():
-        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
-    assert check_case("triton", *case) == []
+    if not _runnable(backend):
+        pytest.skip(f"backend {backend!r} cannot run here")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    assert check_case(backend, *case, device=device) == []
 
 
 def _cpu_has_avx512():
@@ -112,7 +107,7 @@ def _cpu_has_avx512():
 
 @pytest.mark.parametrize("isa,name", [("avx512", "avx512"), ("avx2", "avx2+fma"), ("generic", "generic")])
 def test_cpp_every_isa_at_any_magnitude(isa, name):
-    if not _cpp_available():
+    if not _runnable("cpp"):
         pytest.skip("backend 'cpp' unavailable")
     if isa == "avx512" and not _cpu_has_avx512():
         pytest.skip("this CPU has no AVX-512")
