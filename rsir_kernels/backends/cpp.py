@@ -19,6 +19,7 @@ FORWARD_OP = "rsir_ext::window_attention_fwd"
 BACKWARD_OP = "rsir_ext::window_attention_bwd"
 CUDA_MAX_HEAD_DIM = 128
 CUDA_MAX_WINDOW = 256
+CUDA_MAX_GRID_YZ = 65535  # the CUDA grid is (windows, heads, batch): gridDim.y, .z <= 65535
 _BUILD_HINT = ("build it with `python setup.py build_ext --inplace` (or `make ext`) in the source tree, "
                "or `pip install --no-build-isolation .`")
 
@@ -49,6 +50,10 @@ def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
         return f"the CUDA kernels take head dim <= {CUDA_MAX_HEAD_DIM}, got {q.shape[-1]}"
     if min(window_size, q.shape[1]) > CUDA_MAX_WINDOW:
         return f"the CUDA kernels take window_size <= {CUDA_MAX_WINDOW}, got {window_size}"
+    if q.shape[0] > CUDA_MAX_GRID_YZ:
+        return f"the CUDA kernels take batch <= {CUDA_MAX_GRID_YZ} (one grid dimension), got {q.shape[0]}"
+    if q.shape[2] > CUDA_MAX_GRID_YZ:
+        return f"the CUDA kernels take heads <= {CUDA_MAX_GRID_YZ} (one grid dimension), got {q.shape[2]}"
     return None
 
 
