@@ -55,9 +55,10 @@ clean:
 
 # Property cases against the float64 reference at scale (scripts/fuzz.py): every backend,
 # every ISA build of the CPU core; prints a progress bar and the tag of any failing case.
+# JOBS worker processes at once, one thread each.
 .PHONY: fuzz
 fuzz: env ext
-	$(PYTHON) scripts/fuzz.py --cases $(or $(N),1000)
+	$(PYTHON) scripts/fuzz.py --cases $(or $(N),1000) --jobs $(JOBS)
 
 # python -m rsir_kernels.train on scikit-learn's digits: 2 processes (torchrun, DDP on gloo, one
 # thread each), rsir_micro, 30 epochs; runs/<time>-rsir_micro-digits/ gets last.pt,

@@ -1,7 +1,7 @@
 """Fuzz every backend against the float64 reference: random shapes, dtypes, strides, index
 dtypes, magnitudes and scales, one seed per case.
 
-    python scripts/fuzz.py --cases 10000            # make fuzz N=10000
+    python scripts/fuzz.py --cases 10000 [--jobs 2]   # make fuzz N=10000 [JOBS=2]
     python scripts/fuzz.py --replay cpp:avx2:1234   # one failing case again, by its tag
 
 The cases are split over the targets: `cpp` under every ISA build of the CPU core that this
@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,6 +223,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=1000, help="total cases over every target")
     parser.add_argument("--seed", type=int, default=0, help="first case seed (cases use seed, seed + 1, ...)")
     parser.add_argument("--replay", help="target:isa:seed of one case (as printed for a failure)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes at once (one thread each)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--first-seed", type=int, help=argparse.SUPPRESS)
@@ -236,32 +239,47 @@ def main(argv=None) -> int:
         plan = _plan(args.cases)
     total = sum(c for _, _, c in plan)
     print("plan: " + ", ".join(f"{t}{':' + i if i else ''} {c}" for t, i, c in plan), flush=True)
-    start, done, failures, first = time.time(), 0, [], args.seed
-    for target, isa, count in plan:
+    # every target gets seeds of its own: the targets run after one another's seed ranges
+    firsts = [args.seed + sum(c for _, _, c in plan[:j]) for j in range(len(plan))]
+    start, failures = time.time(), []
+    done = [0] * len(plan)
+    events = queue.Queue()
+
+    def worker(j, target, isa, count):
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         if isa:
             env["RSIR_CPU_ISA"] = isa
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--target", target,
-               "--first-seed", str(first), "--count", str(count)]
+               "--first-seed", str(firsts[j]), "--count", str(count)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        seen = 0
         for line in proc.stdout:
-            if not line.startswith("{"):
-                continue
-            msg = json.loads(line)
-            seen = msg["done"]
-            if msg["fail"]:
-                seed, why = msg["fail"]
-                failures.append(f"{target}:{isa}:{seed}")
-                sys.stderr.write(f"\nFAILED {target}:{isa}:{seed}  {why}\n  replay: python scripts/fuzz.py "
-                                 f"--replay {target}:{isa}:{seed}\n")
-            sys.stderr.write(_bar(done + seen, total, len(failures), start))
-            sys.stderr.flush()
-        if proc.wait() != 0 or seen != count:
-            failures.append(f"{target}:{isa}: worker exited {proc.returncode} after {seen}/{count} cases")
-            sys.stderr.write(f"\n{failures[-1]}\n")
-        done += count
-        first += count  # every target gets seeds of its own
+            if line.startswith("{"):
+                events.put((j, json.loads(line)))
+        events.put((j, {"exit": proc.wait()}))
+
+    pending = list(enumerate(plan))
+    running = 0
+    while pending or running:
+        while pending and running < max(1, args.jobs):
+            j, (target, isa, count) = pending.pop(0)
+            threading.Thread(target=worker, args=(j, target, isa, count), daemon=True).start()
+            running += 1
+        j, msg = events.get()
+        target, isa, count = plan[j]
+        if "exit" in msg:
+            running -= 1
+            if msg["exit"] != 0 or done[j] != count:
+                failures.append(f"{target}:{isa}: worker exited {msg['exit']} after {done[j]}/{count} cases")
+                sys.stderr.write(f"\n{failures[-1]}\n")
+            continue
+        done[j] = msg["done"]
+        if msg["fail"]:
+            seed, why = msg["fail"]
+            failures.append(f"{target}:{isa}:{seed}")
+            sys.stderr.write(f"\nFAILED {target}:{isa}:{seed}  {why}\n  replay: python scripts/fuzz.py "
+                             f"--replay {target}:{isa}:{seed}\n")
+        sys.stderr.write(_bar(sum(done), total, len(failures), start))
+        sys.stderr.flush()
     sys.stderr.write("\n")
     print(f"{total} cases, {len(failures)} failed, {time.time() - start:.0f} s"
           + (": " + " ".join(failures) if failures else ""))
