@@ -99,20 +99,29 @@ def _one_ulp_nudge(step, loss, model):
                 p.mul_(1 + 2 ** -23)
 
 
+def _max_rel(a, b):
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
 def test_backends_train_alike(tmp_path):
-    """20 fp32 steps with cpp and with the reference: per-step losses within 1e-4 relative, and
-    final weights no further apart than fp32 rounding takes them. The backends round each
-    window's sums differently (~1e-7 relative); IR-Win sorts tokens by their channel mean, and a
-    rounding-sized change can swap two near-equal tokens across a window boundary of stage 1
-    (the only stage of a 32x32 image with several 4x4 windows), which changes that attention
-    discretely. So the measure of "rounding" is the reference against itself with every weight
-    nudged by one ulp after step 1: the backends may differ by no more than that."""
+    """20 fp32 steps with cpp and with the reference, 4x4 windows (the demo's): per-step losses
+    within 1e-4 relative, and final weights no further apart than fp32 rounding takes them.
+
+    The backends round each window's sums differently (~1e-7 relative). IR-Win sorts tokens by
+    their channel mean, and a rounding-sized change can swap two near-equal tokens across a
+    window boundary of stage 1 (the only stage of a 32x32 image with several windows), which
+    changes that attention discretely. So the measure of rounding is the reference against
+    itself with every weight nudged by one ulp after step 1 (measured: losses up to 2e-4
+    apart, weights up to 11 lr; cpp against the reference: 7e-5 and 2.4 lr). The loss bound is
+    1e-4 unless that nudge alone goes further in this run; one window per stage (next test)
+    removes the discontinuity and holds the backends to 1e-5."""
     items = str(32 * 20)
     cpp_losses, cpp_w = _losses_and_weights(tmp_path / "a", "cpp", "--train-items", items)
     ref_losses, ref_w = _losses_and_weights(tmp_path / "a", "reference", "--train-items", items)
-    _, nudged_w = _losses_and_weights(tmp_path / "b", "reference", "--train-items", items, on_step=_one_ulp_nudge)
+    nudged_losses, nudged_w = _losses_and_weights(tmp_path / "b", "reference", "--train-items", items,
+                                                  on_step=_one_ulp_nudge)
     assert len(cpp_losses) == len(ref_losses) == 20
-    np.testing.assert_allclose(cpp_losses, ref_losses, rtol=1e-4)
+    assert _max_rel(cpp_losses, ref_losses) <= max(1e-4, _max_rel(nudged_losses, ref_losses))
     assert 0 < _drift(cpp_w, ref_w) <= _drift(ref_w, nudged_w)
 
 
