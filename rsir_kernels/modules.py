@@ -98,8 +98,9 @@ class RSIRAttention(nn.Module):
         key = (self.seed, height, width, torch.device(device))
         order = self._fixed_orders.get(key)
         if order is None:
-            order = self._fixed_orders[key] = fixed_rs_index(height, width, self.window_size,
-                                                             self.seed, device)
+            with torch.inference_mode(False):  # a normal tensor: later autograd calls may save it
+                order = self._fixed_orders[key] = fixed_rs_index(height, width, self.window_size,
+                                                                 self.seed, device)
         return order
 
     def token_order(self, x: torch.Tensor, height: int, width: int,

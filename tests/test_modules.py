@@ -270,3 +270,21 @@ def test_op_compiles_with_dynamic_shapes(backend):
         qkv = torch.randn(2, length, 3, 4, 8, generator=gen)
         index = rk.rs_index(2, 1, length, 3, groups=2, generator=gen)
         assert torch.allclose(compiled(qkv, index), attend(qkv, index), rtol=1e-6, atol=1e-6)
+
+
+def test_fixed_order_cached_under_inference_mode_serves_a_later_backward():
+    """The cache is filled by whichever call comes first (here under inference_mode): a later
+    eval call with autograd gives what a module whose cache was filled with grad on gives."""
+    torch.manual_seed(0)
+    module = rk.RSIRAttention(16, 2, 4, backend="reference").double().eval()
+    x = torch.randn(1, 8, 8, 16, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = module(x)
+    fresh = rk.RSIRAttention(16, 2, 4, backend="reference").double().eval()
+    fresh.load_state_dict(module.state_dict())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = module(xa)
+    assert torch.equal(out, expected)
+    grad, = torch.autograd.grad(out.square().sum(), xa)
+    fresh_grad, = torch.autograd.grad(fresh(xb).square().sum(), xb)  # its cache filled with grad on
+    assert torch.equal(grad, fresh_grad)

@@ -23,8 +23,8 @@ default_cfgs: dict = {}  # timm's register_model reads the module's default_cfgs
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RSIRTransformer:
     from timm.models import build_model_with_cfg
 
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if pretrained and not any(overlay.get(k) for k in _WEIGHT_SOURCES):
+    sources = [kwargs.get("pretrained_cfg_overlay") or {}, kwargs.get("pretrained_cfg") or {}]
+    if pretrained and not any(isinstance(cfg, dict) and cfg.get(k) for cfg in sources for k in _WEIGHT_SOURCES):
         raise ValueError(f"pretrained=True: no pretrained weights exist for {variant}. Use "
                          "pretrained=False, or name your own checkpoint with "
                          "pretrained_cfg_overlay=dict(file='path/to/weights.pth').")
