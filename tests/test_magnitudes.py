@@ -6,7 +6,7 @@ backend's fp32 out, dq, dk, dv must be within the project's fp32 rule (1e-5 rela
 where the fp32 reference itself is further off (large scores make the problem
 ill-conditioned: the rounding of q.k alone moves the exponent), within 2x the fp32
 reference's own error level, the same 2x rule as fp16/bf16 (tests/util.py). That level is
-the largest error over a few evaluation orders of the reference (fp32_error_level in
+the largest error over a few evaluation orders of the reference (error_level in
 scripts/fuzz.py): one order's error is a single draw.
 
 The CPU core picks its ISA build once per process, so each RSIR_CPU_ISA variant runs in a
@@ -68,7 +68,7 @@ def check_case(backend, m, scale, seed=0, shape=(1, 60, 2, 16, 2, 16), device="c
     exact = run(torch.float64, lambda *t: reference.window_attention_reference(*t, idx, n, scale, upcast=True))
     if not all(torch.isfinite(e).all() for e in exact):
         return []  # the rule covers finite float64 results only
-    level = fuzz.fp32_error_level(q, k, v, idx, n, scale, dout, exact)
+    level = fuzz.error_level(q, k, v, idx, n, scale, dout, exact, torch.float32)
     got = run(torch.float32, lambda *t: rk.window_attention(*t, idx.to(device), n, scale=scale, backend=backend),
               device)
     failures = []
