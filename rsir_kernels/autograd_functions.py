@@ -31,7 +31,7 @@ def plain_eager(*tensors: torch.Tensor) -> bool:
     mode (fake tensors, FLOP counting, ...), plain tensors (no subclass, no functorch
     transform). Then the backend's implementation runs directly, skipping the custom ops'
     dispatch in Python: on a GPU that host time, not the kernels, bounds the small stages
-    (benchmarks/NOTES.md, "Measured on an H200")."""
+    (docs/performance.md, "Lessons that hold")."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _current_dispatch_mode() is not None:
         return False
     return all(type(t) is torch.Tensor and not functorch_wrapped(t) for t in tensors)

@@ -1,4 +1,4 @@
-"""Token orders for RS-Win and IR-Win (DESIGN.md section 2).
+"""Token orders for RS-Win and IR-Win (docs/design.md section 2).
 
 Each returns `index` for window_attention: (B, G, L) int64, every row a permutation of
 0..L-1 whose consecutive runs of window*window entries are the windows of Algorithms 1

@@ -1,6 +1,6 @@
 """Test set-up: Triton runs on CPU tensors under its interpreter when no GPU is present.
 
-TRITON_INTERPRET must be set before triton is first imported (DESIGN.md section 4).
+TRITON_INTERPRET must be set before triton is first imported (docs/design.md section 4).
 """
 import os
 

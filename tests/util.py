@@ -1,7 +1,7 @@
 """Shared helpers for the tests: fresh random inputs, NaN poisoning, the tolerance rule.
 
 Every backend is compared with rsir_kernels.reference (imported, never copied) by
-`assert_matches_reference`, forward and the three gradients, with the rule of DESIGN.md
+`assert_matches_reference`, forward and the three gradients, with the rule of docs/design.md
 section 4: fp32 within 1e-5 relative; fp16/bf16 within 2x the error of the same-precision
 reference against float64, plus a small absolute term; fp64 within 1e-10.
 """

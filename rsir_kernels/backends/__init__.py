@@ -1,6 +1,6 @@
 """Backend registry: each backend registers its forward and backward ops here.
 
-The contract every backend keeps (DESIGN.md section 1):
+The contract every backend keeps (docs/design.md section 1):
 
     forward(q, k, v, index, window_size, scale) -> (out, lse)
         q, k, v  (B, L, H, D), any strides, one dtype and device
@@ -26,7 +26,7 @@ module. `register` wires autograd for the forward op once, the same way for ever
 A backend whose ops are Python functions also hands those functions over (`eager_forward`,
 `eager_backward`): rsir_kernels.ops calls them directly in plain eager calls, skipping the
 dispatcher's round trips through Python (host time that the small stages of a model on a
-GPU feel: benchmarks/NOTES.md), and calls the ops everywhere else (torch.compile, fake
+GPU feel: docs/performance.md, "Lessons that hold"), and calls the ops everywhere else (torch.compile, fake
 tensors, dispatch modes such as FLOP counting, tensor subclasses).
 Validation is not the backends' job: rsir_kernels.ops checks every input before any op
 runs, so a backend may assume well-formed arguments.

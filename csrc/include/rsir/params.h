@@ -2,7 +2,7 @@
 // No torch types: the CPU and CUDA cores build with plain g++ / nvcc from this header alone;
 // only csrc/torch/ turns at::Tensor into a WindowAttentionParams.
 //
-// Shapes (DESIGN.md section 1):
+// Shapes (docs/design.md section 1):
 //   q, k, v, out, dout, dq, dk, dv   (B, L, H, D)  any strides, in elements
 //   index                            (B, G, L)     int32 or int64, any strides
 //   lse                              (B, H, L)     float32 (float64 for float64 inputs)
