@@ -67,6 +67,24 @@ def attend(q, k, v, scale):
     return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
 
 
+def softmax_grad(p, dp):
+    """P * (dP - delta), delta = rowsum(P * dP) / rowsum(P): the softmax's derivative along
+    its rows (..., n), for the gradient of the scores (dP = dO V^T) and the tangent of P
+    (dP = the scores' tangent) alike.
+
+    delta in two passes: the second takes delta again from the residual dP - delta1. Where
+    the softmax saturates, dP_i - delta at the row's top score is a difference of two nearly
+    equal numbers, and one rounding of a single-pass delta (an ulp of |dP|) is then its
+    whole error: reference::279 (two tokens, scores ~1e2) lost 3x the fp32 autograd
+    reference's dq accuracy that way; the residual's delta is small and rounds finely.
+    Dividing by rowsum(P) (1 up to rounding) makes a large common part of dP (v with a large
+    mean) cancel exactly instead of leaving (rowsum - 1) * dP.
+    """
+    total = p.sum(-1, keepdim=True)
+    residual = dp - (p * dp).sum(-1, keepdim=True) / total
+    return p * (residual - (p * residual).sum(-1, keepdim=True) / total)
+
+
 def window_attention_with_lse(q, k, v, index, window_size, scale=None, *, upcast=True):
     """The primitive: (out (B, L, H, D), lse (B, H, L)). See window_attention_reference."""
     batch, length, heads, dim = q.shape
@@ -100,29 +118,27 @@ def window_attention_reference(q, k, v, index, window_size, scale=None, *, upcas
 
 
 def window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale):
-    """Analytic gradient from the saved log-sum-exp: returns dqkv (B, L, 3, H, D).
+    """Analytic gradient: returns dqkv (B, L, 3, H, D).
 
-    Recomputes P = exp(q k^T * scale - lse) per window; dP = dO V^T;
-    delta = rowsum(P * dP) / rowsum(P);
-    dV = P^T dO, dS = P * (dP - delta), dQ = dS K * scale, dK = dS^T Q * scale.
+    Recomputes P = softmax(q k^T * scale) per window, the forward's own ops, so that the
+    backward's P is the forward's P; dP = dO V^T; dS = P * (dP - delta) (softmax_grad);
+    dV = P^T dO, dQ = dS K * scale, dK = dS^T Q * scale.
+    P is not rebuilt as exp(q k^T * scale - lse) from the saved lse: one rounding step of an
+    fp32 lse of magnitude m is a relative error of ~m * 2^-24 in every P of the row, which
+    at scores ~1e3 is 100x the fp32 forward's own error (fuzz case reference::505).
     delta from P and dP in the compute dtype rather than FlashAttention's rowsum(dO * O): O
     is rounded to q's dtype, and at a saturated softmax that rounding alone costs fp16/bf16
-    dq its accuracy (benchmarks/NOTES.md). `out` is therefore not read; it stays in the
-    signature, which every backend shares.
+    dq its accuracy (benchmarks/NOTES.md). `out` and `lse` are therefore not read; they stay
+    in the signature, which every backend shares.
     """
     heads = q.shape[2]
     work = compute_dtype(q.dtype)
     idx = head_index(index, heads)
     qs, ks, vs, dos = (gather_tokens(t.to(work), idx) for t in (q, k, v, dout))
-    lse_s = torch.gather(lse.to(work), 2, idx)[..., None]
     grads = []
-    for qw, kw, vw, dow, lw in zip(*(split_windows(t, window_size) for t in (qs, ks, vs, dos, lse_s))):
-        p = torch.exp((qw @ kw.transpose(-1, -2)) * scale - lw)
-        dp = dow @ vw.transpose(-1, -2)
-        # normalised by the recomputed row sum (1 up to lse's rounding): a large common part of
-        # dP (v with a large mean) then cancels exactly instead of leaving (rowsum - 1) * dP
-        delta = (p * dp).sum(-1, keepdim=True) / p.sum(-1, keepdim=True)
-        ds = p * (dp - delta)
+    for qw, kw, vw, dow in zip(*(split_windows(t, window_size) for t in (qs, ks, vs, dos))):
+        p = torch.softmax((qw @ kw.transpose(-1, -2)) * scale, dim=-1)
+        ds = softmax_grad(p, dow @ vw.transpose(-1, -2))
         grads.append((ds @ kw * scale, ds.transpose(-1, -2) @ qw * scale, p.transpose(-1, -2) @ dow))
     dq, dk, dv = (scatter_tokens(merge_windows(list(g)), idx) for g in zip(*grads))
     return torch.stack((dq, dk, dv), dim=2).to(q.dtype)
@@ -131,12 +147,11 @@ def window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale
 def window_attention_vjp(dout, q, k, v, index, window_size, scale):
     """The gradient dqkv (B, L, 3, H, D) as plain ops differentiable in dout, q, k and v.
 
-    window_attention_backward from a log-sum-exp recomputed with its graph (a saved lse
-    would cut the path from the gradient back to q and k): what a backward that builds a
-    graph runs, so that second-order derivatives are exact.
+    window_attention_backward itself, whose softmax is recomputed from q and k with its
+    graph (nothing saved cuts the path back to them): what a backward that builds a graph
+    runs, so that second-order derivatives are exact.
     """
-    out, lse = window_attention_with_lse(q, k, v, index, window_size, scale)
-    return window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale)
+    return window_attention_backward(dout, q, k, v, None, None, index, window_size, scale)
 
 
 def window_attention_jvp(q, k, v, tq, tk, tv, index, window_size, scale):
@@ -144,7 +159,8 @@ def window_attention_jvp(q, k, v, tq, tk, tv, index, window_size, scale):
     (each (B, L, H, D) or None for zero), in q's dtype, computed in compute_dtype.
 
     Per window, with S = q k^T * scale, P = softmax(S), out = P V:
-    dS = (tq k^T + q tk^T) * scale, dP = P * (dS - rowsum(P * dS)), tout = dP V + P tv.
+    dS = (tq k^T + q tk^T) * scale, dP = P * (dS - rowsum(P * dS)) (softmax_grad),
+    tout = dP V + P tv.
     """
     heads = q.shape[2]
     work = compute_dtype(q.dtype)
@@ -155,6 +171,6 @@ def window_attention_jvp(q, k, v, tq, tk, tv, index, window_size, scale):
     for qw, kw, vw, tqw, tkw, tvw in zip(*(split_windows(t, window_size) for t in gathered)):
         p = torch.softmax((qw @ kw.transpose(-1, -2)) * scale, dim=-1)
         ds = (tqw @ kw.transpose(-1, -2) + qw @ tkw.transpose(-1, -2)) * scale
-        dp = p * (ds - (p * ds).sum(-1, keepdim=True))
+        dp = softmax_grad(p, ds)
         parts.append(dp @ vw + p @ tvw)
     return scatter_tokens(merge_windows(parts), idx).to(q.dtype)

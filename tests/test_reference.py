@@ -53,7 +53,7 @@ def test_windows_are_independent_softmaxes():
 
 @pytest.mark.parametrize("length,n,groups", [(49 * 2, 49, 2), (49 * 2 + 5, 49, 1), (30, 7, 4), (9, 16, 2)])
 def test_analytic_backward_equals_autograd(length, n, groups):
-    """The reference backend's backward op (from lse) against autograd through the reference."""
+    """The reference backend's backward op against autograd through the reference."""
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, length, 4, 8, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
     index = make_index(2, length, groups, device="cpu")
@@ -161,3 +161,44 @@ def test_unchecked_index_out_of_range_raises_in_the_reference():
             reference.window_attention_reference(q, k, v, index, 4)
         with pytest.raises(RuntimeError, match="out of bounds"):
             rk.window_attention(q, k, v, index, 4, backend="reference", check_index=False)
+
+
+# ---------------------------------------------------------------- fp32 backward at large scores
+
+def _fuzz_packed_inputs(seed, batch, length, heads, groups, dim):
+    """q, k, v (B, L, H, D) fp32, index (B, G, L), dout: scripts/fuzz.py's packed layout at
+    magnitude 1 for data seed `seed` (the failing fuzz case, drawn again without the script)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(batch, length, 3, heads, dim, generator=gen).unbind(2)
+    index = torch.stack([torch.stack([torch.randperm(length, generator=gen) for _ in range(groups)])
+                         for _ in range(batch)])
+    dout = torch.randn(batch, length, heads, dim, generator=gen)
+    return q, k, v, index, dout
+
+
+@pytest.mark.parametrize("seed,batch,length,heads,groups,dim,window,scale", [
+    # P rebuilt as exp(s - lse) from the fp32 lse: dv 2.1e-5 off where autograd is 3.9e-8
+    (452, 1, 12, 2, 2, 16, 14, -203.99776485666374),
+    # saturated two-token rows: a single-pass delta's rounding cost dq 4.3e-5 (autograd 1.4e-5)
+    (279, 2, 2, 3, 3, 1, 5, 191.5930050416728),
+])
+def test_reference_backward_fp32_at_large_scores(seed, batch, length, heads, groups, dim, window, scale):
+    """Fuzz cases reference::452 and ::279 (scores ~1e2-1e3): the reference backend's fp32
+    gradients within max(1e-5, 2x) of the fp32 autograd reference's own error, both against
+    float64 (the fuzz's rule, tests/test_fuzz.py)."""
+    import rsir_kernels as rk
+    from util import max_rel_error
+    q, k, v, index, dout = _fuzz_packed_inputs(seed, batch, length, heads, groups, dim)
+
+    def grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        return torch.autograd.grad(out, leaves, dout.to(dtype))
+
+    exact = grads(lambda *t: reference.window_attention_reference(*t, index, window, scale), torch.float64)
+    autograd32 = grads(lambda *t: reference.window_attention_reference(*t, index, window, scale), torch.float32)
+    backend = grads(lambda *t: rk.window_attention(*t, index, window, scale=scale, backend="reference"),
+                    torch.float32)
+    for name, got, ref, e in zip(("dq", "dk", "dv"), backend, autograd32, exact):
+        err, ref_err = max_rel_error(got, e), max_rel_error(ref, e)
+        assert err <= max(1e-5, 2 * ref_err), f"{name}: {err:.3g} vs fp32 autograd's {ref_err:.3g}"
