@@ -23,11 +23,13 @@ window's output and gradients (which one is unspecified; on a GPU two programs' 
 row race element by element), and twice in one window it is two keys whose dk, dv rows are
 each one slot's share; tokens no window visits are never written (launch.py zero-fills).
 
-The backward has one formula on every path: delta = rowsum(P * dP) / rowsum(P) in fp32 on
-chip (not FlashAttention's rowsum(dO * O) from the rounded O, which fails fp16/bf16 accuracy
-at a saturated softmax). The multi-tile path gets it from an extra online pass over the key
-tiles per query tile (_row_stats: 2 of its now 9 tile products, against 7 before) and keeps
-(lse2, delta) in a (B, H, L, 2) fp32 scratch between its dQ and dK/dV passes.
+The backward has one formula on every path: dS = P * ((dP - top) - delta) with top the dP
+at the row's top score and delta = rowsum(P * (dP - top)) / rowsum(P) in fp32 on chip (not
+FlashAttention's rowsum(dO * O) from the rounded O, which fails fp16/bf16 accuracy at a
+saturated softmax; the pivot `top`: _top_dp). The multi-tile path gets them from an extra
+online pass over the key tiles per query tile (_row_stats: 2 of its now 9 tile products,
+against 7 before) and keeps each row's softmax max and sum with (top, delta) in a (B, H, L, 4)
+fp32 scratch between its dQ and dK/dV passes (not the lse: _bwd_tile).
 """
 import triton
 import triton.language as tl
@@ -313,11 +315,26 @@ def window_attn_fwd_kernel(
 
 @triton.jit
 def _rowsum_ratio(pdp, p, AXIS: tl.constexpr):
-    """delta = rowsum(P * dP) / rowsum(P): normalised by P's row sum (1 up to rounding), so
-    that a large common part of dP (v with a large mean) cancels exactly in dP - delta instead
-    of leaving (rowsum(P) - 1) * dP. Empty rows give 0."""
+    """rowsum(P * dP) / rowsum(P): normalised by P's row sum (1 up to rounding), so that a
+    large common part of dP cancels exactly instead of leaving (rowsum(P) - 1) * dP. Empty rows
+    give 0."""
     l = tl.sum(p, AXIS)
     return tl.sum(pdp, AXIS) / tl.where(l == 0.0, 1.0, l)
+
+
+@triton.jit
+def _top_dp(s, dp, m, AXIS: tl.constexpr):
+    """dP at each row's top score m (the largest such dP on a tie; 0 for rows with no key):
+    the pivot c of dP - delta = (dP - c) - rowsum(P * (dP - c)) / rowsum(P).
+
+    Any c gives the same dS in exact arithmetic. c = dP_top makes the top column's dP - c
+    exactly 0 and leaves a delta' of the size of the other columns' P: at a saturated softmax
+    dP_top - delta is a difference of two nearly equal numbers, and with c = 0 one rounding of
+    delta (an ulp of |dP|) was its whole error (fuzz case triton::50, scores ~3e3: dq 0.66
+    off, 4.6x the fp32 reference's error; with the pivot 7e-5). It also takes out a large
+    common part of dP (v with a large mean) before any product."""
+    c = tl.max(tl.where(s == tl.expand_dims(m, AXIS), dp, float("-inf")), AXIS)
+    return tl.where(c == float("-inf"), 0.0, c)
 
 
 @triton.jit
@@ -325,27 +342,33 @@ def _softmax_grad(s, dp, mask, AXIS: tl.constexpr):
     """Rows that hold their whole windows: (P, dS) with P = softmax(s) along AXIS recomputed
     from the scores (row max and sum on chip; the saved lse is not read, so a token that
     several windows visit gets one window's consistent gradient) and dS = P * (dP - delta),
-    delta = rowsum(P * dP) / rowsum(P) in fp32 from this very P: every row of dS sums to zero
-    up to fp32 rounding, also at a saturated softmax (FlashAttention's rowsum(dO * O) reads the
-    rounded O; benchmarks/NOTES.md). Masked entries give P = dS = 0."""
+    delta = c + rowsum(P * (dP - c)) / rowsum(P) in fp32 from this very P, c = _top_dp: every
+    row of dS sums to zero up to fp32 rounding, also at a saturated softmax (FlashAttention's
+    rowsum(dO * O) reads the rounded O; benchmarks/NOTES.md). Masked entries give P = dS = 0."""
     s = tl.where(mask, s, float("-inf"))
     m = tl.max(s, AXIS)
     m = tl.where(m == float("-inf"), 0.0, m)  # masked rows have no key at all
     p = tl.exp2(s - tl.expand_dims(m, AXIS))
     l = tl.sum(p, AXIS)
     p = p / tl.expand_dims(tl.where(l == 0.0, 1.0, l), AXIS)
-    delta = _rowsum_ratio(p * dp, p, AXIS)
-    return p, p * (dp - tl.expand_dims(delta, AXIS))
+    r = dp - tl.expand_dims(_top_dp(s, dp, m, AXIS), AXIS)
+    delta = _rowsum_ratio(p * r, p, AXIS)
+    return p, p * (r - tl.expand_dims(delta, AXIS))
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, lse2, delta, mask, qk_scale, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
-    """One query tile x one key tile of the multi-tile path: (P, dS) with P = exp(S - lse),
-    dS = P * (dP - delta), dP = dO V^T; lse2 (log2 domain) and delta come from _row_stats."""
+def _bwd_tile(q, k, v, do, m, inv_l, top, delta, mask, qk_scale, DOT_PREC: tl.constexpr,
+              BF16_FIX: tl.constexpr):
+    """One query tile x one key tile of the multi-tile path: (P, dS) with P = exp2(S - m) / l,
+    dS = P * ((dP - top) - delta), dP = dO V^T; the row max m (log2 domain), 1 / l, top and
+    delta come from _row_stats. m and l apart, not P = exp2(S - lse2): one rounding of an
+    lse2 of size |S| is a relative error of ~|S| 2^-24 in every P of the row (dv 2.3e-5 off
+    at scores ~3e3 where the fp32 reference is 2.5e-6). top and delta apart too: their sum
+    would round away what _top_dp gains."""
     s = _mm(q, tl.trans(k), DOT_PREC, BF16_FIX) * qk_scale
-    p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+    p = tl.where(mask, tl.exp2(s - m[:, None]) * inv_l[:, None], 0.0)
     dp = _mm(do, tl.trans(v), DOT_PREC, BF16_FIX)
-    return p, p * (dp - delta[:, None])
+    return p, p * ((dp - top[:, None]) - delta[:, None])
 
 
 @triton.jit
@@ -353,12 +376,15 @@ def _row_stats(q, do, ok_m, kb, vb, idx_base, stride_il, seg_start, seg_end, L, 
                stride_vl, stride_vd, offs_d, D, qk_scale, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
                NUM_TILES: tl.constexpr, DOT_PREC: tl.constexpr, BF16_FIX: tl.constexpr):
     """A query tile's softmax statistics over its whole window, one online pass over the key
-    tiles: (lse2, delta), lse2 = log2 sum exp2(s) and delta = rowsum(P * dP) / rowsum(P), the
-    formula of _softmax_grad (both sums rescaled together as the running max moves; a common
-    factor of P cancels in dP - delta)."""
+    tiles: (m, 1 / l, top, delta), m = max s and l = sum exp2(s - m) (log2 domain), top = dP
+    at the top score (_top_dp) and delta = rowsum(P * (dP - top)) / rowsum(P), the formula of _softmax_grad (both sums
+    rescaled together as the running max moves; a common factor of P cancels in dP - delta).
+    When a key tile brings a new top score, the sum so far moves to the new pivot:
+    rowsum(P * (dP - top_new)) = rowsum(P * (dP - top_old)) + (top_old - top_new) rowsum(P)."""
     m = tl.full([q.shape[0]], float("-inf"), tl.float32)
     l = tl.zeros([q.shape[0]], tl.float32)
     pdp = tl.zeros([q.shape[0]], tl.float32)
+    top = tl.zeros([q.shape[0]], tl.float32)
     for start_n in range(0, NUM_TILES * BLOCK_N, BLOCK_N):
         pos_n = seg_start + start_n + tl.arange(0, BLOCK_N)
         tok_n, ok_n = _tokens(idx_base, stride_il, pos_n, pos_n < seg_end, L)
@@ -367,16 +393,19 @@ def _row_stats(q, do, ok_m, kb, vb, idx_base, stride_il, seg_start, seg_end, L, 
         s = _mm(q, tl.trans(k), DOT_PREC, BF16_FIX) * qk_scale
         s = tl.where(ok_m[:, None] & ok_n[None, :], s, float("-inf"))
         dp = _mm(do, tl.trans(v), DOT_PREC, BF16_FIX)
-        m_new = tl.maximum(m, tl.max(s, 1))
+        m_tile = tl.max(s, 1)
+        top_new = tl.where(m_tile > m, _top_dp(s, dp, m_tile, 1), top)
+        m_new = tl.maximum(m, m_tile)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_use)
         p = tl.exp2(s - m_use[:, None])
+        pdp = (pdp + (top - top_new) * l) * alpha + tl.sum(p * (dp - top_new[:, None]), 1)
         l = l * alpha + tl.sum(p, 1)
-        pdp = pdp * alpha + tl.sum(p * dp, 1)
         m = m_new
+        top = top_new
     m = tl.where(m == float("-inf"), 0.0, m)
     l = tl.where(l == 0.0, 1.0, l)
-    return m + tl.log2(l), pdp / l
+    return m, 1.0 / l, top, pdp / l
 
 
 _BWD_UNSPECIALIZED = (
@@ -444,31 +473,34 @@ def _bwd_work(work, tok, ok,
             _store_rows(dkb, tok, ok, stride_gl, stride_gd, offs_d, D, _cast(dk, out_ty, BF16_FIX), ALIGN)
             _store_rows(dvb, tok, ok, stride_gl, stride_gd, offs_d, D, _cast(dv, out_ty, BF16_FIX), ALIGN)
         else:
-            # pass 1, query tiles outer: each row's (lse2, delta) over its whole window, then dQ;
-            # the statistics go to STATS at the row's index position, which this program alone owns
-            stats = STATS + (b * (G * HG) + h) * L * 2
+            # pass 1, query tiles outer: each row's (m, 1 / l, top, delta) over its whole window,
+            # then dQ; the statistics go to STATS at the row's index position, which this program
+            # alone owns
+            stats = STATS + (b * (G * HG) + h) * L * 4
             for start_m in range(0, NUM_TILES * BLOCK_M, BLOCK_M):
                 pos_m = seg_start + start_m + tl.arange(0, BLOCK_M)
                 in_seg = pos_m < seg_end
                 tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, in_seg, L)
                 q = _load_rows(qb, tok_m, ok_m, stride_ql, stride_qd, offs_d, D, ALIGN)
                 do = _load_rows(dob, tok_m, ok_m, stride_dol, stride_dod, offs_d, D, ALIGN)
-                lse2, delta = _row_stats(q, do, ok_m, kb, vb, idx_base, stride_il, seg_start, seg_end, L,
-                                         stride_kl, stride_kd, stride_vl, stride_vd, offs_d, D, qk_scale,
-                                         ALIGN, BLOCK_N, NUM_TILES, DOT_PREC, BF16_FIX)
+                m, inv_l, top, delta = _row_stats(q, do, ok_m, kb, vb, idx_base, stride_il, seg_start, seg_end, L,
+                                                  stride_kl, stride_kd, stride_vl, stride_vd, offs_d, D,
+                                                  qk_scale, ALIGN, BLOCK_N, NUM_TILES, DOT_PREC, BF16_FIX)
                 dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
                 for start_n in range(0, NUM_TILES * BLOCK_N, BLOCK_N):
                     pos_n = seg_start + start_n + tl.arange(0, BLOCK_N)
                     tok_n, ok_n = _tokens(idx_base, stride_il, pos_n, pos_n < seg_end, L)
                     k = _load_rows(kb, tok_n, ok_n, stride_kl, stride_kd, offs_d, D, ALIGN)
                     v = _load_rows(vb, tok_n, ok_n, stride_vl, stride_vd, offs_d, D, ALIGN)
-                    p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
+                    p, ds = _bwd_tile(q, k, v, do, m, inv_l, top, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
                                       DOT_PREC, BF16_FIX)
                     dq += _mm(_cast(ds, q.dtype, BF16_FIX), k, DOT_PREC, BF16_FIX)
                 _store_rows(dqb, tok_m, ok_m, stride_gl, stride_gd, offs_d, D,
                             _cast(dq * sm_scale, out_ty, BF16_FIX), ALIGN)
-                tl.store(stats + pos_m * 2, lse2, mask=in_seg)
-                tl.store(stats + pos_m * 2 + 1, delta, mask=in_seg)
+                tl.store(stats + pos_m * 4, m, mask=in_seg)
+                tl.store(stats + pos_m * 4 + 1, inv_l, mask=in_seg)
+                tl.store(stats + pos_m * 4 + 2, top, mask=in_seg)
+                tl.store(stats + pos_m * 4 + 3, delta, mask=in_seg)
             tl.debug_barrier()  # pass 2 reads statistics that other threads of this program stored
             # pass 2, key tiles outer: dK, dV (recomputes P)
             for start_n in range(0, NUM_TILES * BLOCK_N, BLOCK_N):
@@ -484,9 +516,11 @@ def _bwd_work(work, tok, ok,
                     tok_m, ok_m = _tokens(idx_base, stride_il, pos_m, in_seg, L)
                     q = _load_rows(qb, tok_m, ok_m, stride_ql, stride_qd, offs_d, D, ALIGN)
                     do = _load_rows(dob, tok_m, ok_m, stride_dol, stride_dod, offs_d, D, ALIGN)
-                    lse2 = tl.load(stats + pos_m * 2, mask=in_seg, other=0.0)
-                    delta = tl.load(stats + pos_m * 2 + 1, mask=in_seg, other=0.0)
-                    p, ds = _bwd_tile(q, k, v, do, lse2, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
+                    m = tl.load(stats + pos_m * 4, mask=in_seg, other=0.0)
+                    inv_l = tl.load(stats + pos_m * 4 + 1, mask=in_seg, other=0.0)
+                    top = tl.load(stats + pos_m * 4 + 2, mask=in_seg, other=0.0)
+                    delta = tl.load(stats + pos_m * 4 + 3, mask=in_seg, other=0.0)
+                    p, ds = _bwd_tile(q, k, v, do, m, inv_l, top, delta, ok_m[:, None] & ok_n[None, :], qk_scale,
                                       DOT_PREC, BF16_FIX)
                     dv += _mm(tl.trans(_cast(p, q.dtype, BF16_FIX)), do, DOT_PREC, BF16_FIX)
                     dk += _mm(tl.trans(_cast(ds, q.dtype, BF16_FIX)), q, DOT_PREC, BF16_FIX)
@@ -511,7 +545,7 @@ def window_attn_bwd_kernel(
     BF16_FIX: tl.constexpr, ALIGN: tl.constexpr, NUM_TILES: tl.constexpr, WPP: tl.constexpr,
     NB: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    """STATS: (B, H, L, 2) float32 scratch of the multi-tile path, (lse2, delta) of each index
+    """STATS: (B, H, L, 4) float32 scratch of the multi-tile path, (m, 1 / l, top, delta) of each index
     position (unused when SINGLE). O and the forward's lse are not read: both paths recompute
     the softmax from the scores.
     PERSISTENT (SINGLE only): as in the forward, programs walk the work items and prefetch

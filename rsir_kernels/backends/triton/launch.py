@@ -259,9 +259,9 @@ def backward_into(dout, q, k, v, out, lse, index, window_size: int, scale: float
                                index.stride(), dqkv.stride(), q.dtype, q.device, window_size, scale, config)
     if not plan.grid[0]:
         return
-    # the multi-tile path keeps each row's (lse2, delta) between its two passes (kernels.py)
+    # the multi-tile path keeps each row's (max, 1 / sum, top, delta) between its two passes (kernels.py)
     batch, length, heads, _ = q.shape
-    stats = lse if cfg.single else torch.empty((batch, heads, length, 2), dtype=torch.float32, device=q.device)
+    stats = lse if cfg.single else torch.empty((batch, heads, length, 4), dtype=torch.float32, device=q.device)
     _launch(window_attn_bwd_kernel, plan, (dout, q, k, v, index, dqkv, stats))
 
 
@@ -347,7 +347,7 @@ def _traceable_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                                            window_size, scale, None)
     if plan.grid[0]:
         batch, length, heads, _ = q.shape
-        stats = lse if cfg.single else torch.empty((batch, heads, length, 2), dtype=torch.float32, device=q.device)
+        stats = lse if cfg.single else torch.empty((batch, heads, length, 4), dtype=torch.float32, device=q.device)
         wrap_triton(window_attn_bwd_kernel)[plan.grid](dout, q, k, v, index, dqkv, stats,
                                                        *plan.args, **plan.constexprs)
     return dqkv
