@@ -442,3 +442,52 @@ def test_cuda_index_not_a_permutation_contract(monkeypatch):
                 for i, a in enumerate(got):
                     expected = cands[0][i] if cands else torch.zeros(8, dtype=torch.float64)
                     assert float((a[b, t, h].double() - expected).abs().max()) <= 1e-4
+
+
+# Fuzz case cpp:generic:7604 (scripts/fuzz.py): three tokens, D = 7, scale 64.3. One row's
+# softmax saturates at P_max = 1 - 6.2e-4, so dS_max = P_max (dP_max - delta) ~ 1e-3 is a
+# difference of two numbers ~2.2: one ulp of delta (2.4e-7) was 2e-4 of dq and dk.
+SATURATED_DELTA_CASE = {"batch": 1, "length": 3, "heads": 4, "groups": 4, "dim": 7, "window": 5,
+                        "dtype": "float32", "layout": "dim-strided", "index_dtype": "int64",
+                        "magnitude": 1.0, "scale": 64.26290761229696, "data_seed": 7604}
+
+
+def saturated_delta_errors() -> dict:
+    """Relative errors of the cpp backend's dq and dk on SATURATED_DELTA_CASE against float64."""
+    import importlib.util
+    from rsir_kernels import reference
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("rsir_fuzz", os.path.join(root, "scripts", "fuzz.py"))
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    case = SATURATED_DELTA_CASE
+    q, k, v, index, dout = fuzz.make_inputs(case, "cpu")
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(fn(*leaves), leaves[:2], dout.to(dtype))
+
+    n, scale = case["window"], case["scale"]
+    exact = grads(lambda *t: reference.window_attention_reference(*t, index, n, scale), torch.float64)
+    got = grads(lambda *t: cpp_attention(*t, index, n, scale), torch.float32)
+    return {name: max_rel_error(a, e) for name, a, e in zip(("dq", "dk"), got, exact)}
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_saturated_softmax_delta_refined(isa):
+    """dS_max = P_max (dP_max - delta) at a saturated row keeps its relative accuracy: the CPU
+    core refines delta once (kernel_impl.h, ds_row), so dq and dk of the fuzz case above are
+    within fp32's 1e-5 (2e-4 with a single-pass delta), in every ISA build (one process each:
+    the core picks its build once per process; a CPU without the ISA runs a lesser one)."""
+    import json
+    import subprocess
+    code = ("import json, sys; sys.path.insert(0, 'tests'); import test_cpp; "
+            "from rsir_kernels.backends import cpp; "
+            "print(json.dumps([cpp.CPU_ISA, test_cpp.saturated_delta_errors()]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, RSIR_CPU_ISA=isa, OMP_NUM_THREADS="1", RSIR_POISON="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran, errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(err <= 1e-5 for err in errors.values()), (ran, errors)
