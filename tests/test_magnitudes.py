@@ -6,7 +6,7 @@ backend's fp32 out, dq, dk, dv must be within the project's fp32 rule (1e-5 rela
 where the fp32 reference itself is further off (large scores make the problem
 ill-conditioned: the rounding of q.k alone moves the exponent), within 2x the fp32
 reference's own error level, the same 2x rule as fp16/bf16 (tests/util.py). That level is
-the largest error over a few evaluation orders of the reference (error_level in
+the largest error over a few equally valid evaluations of the reference (error_level in
 scripts/fuzz.py): one order's error is a single draw.
 
 The CPU core picks its ISA build once per process, so each RSIR_CPU_ISA variant runs in a
