@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the window-attention primitive (DESIGN.md section 1).
+"""Pure-PyTorch reference of the window-attention primitive (docs/design.md section 1).
 
 Gather the window's rows, attend on windows, scatter back: vectorised over batch, heads
 and windows, differentiable by autograd through plain ops. Tests and benchmarks import
@@ -110,7 +110,7 @@ def window_attention_reference(q, k, v, index, window_size, scale=None, *, upcas
         window_size: N, tokens per window; a partial last window attends within itself.
         scale: softmax scale, default D ** -0.5.
         upcast: compute fp16/bf16 inputs in fp32 (the default); False keeps the input
-            precision, the same-precision reference of DESIGN.md section 4.
+            precision, the same-precision reference of docs/design.md section 4.
     Returns:
         (B, L, H, D) in q's dtype, in the original token order.
     """
@@ -128,7 +128,7 @@ def window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale
     at scores ~1e3 is 100x the fp32 forward's own error (fuzz case reference::505).
     delta from P and dP in the compute dtype rather than FlashAttention's rowsum(dO * O): O
     is rounded to q's dtype, and at a saturated softmax that rounding alone costs fp16/bf16
-    dq its accuracy (benchmarks/NOTES.md). `out` and `lse` are therefore not read; they stay
+    dq its accuracy (docs/design.md section 9). `out` and `lse` are therefore not read; they stay
     in the signature, which every backend shares.
     """
     heads = q.shape[2]

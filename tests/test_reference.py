@@ -36,7 +36,7 @@ def test_reference_equals_paper_algorithms(orders):
 
 
 def test_windows_are_independent_softmaxes():
-    """Brute force, one query row at a time: the primitive's definition in DESIGN.md section 1."""
+    """Brute force, one query row at a time: the primitive's definition in docs/design.md section 1."""
     batch, length, heads, dim, groups, n = 2, 23, 4, 5, 2, 6  # last window partial (23 = 3*6 + 5)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, length, heads, dim, generator=gen, dtype=torch.float64) for _ in range(3))

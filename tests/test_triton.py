@@ -1,4 +1,4 @@
-"""The `triton` backend against the reference (DESIGN.md section 4).
+"""The `triton` backend against the reference (docs/design.md section 4).
 
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (conftest.py sets it
 before triton is imported): shapes stay tiny. Tests marked `gpu` need a CUDA device.

@@ -344,7 +344,7 @@ def _softmax_grad(s, dp, mask, AXIS: tl.constexpr):
     several windows visit gets one window's consistent gradient) and dS = P * (dP - delta),
     delta = c + rowsum(P * (dP - c)) / rowsum(P) in fp32 from this very P, c = _top_dp: every
     row of dS sums to zero up to fp32 rounding, also at a saturated softmax (FlashAttention's
-    rowsum(dO * O) reads the rounded O; benchmarks/NOTES.md). Masked entries give P = dS = 0."""
+    rowsum(dO * O) reads the rounded O; docs/design.md section 9). Masked entries give P = dS = 0."""
     s = tl.where(mask, s, float("-inf"))
     m = tl.max(s, AXIS)
     m = tl.where(m == float("-inf"), 0.0, m)  # masked rows have no key at all
