@@ -74,27 +74,48 @@ def make_inputs(case: dict, device: str):
     return q, k, v, index, dout
 
 
+def sequential_dot_attention(q, k, v, index, n, scale):
+    """Window attention (B, L, H, D) as plain autograd ops, its scores q . k summed over the head
+    dim one term at a time (each product and each partial sum rounded: no FMA, no blocking),
+    then softmax(scores * scale) @ v: an fp32 evaluation order of its own, that of a kernel
+    accumulating the dot product in a loop."""
+    import torch
+    from rsir_kernels import reference as ref
+
+    idx = ref.head_index(index, q.shape[2])
+    qs, ks, vs = (ref.gather_tokens(t, idx) for t in (q, k, v))
+    outs = []
+    for qw, kw, vw in zip(*(ref.split_windows(t, n) for t in (qs, ks, vs))):
+        scores = qw[..., :, None, 0] * kw[..., None, :, 0]
+        for d in range(1, q.shape[-1]):
+            scores = scores + qw[..., :, None, d] * kw[..., None, :, d]
+        outs.append(torch.softmax(scores * scale, dim=-1) @ vw)
+    return ref.scatter_tokens(ref.merge_windows(outs), idx)
+
+
 def error_level(q, k, v, index, n, scale, dout, exact, dtype=None, evaluations: int = 8) -> list:
     """The reference's own error in `dtype` (default: q's; fp16/bf16 are judged otherwise)
-    against `exact` (float64 out, dq, dk, dv), per tensor: the largest over `evaluations`
+    against `exact` (float64 out, dq, dk, dv), per tensor: the largest over 2 x `evaluations`
     equally valid evaluations of the same math, each of which changes only the rounding.
     Evaluation t permutes the head dim of q and k (identity for t = 0) and runs q * (2t + 1)
-    with the scale divided by 2t + 1: odd multipliers round q differently (a power of two would
-    change nothing), so every evaluation is a distinct draw at any D.
+    with the scale divided by 2t + 1 (odd multipliers round q differently; a power of two would
+    change nothing, so every evaluation is a distinct draw at any D), once through the
+    reference and once through sequential_dot_attention.
 
     One evaluation alone is a single draw: at large scores the rounding of q . k moves the
     exponents by ~|scale q . k| * 2^-24 (2^-53 in fp64), and how far that moves the result
-    depends on the order; on the same inputs one order's fp32 dq was 2.7e-6 off and another's
-    1e-4 (fuzz case cpp:avx512:20112). The kernel under test is one more draw of the same
-    distribution, so the level must be a maximum over enough distinct draws. Pairing 4 orders
-    with q * 1 and q * 3 gave 8 evaluations but only 2 distinct ones at D = 1 (one order) and
-    few at small D, and 10,000 cases then failed 4 cpp cases whose whole excess was that
-    rounding: cpp:avx2:5690 (D = 1, scale 176) -- rounding S = q k once to fp32 alone moves dk
-    by 4.3e-3, the cpp error, while the two distinct draws moved it by 0.9e-3 and 1.3e-3;
-    cpp:avx2:4124 (D = 16, scale 29) -- the kernel's summation order alone gives its 2.9e-5,
-    and 40 random orders of the fp32 dot products range up to 2.9e-5 (median 8.7e-6) where the
-    8 old evaluations reached 1.2e-5. With a distinct draw per evaluation, same cost, these
-    pass within 2x."""
+    depends on the order of the sums; on the same inputs one order's fp32 dq was 2.7e-6 off and
+    another's 1e-4 (fuzz case cpp:avx512:20112). The kernel under test is one more draw, so the
+    level must be a maximum over enough distinct draws of every order fp32 code legitimately
+    uses (the worst-case bound of a D-term dot product, D * 2^-24 * sum |q_d k_d|, holds for all
+    of them). Two gaps, each found by 10,000 cases:
+      * 4 orders x (q * 1, q * 3) were only 2 distinct draws at D = 1 and few at small D:
+        cpp:avx2:5690 (D = 1, scale 176): rounding S = q k once to fp32 alone moves dk by
+        4.3e-3, the cpp error; the two distinct draws moved it by 0.9e-3 and 1.3e-3.
+      * torch's matmul sums in blocks with FMA, whose rounding spreads less than a sequential
+        sum (the cpp core's, without FMA in its generic build): cpp:generic:7420 (D = 22,
+        scale 625): the kernel's order alone gives its dk error 9.1e-4, 40 random sequential
+        orders range 2.4e-4 (median) to 1.1e-3, and 32 matmul evaluations reached 3.8e-4."""
     import torch
     from rsir_kernels import reference
     from util import max_rel_error
@@ -105,15 +126,16 @@ def error_level(q, k, v, index, n, scale, dout, exact, dtype=None, evaluations: 
     base = dim ** -0.5 if scale is None else scale
     level = [0.0] * 4
     for t in range(evaluations):
-        if t == 0 and dtype == torch.float64:
-            continue  # that is `exact` itself
         perm = torch.arange(dim) if t == 0 else torch.randperm(dim, generator=gen)
         mult = 2.0 * t + 1.0
-        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        qv, kv = (leaves[0] * mult)[..., perm], leaves[1][..., perm]
-        out = reference.window_attention_reference(qv, kv, leaves[2], index, n, base / mult)
-        got = (out, *torch.autograd.grad(out, leaves, dout.to(dtype)))
-        level = [max(a, max_rel_error(g, e)) for a, g, e in zip(level, got, exact)]
+        for attend in (reference.window_attention_reference, sequential_dot_attention):
+            if t == 0 and dtype == torch.float64 and attend is reference.window_attention_reference:
+                continue  # that is `exact` itself
+            leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+            qv, kv = (leaves[0] * mult)[..., perm], leaves[1][..., perm]
+            out = attend(qv, kv, leaves[2], index, n, base / mult)
+            got = (out, *torch.autograd.grad(out, leaves, dout.to(dtype)))
+            level = [max(a, max_rel_error(g, e)) for a, g, e in zip(level, got, exact)]
     return level
 
 
