@@ -435,7 +435,7 @@ static inline void softmax_rows(double* S, int64_t m, int64_t mp, double scale, 
 // a large mean) cancels exactly instead of leaving (sum - 1) * dP. FlashAttention's
 // delta_i = dO_i . O_i reads O rounded to the input dtype: at a saturated softmax (P near
 // one-hot) dS cancels and that rounding alone put fp16 / bf16 dq beyond 2x the same-precision
-// reference's error (benchmarks/NOTES.md). Neither O nor lse is read.
+// reference's error (docs/design.md section 9). Neither O nor lse is read.
 //
 // delta is refined once: d0 = the rounded delta, c = sum_j e_j (dP_ij - d0) / sum_j e_j (its
 // rounding error, up to an ulp or two of delta), dS = P * ((dP - d0) - c). At a saturated row

@@ -1,5 +1,5 @@
 // An index that is not a permutation (check_index=False), after a pass that recorded
-// p.visits (DESIGN.md's contract for all backends):
+// p.visits (docs/design.md section 1: the contract of every backend):
 //   a token that no window of group g visits gets out = 0 (lse = -inf, the log of an empty
 //   sum) in the forward, dq = dk = dv = 0 in the backward, for the heads of group g;
 //   a token visited more than once: settle_visits reports it, and the caller reruns the pass
