@@ -143,6 +143,15 @@ def fake_backward(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((batch, length, 3, heads, dim))
 
 
+def register_fakes(forward_op: str, backward_op: str) -> None:
+    """The fake implementations of a backend's forward and backward ops (the contract's
+    signatures): what torch.compile, torch.export and FakeTensorMode see."""
+    torch.library.register_fake(forward_op)(
+        lambda q, k, v, index, window_size, scale: fake_forward(q))
+    torch.library.register_fake(backward_op)(
+        lambda dout, q, k, v, out, lse, index, window_size, scale: fake_backward(q))
+
+
 def forward_flops(q_shape, window_size: int) -> int:
     """FLOPs of the forward: q k^T and P v, 2 * N * D multiply-adds per query row (a partial
     last window counted as full)."""

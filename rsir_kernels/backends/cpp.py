@@ -58,15 +58,9 @@ def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
 
 
 if _why is None:
-    from . import fake_backward, fake_forward
+    from . import register_fakes
 
-    @torch.library.register_fake(FORWARD_OP)
-    def _(q, k, v, index, window_size, scale):
-        return fake_forward(q)
-
-    @torch.library.register_fake(BACKWARD_OP)
-    def _(dout, q, k, v, out, lse, index, window_size, scale):
-        return fake_backward(q)
+    register_fakes(FORWARD_OP, BACKWARD_OP)
 
 register(Backend(name="cpp", forward_op=FORWARD_OP, backward_op=BACKWARD_OP, priority={"cpu": 20, "cuda": 20},
                  unavailable=_why, cannot_run=cannot_run))

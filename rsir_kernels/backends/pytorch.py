@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import Backend, fake_backward, fake_forward, register
+from . import Backend, register, register_fakes
 
 NAME = "reference"
 FORWARD_OP = "rsir::window_attention"
@@ -30,16 +30,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 window_attention_fwd = torch.library.custom_op(FORWARD_OP, mutates_args=())(forward)
 window_attention_bwd = torch.library.custom_op(BACKWARD_OP, mutates_args=())(backward)
-
-
-@window_attention_fwd.register_fake
-def _(q, k, v, index, window_size, scale):
-    return fake_forward(q)
-
-
-@window_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, index, window_size, scale):
-    return fake_backward(q)
+register_fakes(FORWARD_OP, BACKWARD_OP)
 
 
 register(Backend(

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import triton
 
-from .. import fake_backward, fake_forward
+from .. import register_fakes
 from . import BACKWARD_OP, FORWARD_OP
 from .kernels import window_attn_bwd_kernel, window_attn_fwd_kernel
 
@@ -370,11 +370,4 @@ if OP_KIND == "triton_op":
 else:
     window_attention_fwd = torch.library.custom_op(FORWARD_OP, mutates_args=())(forward)
     window_attention_bwd = torch.library.custom_op(BACKWARD_OP, mutates_args=())(backward)
-
-    @window_attention_fwd.register_fake
-    def _(q, k, v, index, window_size, scale):
-        return fake_forward(q)
-
-    @window_attention_bwd.register_fake
-    def _(dout, q, k, v, out, lse, index, window_size, scale):
-        return fake_backward(q)
+    register_fakes(FORWARD_OP, BACKWARD_OP)
