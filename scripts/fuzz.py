@@ -301,7 +301,7 @@ def main(argv=None) -> int:
         events.put((j, {"exit": proc.wait()}))
 
     pending = list(enumerate(plan))
-    running = 0
+    running, last_percent = 0, -1
     while pending or running:
         while pending and running < max(1, args.jobs):
             j, (target, isa, count) = pending.pop(0)
@@ -321,8 +321,12 @@ def main(argv=None) -> int:
             failures.append(f"{target}:{isa}:{seed}")
             sys.stderr.write(f"\nFAILED {target}:{isa}:{seed}  {why}\n  replay: python scripts/fuzz.py "
                              f"--replay {target}:{isa}:{seed}\n")
-        sys.stderr.write(_bar(sum(done), total, len(failures), start))
-        sys.stderr.flush()
+        # a terminal redraws the bar in place; a log file gets a line per percent, not per case
+        if sys.stderr.isatty() or sum(done) * 100 // total != last_percent:
+            last_percent = sum(done) * 100 // total
+            sys.stderr.write(_bar(sum(done), total, len(failures), start)
+                             + ("" if sys.stderr.isatty() else "\n"))
+            sys.stderr.flush()
     sys.stderr.write("\n")
     print(f"{total} cases, {len(failures)} failed, {time.time() - start:.0f} s"
           + (": " + " ".join(failures) if failures else ""))
