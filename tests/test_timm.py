@@ -234,3 +234,32 @@ def test_without_timm_everything_else_works_and_nothing_warns():
               "assert m(torch.randn(1, 3, 32, 32)).shape == (1, 2)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+_THREADED_CHECK = """
+import threading, warnings
+warnings.simplefilter("error")  # timm warns when a name is registered twice
+import rsir_kernels
+errors, models = [], []
+def build():
+    try:
+        import timm
+        models.append(timm.create_model("rsir_micro", num_classes=3))
+    except BaseException as exc:
+        errors.append(exc)
+threads = [threading.Thread(target=build) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join(timeout=120)
+assert not any(t.is_alive() for t in threads), "registration deadlocked"
+assert not errors, errors
+import timm
+assert sorted(timm.list_models("rsir_*")) == ["rsir_base", "rsir_micro", "rsir_tiny"]
+assert [m.num_classes for m in models] == [3] * 4
+"""
+
+
+def test_registration_from_threads_importing_timm_at_once():
+    """Four threads import timm and build a model at once: one registration, no deadlock
+    between timm's import lock and the registry's lock, no duplicate-registration warning."""
+    done = subprocess.run([sys.executable, "-c", _THREADED_CHECK], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

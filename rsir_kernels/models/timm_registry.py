@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
+import threading
 
 from .config import RSIR_B, RSIR_MICRO, RSIR_T
 from .rsir import RSIRTransformer, default_cfg
@@ -50,6 +51,7 @@ def rsir_base(pretrained: bool = False, **kwargs) -> RSIRTransformer:
 
 
 _registered = False
+_lock = threading.Lock()  # one registration, whichever thread gets there first
 
 
 def register() -> bool:
@@ -57,8 +59,9 @@ def register() -> bool:
     extraction (its token orders can't be traced symbolically). Imports timm. Returns False,
     registering nothing, when timm is absent or older than 1.0."""
     global _registered
-    if _registered:
-        return True
+    # timm is imported before the lock is taken: a thread importing timm holds timm's module
+    # lock and, from the import hook, calls register() (which must not wait on a thread that
+    # holds _lock and waits for timm's import)
     try:
         import timm
         from timm.models import generate_default_cfgs, register_model, register_notrace_module
@@ -68,11 +71,13 @@ def register() -> bool:
         return False
     from ..modules import RSIRAttention
 
-    default_cfgs.update(generate_default_cfgs({name: default_cfg() for name in CONFIGS}))
-    for entrypoint in (rsir_micro, rsir_tiny, rsir_base):
-        register_model(entrypoint)
-    register_notrace_module(RSIRAttention)
-    _registered = True
+    with _lock:
+        if not _registered:
+            default_cfgs.update(generate_default_cfgs({name: default_cfg() for name in CONFIGS}))
+            for entrypoint in (rsir_micro, rsir_tiny, rsir_base):
+                register_model(entrypoint)
+            register_notrace_module(RSIRAttention)
+            _registered = True
     return True
 
 
