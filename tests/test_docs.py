@@ -57,8 +57,8 @@ def test_design_sections_cited_in_code_exist():
 
 
 def test_no_citation_points_outside_the_repository():
-    """The design and the performance record live in docs/; the old DESIGN.md and
-    benchmarks/NOTES.md are not in the repository, so nothing may cite them."""
+    """The design and the performance record live in docs/; the contract document and the
+    benchmark notebook that preceded them are not in the repository, so nothing may cite them."""
     stale = re.compile(r"(?<![\w/])(DESIGN\.md|benchmarks/NOTES\.md|NOTES\.md)")
     bad = [f"{path.relative_to(ROOT)}:{n}" for path in _tracked_files()
            if path.suffix in {".py", ".h", ".cpp", ".cu", ".md", ".sh", ".txt"} and path.is_file()

@@ -10,13 +10,13 @@ direct launch passes what Triton's launch would.
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import rsir_kernels as rk
 from rsir_kernels.backends import get as get_backend
+from benchmarks.common.timing import per_call_us  # the repository root is on the path
 from util import make_index, make_qkv
 
 if get_backend("triton").unavailable is not None:
@@ -89,18 +89,6 @@ def test_eager_call_count(stubbed):
     assert _python_calls(forward_backward) <= 480
 
 
-def _best_us(fn, calls=300, rounds=5) -> float:
-    for _ in range(30):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
-
-
 def test_launch_glue_time_against_a_trivial_op(stubbed):
     """The glue of launch.forward (allocations included, launch stubbed) against a 4-element
     torch add timed in the same run: 2.5-4.5x when written on a loaded 2-core host; the bound,
@@ -109,8 +97,8 @@ def test_launch_glue_time_against_a_trivial_op(stubbed):
     qkv, index, _ = stubbed
     q, k, v = qkv.detach().unbind(2)
     x = torch.randn(4)
-    glue = _best_us(lambda: launch.forward(q, k, v, index, 49, 0.25))
-    trivial = _best_us(lambda: x + 1)
+    glue = per_call_us(lambda: launch.forward(q, k, v, index, 49, 0.25), calls=300)
+    trivial = per_call_us(lambda: x + 1, calls=300)
     assert glue <= 10 * trivial, f"glue {glue:.1f} us vs torch add {trivial:.1f} us"
 
 

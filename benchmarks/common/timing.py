@@ -22,6 +22,36 @@ class TimingPolicy:
     budget_s: float = 1.0     # stop after min_reps once this much time was spent
 
 
+def cuda_event_times(fns, reps: int, flush: torch.Tensor, device) -> list[list[float]]:
+    """Seconds of each call of each fn, `reps` rounds round-robin, each call between two CUDA
+    events after zeroing `flush` (larger than L2, so no call finds the previous one's data)."""
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+               for _ in range(reps)] for _ in fns]
+    for r in range(reps):
+        for fn, evs in zip(fns, events):
+            start, end = evs[r]
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+    torch.cuda.synchronize(device)
+    return [[s.elapsed_time(e) / 1e3 for s, e in evs] for evs in events]
+
+
+def per_call_us(fn, calls: int, rounds: int = 5, warmup: int = 50) -> float:
+    """Best over `rounds` of the mean host time of `calls` back-to-back calls, in microseconds:
+    for host overheads measured in microseconds, where one call is below the clock's resolution."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
 class Timer:
     """Times functions repeatedly: CPU with time.perf_counter around each call; CUDA with CUDA
     events around each call, after flushing the L2 cache (as triton.testing.do_bench).
@@ -65,17 +95,7 @@ class Timer:
         torch.cuda.synchronize()
         estimate = max(time.perf_counter() - t0, 1e-6) / len(fns)   # seconds per call
         reps = int(min(p.max_reps, max(p.min_reps, p.budget_s // estimate)))
-        events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                   for _ in range(reps)] for _ in fns]
-        for r in range(reps):
-            for fn, evs in zip(fns, events):
-                start, end = evs[r]
-                self.flush.zero_()
-                start.record()
-                fn()
-                end.record()
-        torch.cuda.synchronize()
-        return [[s.elapsed_time(e) / 1e3 for s, e in evs] for evs in events]
+        return cuda_event_times(fns, reps, self.flush, self.device)
 
 
 class CudaGraphs:
@@ -111,17 +131,7 @@ class CudaGraphs:
         return max(time.perf_counter() - t0, 1e-6)
 
     def time(self, replays, reps: int) -> list[list[float]]:
-        events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                   for _ in range(reps)] for _ in replays]
-        for r in range(reps):
-            for replay, evs in zip(replays, events):
-                start, end = evs[r]
-                self.flush.zero_()
-                start.record()
-                replay()
-                end.record()
-        torch.cuda.synchronize(self.device)
-        return [[s.elapsed_time(e) / 1e3 for s, e in evs] for evs in events]
+        return cuda_event_times(replays, reps, self.flush, self.device)
 
     def release(self):
         self.graphs.clear()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the backend runs on CPU tensors
 
@@ -22,24 +21,14 @@ import torch  # noqa: E402
 import rsir_kernels as rk  # noqa: E402
 from rsir_kernels.backends.triton import launch  # noqa: E402
 
+from ..common.timing import per_call_us  # noqa: E402
+
 
 class _NoLaunch:
     """Stands in for a @triton.jit kernel: kernel[grid](...) does nothing."""
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
-
-
-def per_call_us(fn, calls: int, rounds: int = 5) -> float:
-    for _ in range(50):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
 
 
 def main(argv=None) -> int:

@@ -161,6 +161,17 @@ def _grid(num_work: int, cfg: Config) -> tuple:
     return (min(num_work, cfg.persistent),)
 
 
+def _constexprs(cfg: Config, dim: int, dtype, align: int) -> dict:
+    """The compile-time arguments both kernels take, from the config."""
+    return dict(
+        D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
+        DOT_PREC=_dot_precision(dtype), BF16_FIX=INTERPRET and dtype == torch.bfloat16,
+        ALIGN=align, NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
+        WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program, PERSISTENT=cfg.persistent > 0,
+        num_warps=cfg.num_warps, num_stages=1 if cfg.single else 2)
+
+
 @functools.lru_cache(maxsize=4096)
 def _forward_plan(shape, q_st, k_st, v_st, idx_shape, idx_st, out_st, lse_st, dtype, device, window_size, scale,
                   config) -> tuple[_Plan, Config]:
@@ -174,13 +185,7 @@ def _forward_plan(shape, q_st, k_st, v_st, idx_shape, idx_st, out_st, lse_st, dt
     args = (*q_st, *k_st, *v_st, *idx_st, *out_st, *lse_st,
             length, groups, heads // groups, cfg.window, cfg.seg, num_seg, num_mtiles, num_chunks, num_work,
             float(scale) * math.log2(math.e))
-    constexprs = dict(
-        D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
-        DOT_PREC=_dot_precision(dtype), BF16_FIX=INTERPRET and dtype == torch.bfloat16,
-        ALIGN=_row_align(q_st, k_st, v_st, out_st), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
-        WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program, PERSISTENT=cfg.persistent > 0,
-        num_warps=cfg.num_warps, num_stages=1 if cfg.single else 2)
+    constexprs = _constexprs(cfg, dim, dtype, _row_align(q_st, k_st, v_st, out_st))
     return _make_plan(window_attn_fwd_kernel, _grid(num_work, cfg), args, constexprs), cfg
 
 
@@ -196,13 +201,7 @@ def _backward_plan(shape, do_st, q_st, k_st, v_st, idx_shape, idx_st, dqkv_st, d
     args = (*do_st, *q_st, *k_st, *v_st, *idx_st, *dqkv_st,
             length, groups, heads // groups, cfg.window, cfg.seg, num_seg, num_chunks, num_work,
             float(scale) * math.log2(math.e), float(scale))
-    constexprs = dict(
-        D=dim, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
-        DOT_PREC=_dot_precision(dtype), BF16_FIX=INTERPRET and dtype == torch.bfloat16,
-        ALIGN=_row_align(do_st, q_st, k_st, v_st, dqkv_st), NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
-        WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program, PERSISTENT=cfg.persistent > 0,
-        num_warps=cfg.num_warps, num_stages=1 if cfg.single else 2)
+    constexprs = _constexprs(cfg, dim, dtype, _row_align(do_st, q_st, k_st, v_st, dqkv_st))
     return _make_plan(window_attn_bwd_kernel, _grid(num_work, cfg), args, constexprs), cfg
 
 
