@@ -48,7 +48,7 @@ __device__ __forceinline__ int64_t row_offset(const int64_t* s, int64_t b, int64
 }
 
 // Shared-memory layout (floats unless said), the same for every kernel:
-//   tok[N] (int), lse[N], delta[N], tileA[tk][D+1], tileB[tk][D+1], then per warp:
+//   tok[N] (int), lse[N], delta[N], linv[N], tileA[tk][D+1], tileB[tk][D+1], then per warp:
 //   rowA[D], rowB[D], bufA[tk], bufB[tk].
 struct Layout {
   int tk;
@@ -56,7 +56,7 @@ struct Layout {
 };
 
 __host__ __device__ inline size_t smem_bytes(int n, int d, int tk) {
-  return sizeof(float) * (3 * (size_t)n + 2 * (size_t)tk * (d + 1) + (size_t)kWarps * (2 * d + 2 * tk));
+  return sizeof(float) * (4 * (size_t)n + 2 * (size_t)tk * (d + 1) + (size_t)kWarps * (2 * d + 2 * tk));
 }
 
 inline Layout pick_layout(int n, int d) {
@@ -67,7 +67,7 @@ inline Layout pick_layout(int n, int d) {
 
 struct Smem {
   int* tok;
-  float *lse, *delta, *tileA, *tileB, *rowA, *rowB, *bufA, *bufB;
+  float *lse, *delta, *linv, *tileA, *tileB, *rowA, *rowB, *bufA, *bufB;
 };
 
 __device__ inline Smem carve(float* base, int n, int d, int tk, int warp) {
@@ -75,7 +75,8 @@ __device__ inline Smem carve(float* base, int n, int d, int tk, int warp) {
   s.tok = reinterpret_cast<int*>(base);
   s.lse = base + n;
   s.delta = s.lse + n;
-  s.tileA = s.delta + n;
+  s.linv = s.delta + n;
+  s.tileA = s.linv + n;
   s.tileB = s.tileA + (size_t)tk * (d + 1);
   float* w = s.tileB + (size_t)tk * (d + 1) + (size_t)warp * (2 * d + 2 * tk);
   s.rowA = w;
@@ -212,23 +213,20 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentio
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const T* dout = static_cast<const T*>(p.dout);
-  const float* lse = static_cast<const float*>(p.lse);
   const float scale = (float)p.scale;
   const int n = load_tokens(p, sm.tok, b, g, w);
-  __syncthreads();
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int ti = sm.tok[i];
-    sm.lse[i] = ti >= 0 ? lse[b * p.lse_stride[0] + h * p.lse_stride[1] + ti * p.lse_stride[2]] : 0.0f;
-  }
   __syncthreads();
   const int tiles = (n + tk - 1) / tk;
   const int rounds = (n + kWarps - 1) / kWarps;
 
-  // Phase 0: delta_i = sum_j P_ij dP_ij / sum_j P_ij in fp32 from the very P the phases below
-  // use (warp per query i; K in tileA, V in tileB), as the CPU core and Triton take it: each
-  // row of dS then sums to zero up to its rounding, and a large common part of dP cancels.
+  // Phase 0, per query row i (a warp each; K in tileA, V in tileB): the softmax's max m_i and
+  // sum l_i recomputed from the scores, as the forward took them (sm.lse holds m_i, sm.linv
+  // 1 / l_i: P_ij = exp(x_ij - m_i) / l_i; the saved lse = m + log(l) is not read, since its
+  // one rounding is an absolute error of ulp(m) in every exponent, large at large scores), and
+  // delta_i = sum_j P_ij dP_ij / sum_j P_ij in fp32, as the CPU core and Triton take it:
   // FlashAttention's rowsum(dO * O) reads O rounded to the input dtype, which alone put fp16 /
-  // bf16 dq beyond 2x the same-precision reference at a saturated softmax.
+  // bf16 dq beyond 2x the same-precision reference at a saturated softmax. Online over the key
+  // tiles: each lane keeps its own max and rescales its sums, the warp then merges them.
   for (int r = 0; r < rounds; ++r) {
     const int i = r * kWarps + warp;
     const int ti = i < n ? sm.tok[i] : -1;
@@ -236,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentio
       load_row(sm.rowA, q, p.q_stride, ti, b, h, D);
       load_row(sm.rowB, dout, p.dout_stride, ti, b, h, D);
     }
-    float pdp = 0.0f, psum = 0.0f;
+    float m = -INFINITY, psum = 0.0f, pdp = 0.0f;
     for (int t = 0; t < tiles; ++t) {
       const int j0 = t * tk, rows = min(tk, n - j0);
       if (tiles > 1 || r == 0) {
@@ -256,14 +254,27 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentio
           s = fmaf(sm.rowA[d], kr[d], s);
           dp = fmaf(sm.rowB[d], vr[d], dp);
         }
-        const float pij = expf(__fmul_rn(s, scale) - sm.lse[i]);
-        pdp = fmaf(pij, dp, pdp);
-        psum += pij;
+        const float x = __fmul_rn(s, scale);  // the forward's rounding of the score
+        if (x > m) {  // a new lane maximum: rescale what this lane summed so far
+          const float corr = expf(m - x);  // 0 while m = -inf
+          psum *= corr;
+          pdp *= corr;
+          m = x;
+        }
+        const float e = expf(x - m);
+        psum += e;
+        pdp = fmaf(e, dp, pdp);
       }
     }
-    pdp = warp_sum(pdp);
-    psum = warp_sum(psum);
-    if (ti >= 0 && lane == 0) sm.delta[i] = pdp / (psum == 0.0f ? 1.0f : psum);
+    const float mrow = warp_max(m);
+    const float corr = m == -INFINITY ? 0.0f : expf(m - mrow);
+    psum = warp_sum(psum * corr);
+    pdp = warp_sum(pdp * corr);
+    if (ti >= 0 && lane == 0) {
+      sm.lse[i] = mrow;
+      sm.linv[i] = 1.0f / psum;
+      sm.delta[i] = pdp / psum;
+    }
     __syncwarp();
   }
   __syncthreads();
@@ -299,7 +310,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentio
             s = fmaf(sm.rowA[d], kr[d], s);
             dp = fmaf(sm.rowB[d], vr[d], dp);
           }
-          const float pij = expf(__fmul_rn(s, scale) - sm.lse[i]);
+          const float pij = expf(__fmul_rn(s, scale) - sm.lse[i]) * sm.linv[i];
           ds = pij * (dp - sm.delta[i]);
         }
         sm.bufA[jj] = ds;
@@ -357,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentio
             s = fmaf(qr[d], sm.rowA[d], s);
             dp = fmaf(gr[d], sm.rowB[d], dp);
           }
-          pij = expf(__fmul_rn(s, scale) - sm.lse[i0 + ii]);
+          pij = expf(__fmul_rn(s, scale) - sm.lse[i0 + ii]) * sm.linv[i0 + ii];
           ds = pij * (dp - sm.delta[i0 + ii]);
         }
         sm.bufA[ii] = pij;
