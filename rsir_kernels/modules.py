@@ -160,7 +160,7 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        return x * keep / (1 - self.p) if self.p < 1 else x * keep  # p = 1: zeros, as timm's DropPath
 
 
 class RSIRBlock(nn.Module):

@@ -4,8 +4,9 @@ timm models: `timm.create_model("rsir_tiny", ...)` after `import rsir_kernels` (
 from .config import PAPER_FIGURES, RSIR_B, RSIR_MICRO, RSIR_T, RSIRConfig
 from .rsir import (ClassifierHead, PatchMerging, RSIRStage, RSIRTransformer, default_cfg, rsir_base,
                    rsir_micro, rsir_tiny)
+from .checkpoint import from_checkpoint
 from .timm_registry import register as register_timm
 
 __all__ = ["RSIRConfig", "RSIR_T", "RSIR_B", "RSIR_MICRO", "PAPER_FIGURES", "RSIRTransformer",
            "RSIRStage", "PatchMerging", "ClassifierHead", "default_cfg", "rsir_tiny", "rsir_base",
-           "rsir_micro", "register_timm"]
+           "rsir_micro", "register_timm", "from_checkpoint"]

@@ -13,6 +13,7 @@ returns the stage maps; see RSIRTransformer.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -185,7 +186,12 @@ class RSIRTransformer(nn.Module):
         self.norm = nn.LayerNorm(dims[-1])
         self.head = ClassifierHead(dims[-1], config.num_classes, config.global_pool, config.drop_rate)
         self.pretrained_cfg = self.default_cfg = default_cfg(num_classes=config.num_classes)
+        # A window has no parameters: this buffer puts its size in the state dict, so that
+        # weights trained with one window refuse a model built with another.
+        self.register_buffer("window_size", torch.tensor(config.window_size), persistent=True)
+        self._register_load_state_dict_pre_hook(_check_window_size, with_module=True)
         self.apply(_init_weights)
+        _match_gradient_strides(self)
 
     @torch.no_grad()
     def init_weights(self):
@@ -194,6 +200,7 @@ class RSIRTransformer(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+        self.window_size.fill_(self.config.window_size)  # to_empty() left it undefined
         self.apply(_init_weights)
 
     def _check_size(self, images):
@@ -236,7 +243,8 @@ class RSIRTransformer(nn.Module):
                 intermediates.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        # the final norm is sized for the last stage: a map that stopped early comes out as it is
+        return (self.norm(x) if len(stages) == len(self.stages) else x), intermediates
 
     def prune_intermediate_layers(self, indices: Union[None, int, Sequence[int]] = 1,
                                   prune_norm: bool = False, prune_head: bool = True) -> list[int]:
@@ -277,6 +285,35 @@ class RSIRTransformer(nn.Module):
                     (r"^stages\.(\d+)\.downsample", (0,)),
                     (r"^stages\.(\d+)\.blocks\.(\d+)", None),
                     (r"^norm", (99999,))]}
+
+
+def _check_window_size(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs):
+    """load_state_dict's pre-hook: weights recorded with another window size are an error
+    naming both; a state dict without the record (written before it existed) loads, with a
+    warning, as trained with this model's window."""
+    key, built = prefix + "window_size", module.config.window_size
+    if key not in state_dict:
+        warnings.warn(f"this state dict does not record the window size it was trained with; loading it "
+                      f"into a model with window_size={built}, which must be the training run's", stacklevel=4)
+        state_dict[key] = module.window_size.detach().clone()
+    elif int(state_dict[key]) != built:
+        error_msgs.append(f"the weights were trained with window_size={int(state_dict[key])}, this model has "
+                          f"window_size={built}: build it with window_size={int(state_dict[key])}")
+
+
+@torch.no_grad()
+def _match_gradient_strides(model: nn.Module) -> None:
+    """The position encodings' depthwise convolutions see a channels-last view, so their weight
+    gradients come with channels-last strides (C*kh*kw, 1, kw, 1): the weights get the same
+    strides (equal values, the same memory order), as DDP expects of a gradient (its buckets are
+    laid out as the parameters; otherwise it warns and copies at every backward)."""
+    for module in model.modules():
+        if isinstance(module, RSIRBlock):
+            w = module.cpe.weight
+            out, inp, kh, kw = w.shape
+            strided = torch.empty_strided(w.shape, (kh * kw * inp, 1, kw * inp, inp), dtype=w.dtype, device=w.device)
+            w.data = strided.copy_(w)
 
 
 def _init_weights(m):

@@ -10,6 +10,7 @@ run (the whole run).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from .errors import TrainError
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args)
     except TrainError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0" or not getattr(e, "every_rank", False):
+            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -1,12 +1,29 @@
 """OUTPUT/last.pt: written atomically (temporary file, fsync, rename), read with named errors.
 
-Contents: "model" (a plain state dict that timm.create_model(name) loads), "optimizer",
-"scheduler", "epoch" (epochs done), "step" (optimizer steps done), "rng" (one entry per rank:
-torch CPU and CUDA, numpy and python states; RS-Win draws and drop-path use torch's global
-RNG), "sampler" (seed; the epoch gives its order), "args" (the run's arguments).
+Contents (plain types and tensors only, so torch.load(path, weights_only=True), timm's
+load_checkpoint and create_model(checkpoint_path=...) read it):
+  "model"        the state dict; it records the window size (a buffer "window_size"), so a model
+                 built with another window refuses it
+  "model_name"   the timm name, e.g. "rsir_micro"
+  "model_args"   every constructor argument that shapes the computation (num_classes,
+                 in_chans, window_size, drop_path_rate, ...): models.from_checkpoint(path) builds
+                 model_name(**model_args)
+  "class_names"  the ImageFolder class names, index = label (None for digits and fake data)
+  "metrics"      the metrics.jsonl row of this epoch (non-finite numbers as null)
+  "optimizer"    the optimizer's state dict (full tensors, also under FSDP2)
+  "scaler"       the fp16 GradScaler's state dict, or None
+  "epoch", "step"  epochs and optimizer steps done
+  "rng"          one entry per rank: {"torch", "cuda" (list), "numpy" ({"keys": int64 tensor,
+                 "pos", "has_gauss", "cached_gaussian"}), "python" ({"version", "internal": int64
+                 tensor, "gauss_next"})}; RS-Win draws and drop-path use torch's global RNG
+  "sampler"      {"seed", "epoch"}: the epoch gives the shuffled order
+  "args"         the run's arguments, defaults resolved (window_size, lr, warmup_epochs are what ran)
+  "checksum"     sha256 over every tensor above (its key path, dtype, shape and bytes)
+The learning-rate schedule is not stored: it is a function of "step" and the arguments.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 
@@ -15,25 +32,56 @@ import torch
 
 from .errors import TrainError
 
+FORMAT_KEYS = ("model", "model_name", "model_args", "optimizer", "epoch", "step", "rng", "sampler", "args")
+
 
 def rng_state() -> dict:
-    """This process's RNG states."""
+    """This process's RNG states, as tensors and plain types (weights_only-loadable)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(), "python": random.getstate()}
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n, p = state["numpy"], state["python"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
+
+
+def checksum(obj) -> str:
+    """sha256 over the tensors in a nested dict/list (key paths, dtypes, shapes and bytes), the
+    "checksum" entry excluded."""
+    h = hashlib.sha256()
+
+    def walk(path, value):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{path}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            for k in sorted(value, key=str):
+                if not (path == "" and k == "checksum"):
+                    walk(f"{path}/{k}", value[k])
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{path}/{i}", v)
+    walk("", obj)
+    return h.hexdigest()
 
 
 def save(path: str, checkpoint: dict) -> None:
-    """torch.save to path.tmp, fsync, then rename over path: a crash at any moment leaves the
-    previous complete file or the new one, never a partial one."""
+    """Adds the checksum; torch.save to path.tmp, fsync, then rename over path: a crash at any
+    moment leaves the previous complete file or the new one, never a partial one."""
+    checkpoint = dict(checkpoint, checksum=checksum(checkpoint))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp"
@@ -49,19 +97,26 @@ def save(path: str, checkpoint: dict) -> None:
         os.close(fd)
 
 
-REQUIRED = ("model", "optimizer", "scheduler", "epoch", "step", "rng", "sampler", "args")
+def read(path: str, what: str = "checkpoint") -> dict:
+    """torch.load(path, weights_only=True) with its checksum verified; TrainError naming the
+    file (prefixed by `what`) if it is missing, unreadable or damaged. A file without a checksum
+    (written before it existed) is read as it is."""
+    if not os.path.isfile(path):
+        raise TrainError(f"{what} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise TrainError(f"{what} {path}: not a readable checkpoint ({type(e).__name__}: {reason})") from e
+    if isinstance(checkpoint, dict) and "checksum" in checkpoint and checkpoint["checksum"] != checksum(checkpoint):
+        raise TrainError(f"{what} {path}: damaged (its tensors do not match the checksum written with them)")
+    return checkpoint
 
 
 def load(path: str) -> dict:
-    """The checkpoint at path; TrainError naming the file if it is missing, unreadable or incomplete."""
-    if not os.path.isfile(path):
-        raise TrainError(f"--resume {path}: no such file")
-    try:
-        # numpy's RNG state holds numpy arrays and python's random state a tuple: not weights-only.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for a truncated or foreign file
-        raise TrainError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    missing = [k for k in REQUIRED if not isinstance(checkpoint, dict) or k not in checkpoint]
+    """The training checkpoint at path (read()), checked to hold what --resume needs."""
+    checkpoint = read(path, "--resume")
+    missing = [k for k in FORMAT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
-        raise TrainError(f"--resume {path}: not a training checkpoint (missing {', '.join(missing)})")
+        raise TrainError(f"--resume {path}: not a training checkpoint of this version (missing {', '.join(missing)})")
     return checkpoint

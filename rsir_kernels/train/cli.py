@@ -57,7 +57,11 @@ def parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--output", default=None, help="folder for last.pt, metrics.jsonl, curves.png "
                      "(default: a fresh runs/<time>-<model>-<data>, or --resume's folder)")
-    out.add_argument("--resume", default=None, metavar="OUTPUT/last.pt", help="continue this run")
+    out.add_argument("--resume", default=None, metavar="OUTPUT/last.pt",
+                     help="continue this run (--epochs, --lr, --weight-decay and the other recipe options may "
+                          "change and take effect from its step on; data, model, batch and seed may not)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start afresh in an --output folder that holds a run, deleting it")
     out.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                      help="end this invocation after that many epochs in all (the schedule still spans "
                           "--epochs), as a time-limited job would; continue with --resume")

@@ -27,6 +27,7 @@ class Data:
     num_classes: int
     in_chans: int
     input_size: tuple  # (C, H, W)
+    class_names: list | None = None  # ImageFolder's folder names, index = label
 
 
 def digits(seed: int = 0) -> Data:
@@ -87,7 +88,7 @@ def image_folder(root: str, pretrained_cfg: dict, *, auto_augment: str | None = 
         except FileNotFoundError as e:  # an empty class folder, or no class folder at all
             raise TrainError(f"--data {root}: {e}") from e
     return Data(sets["train"], sets["val"], len(sets["train"].classes), pretrained_cfg["input_size"][0],
-                tuple(pretrained_cfg["input_size"]))
+                tuple(pretrained_cfg["input_size"]), list(sets["train"].classes))
 
 
 def image_folder_classes(root: str) -> list[str]:

@@ -2,14 +2,13 @@
 DDP / FSDP2 wrapping, all-reduce of metrics and full (gathered) state dicts for checkpoints.
 
 Without torchrun (no WORLD_SIZE in the environment) everything runs as rank 0 of 1, with no
-process group.
+process group. Not timm's init_distributed_device: the batch is checked before any process
+group exists, a caller's group is reused, and CPU ranks share the cores out.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import random
-import warnings
 
 import numpy as np
 import torch
@@ -72,10 +71,10 @@ def close(created: bool) -> None:
 
 
 def seed_all(seed: int) -> None:
-    """torch (CPU and every CUDA device), numpy and python's random."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
+    """torch (CPU and every CUDA device), numpy and python's random (timm's random_seed; numpy
+    takes 32-bit seeds)."""
+    from timm.utils import random_seed
+    random_seed(seed % 2 ** 32)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -100,9 +99,6 @@ def wrap(model: nn.Module, world: World, fsdp: bool) -> nn.Module:
         fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
-    # The depthwise convolutions' weight gradients come channels-last; DDP copies them into its
-    # contiguous buckets, correctly, and would warn at every backward.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .errors import TrainError
 from .report import progress
 
 
@@ -28,13 +29,31 @@ def to_device(images, labels, device, channels_last: bool):
     return images, labels.to(device, non_blocking=True)
 
 
+class Diverged(TrainError):
+    """A non-finite loss or gradient norm, seen by at least one rank (every rank raises it)."""
+    every_rank = True  # rank 0 alone reports it
+
+
+def _check_finite(value: Optional[torch.Tensor], what: str, world, epoch: int, step: int) -> None:
+    """All-reduced: when any rank's value is NaN or infinite every rank raises Diverged, so
+    none is left waiting in a collective."""
+    bad = value is not None and not torch.isfinite(value).all().item()
+    if distributed.all_reduce_max([float(bad)], world)[0]:
+        raise Diverged(f"training diverged at epoch {epoch + 1}, step {step + 1}: non-finite {what} "
+                       f"(last.pt keeps the last finite epoch; try a lower --lr or --clip-grad)")
+
+
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, *, world, epoch: int, epochs: int,
                 step: int, amp: str = "fp32", scaler=None, clip_grad: Optional[float] = None, mixup=None,
                 channels_last: bool = False, show_progress: bool = True,
                 on_step: Optional[Callable[[int, float, nn.Module], None]] = None, max_steps: Optional[int] = None) -> dict:
     """Trains one epoch from optimizer step `step`; returns {"loss" (mean over the ranks and
     steps), "steps", "images_per_s" (global), "train_s", "lr" (last)}. on_step(step, loss of
-    this rank) runs after each optimizer step; max_steps ends the epoch early."""
+    this rank) runs after each optimizer step; max_steps ends the epoch early.
+
+    Diverged (on every rank, before the optimizer steps) when a loss is not finite, or, with
+    clip_grad and no scaler, the gradient norm. scaler: timm's NativeScaler for fp16, whose
+    skipped steps (inf gradients at too high a scale) are not divergence."""
     model.train()
     loader.sampler.set_epoch(epoch)
     steps = min(len(loader), max_steps or len(loader))
@@ -48,21 +67,19 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, *, worl
         scheduler.step_update(step)
         with autocast(world.device, amp):
             loss = loss_fn(model(images), labels)
+        loss_value = loss.detach().float().cpu()
+        _check_finite(loss_value, f"loss ({loss_value.item()})", world, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
+            scaler(loss, optimizer, clip_grad=clip_grad, parameters=model.parameters())
         else:
+            # our own step, not NativeScaler's: the gradient norm is checked before the step
             loss.backward()
-        if clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
+            if clip_grad is not None:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                _check_finite(norm.detach().float().cpu(), "gradient norm", world, epoch, step)
             optimizer.step()
         step += 1
-        loss_value = loss.detach().float().cpu()
         loss_sum += loss_value.double()
         images_seen += images.shape[0] * world.world_size
         if on_step is not None:
@@ -87,10 +104,15 @@ def evaluate(model: nn.Module, loader, *, world, seed: int, amp: str = "fp32",
     """Each rank evaluates its shard; the sums are all-reduced: {"loss" (plain cross-entropy),
     "top1", "top5" (percent), "items"}. RS-Win draws come from a generator state seeded by
     (seed, rank) and put back afterwards, so evaluation repeats and leaves training's RNG alone.
-    equal_batches: ranks with fewer batches run discarded forwards until every rank ran as many
-    (FSDP2's forward is a collective)."""
+    equal_batches: FSDP2's forward is a collective, so every rank runs as many forwards as the
+    rank with the most batches (agreed before the first one), the extra ones on one item and
+    discarded. Sums, not timm's reduce_tensor (a mean): the shards' sizes differ."""
+    from timm.utils import accuracy
+
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, items
+    batches = len(loader)
+    most = int(distributed.all_reduce_max([batches], world)[0]) if equal_batches else batches
     devices = [world.device] if world.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(distributed.rank_seed(seed, world.rank))
@@ -99,17 +121,14 @@ def evaluate(model: nn.Module, loader, *, world, seed: int, amp: str = "fp32",
             with autocast(world.device, amp):
                 logits = model(images)
             logits = logits.float()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top == labels[:, None]
+            top1, top5 = accuracy(logits, labels, topk=(1, 5))  # percent of this batch
             sums[0] += F.cross_entropy(logits, labels, reduction="sum").item()
-            sums[1] += hits[:, 0].sum().item()
-            sums[2] += hits.any(dim=1).sum().item()
+            sums[1] += top1.item() * labels.numel() / 100
+            sums[2] += top5.item() * labels.numel() / 100
             sums[3] += labels.numel()
-        if equal_batches:
-            batches = len(loader)
-            most, = distributed.all_reduce_max([batches], world)
-            for _ in range(int(most) - batches):
-                model(images[:1])
+        for _ in range(most - batches):
+            model(images[:1])
     loss, top1, top5, items = distributed.all_reduce_sum(sums, world)
     items = max(items, 1)
-    return {"loss": loss / items, "top1": 100 * top1 / items, "top5": 100 * top5 / items, "items": int(items)}
+    return {"loss": loss / items, "top1": 100 * round(top1) / items, "top5": 100 * round(top5) / items,
+            "items": int(items)}

@@ -3,8 +3,11 @@ OUTPUT/metrics.jsonl (one JSON object per epoch) and OUTPUT/curves.png at the en
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+
+from .errors import TrainError
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
@@ -17,31 +20,54 @@ def progress(steps: int, epoch: int, epochs: int, enabled: bool):
                 leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
+def _num(value, spec: str) -> str:
+    return "nan" if value is None else format(value, spec)
+
+
 def epoch_line(row: dict, epochs: int) -> str:
-    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-            f"val_top1 {row['val_top1']:.2f}%  val_top5 {row['val_top5']:.2f}%  lr {row['lr']:.3g}  "
+    return (f"epoch {row['epoch']}/{epochs}  train_loss {_num(row['train_loss'], '.4f')}  "
+            f"val_loss {_num(row['val_loss'], '.4f')}  val_top1 {_num(row['val_top1'], '.2f')}%  "
+            f"val_top5 {_num(row['val_top5'], '.2f')}%  lr {row['lr']:.3g}  "
             f"{row['images_per_s']:.1f} images/s  {row['epoch_s']:.1f} s")
 
 
+def strict_row(row: dict) -> dict:
+    """The row with NaN and infinities as None: strict JSON (json.dumps writes bare NaN tokens)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 def read_metrics(output: str) -> list[dict]:
+    """The rows of OUTPUT/metrics.jsonl. A torn last line (a write cut short: no newline, or not
+    JSON) is left out; a damaged line before it is a TrainError naming the file and line."""
     path = os.path.join(output, METRICS)
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # the last line, without its newline: a torn append
+                break
+            raise TrainError(f"{path}: line {number} is not JSON ({e.msg}); delete or fix that line") from e
+    return rows
 
 
-def keep_metrics_before(output: str, epoch: int) -> None:
-    """Drops rows of epochs > epoch (a resumed run rewrites what the interrupted one wrote
-    after its checkpoint)."""
-    rows = [r for r in read_metrics(output) if r["epoch"] <= epoch]
-    with open(os.path.join(output, METRICS), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+def write_metrics(output: str, rows: list[dict]) -> None:
+    """Rewrites OUTPUT/metrics.jsonl (atomically: temporary file, then rename)."""
+    path = os.path.join(output, METRICS)
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(strict_row(r), allow_nan=False) + "\n" for r in rows)
+    os.replace(f"{path}.tmp", path)
 
 
 def append_metrics(output: str, row: dict) -> None:
     with open(os.path.join(output, METRICS), "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(strict_row(row), allow_nan=False) + "\n")
 
 
 def plot_curves(output: str) -> str | None:
@@ -56,6 +82,7 @@ def plot_curves(output: str) -> str | None:
     rows = read_metrics(output)
     epochs = [r["epoch"] for r in rows]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = [{k: float("nan") if v is None else v for k, v in r.items()} for r in rows]
     loss_ax.plot(epochs, [r["train_loss"] for r in rows], label="train (smoothed labels)")
     loss_ax.plot(epochs, [r["val_loss"] for r in rows], label="val")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")

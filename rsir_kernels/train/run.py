@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import time
 from typing import Callable, Optional
@@ -15,20 +17,87 @@ from .errors import TrainError
 from .model import MODEL_NAMES, create_model, pretrained_cfg
 
 DIGITS_WINDOW = 4  # 32x32 digits: stage maps 8x8, 4x4, 2x2, 1x1; 4x4 windows tile stage 1 into 4
-# Arguments a resumed run must share with the checkpoint (others, e.g. --epochs, may change).
-RESUME_MUST_MATCH = ("data", "model", "batch_size", "seed", "window_size", "train_items", "fsdp")
+# What a resumed run must share with its checkpoint (they fix the data order, the model's shape
+# or the step count); every other option takes effect from the resumed step on.
+RESUME_MUST_MATCH = ("data", "model", "batch_size", "seed", "window_size", "train_items", "fsdp", "img_size",
+                     "steps_per_epoch")
+RUN_FILES = ("last.pt", report.METRICS)  # a folder holding one of these holds a run
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    """Every argument on its own, before anything is built or written: TrainError naming it."""
+    try:
+        import timm  # noqa: F401  (importing it registers the RSIR models)
+    except ImportError as e:
+        raise TrainError(f"the trainer needs timm (models, optimizer, schedule): pip install 'timm>=1.0' ({e})") from e
+    at_least = {"epochs": 1, "batch_size": 1, "steps_per_epoch": 1, "stop_after": 1, "window_size": 1,
+                "threads": 1, "train_items": 1, "val_items": 1, "workers": 0, "img_size": 32}
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name, low, high in (("drop_path", 0, 1), ("label_smoothing", 0, 1), ("weight_decay", 0, math.inf),
+                            ("mixup", 0, math.inf), ("cutmix", 0, math.inf), ("warmup_epochs", 0, math.inf)):
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            raise TrainError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
+    for name in ("lr", "clip_grad"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < math.inf:
+            raise TrainError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if args.img_size is not None and args.img_size % 32:
+        raise TrainError(f"--img-size must be a multiple of 32 (the model downsamples by 32), got {args.img_size}")
     if args.model not in MODEL_NAMES:
         raise TrainError(f"--model {args.model!r} is not a registered RSIR model; choose one of {', '.join(MODEL_NAMES)}")
-    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
-        raise TrainError(f"--steps-per-epoch must be >= 1, got {args.steps_per_epoch}")
     if args.data not in ("digits", "fake") and not os.path.isdir(args.data):
         raise TrainError(f"--data {args.data}: no such folder (expected 'digits', 'fake' or an ImageFolder tree)")
+    if args.overwrite and args.resume:
+        raise TrainError("--overwrite starts the run afresh, --resume continues it: give one of them")
+    if args.output is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise TrainError(f"--output {args.output}: a file, not a folder")
+    output = args.output = _output_folder(args)
+    if not args.overwrite and any(os.path.exists(os.path.join(output, f)) for f in RUN_FILES) and not (
+            args.resume and os.path.samefile(output, os.path.dirname(os.path.abspath(args.resume)))):
+        raise TrainError(f"--output {output} holds a run (last.pt, metrics.jsonl): continue it with --resume "
+                         f"{os.path.join(output, 'last.pt')}, or replace it with --overwrite")
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    from ..ops import available_backends
+    backends = available_backends()
+    if backend != "auto" and backend not in backends:
+        raise TrainError(f"--backend {backend!r}: choose auto, {', '.join(backends)}")
+    if backend != "auto" and not backends[backend].available:
+        raise TrainError(f"--backend {backend}: not available here ({backends[backend].reason})")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise TrainError(f"--backend triton runs on CUDA devices, this run's is {device} (or set TRITON_INTERPRET=1)")
+
+
+def _resolve(args: argparse.Namespace, world) -> None:
+    """Fills the defaults that depend on other arguments, so that the saved args say what ran."""
+    if args.window_size is None:
+        from ..models.timm_registry import CONFIGS
+        args.window_size = DIGITS_WINDOW if args.data == "digits" else CONFIGS[args.model].window_size
+    args.lr = recipe.scaled_lr(args.lr, args.batch_size)
+    args.warmup_epochs = recipe.warmup_epochs(args.warmup_epochs, args.epochs)
+    batch_per_rank = args.batch_size // world.world_size
+    if (args.mixup > 0 or args.cutmix > 0) and batch_per_rank % 2:
+        raise TrainError(f"--mixup/--cutmix pair images within a rank's batch: it must be even, got "
+                         f"{batch_per_rank} (--batch-size {args.batch_size} over {world.world_size} ranks)")
+
+
+def _check_resume(args: argparse.Namespace, resumed: dict, world) -> None:
+    saved = resumed["args"]
+    mismatched = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
+    if mismatched:
+        raise TrainError(f"--resume {args.resume}: the run had different " + ", ".join(
+            f"--{k.replace('_', '-')} ({saved.get(k)!r}, now {getattr(args, k)!r})" for k in mismatched)
+            + "; these can't change within a run")
+    if len(resumed["rng"]) != world.world_size:
+        raise TrainError(f"--resume {args.resume}: written by {len(resumed['rng'])} ranks, this run has "
+                         f"{world.world_size} (the RNG streams are per rank)")
+    if args.epochs < resumed["epoch"]:
+        raise TrainError(f"--epochs {args.epochs}: the run has done {resumed['epoch']} epochs already")
 
 
 def _build(args, world) -> tuple:
@@ -37,8 +106,8 @@ def _build(args, world) -> tuple:
     common = dict(drop_path_rate=args.drop_path, backend=args.backend, recompute_qkv=args.recompute_qkv)
     if args.data == "digits":
         data = datasets.digits()
-        window = args.window_size if args.window_size is not None else DIGITS_WINDOW
-        model = create_model(args.model, num_classes=data.num_classes, in_chans=1, window_size=window, **common)
+        model = create_model(args.model, num_classes=data.num_classes, in_chans=1, window_size=args.window_size,
+                             **common)
     else:
         if args.data == "fake":
             num_classes = 1000
@@ -80,18 +149,19 @@ def _output_folder(args) -> str:
 def train(args: argparse.Namespace, on_step: Optional[Callable[[int, float, nn.Module], None]] = None) -> dict:
     """Runs the whole training; returns {"output", "metrics" (rows), "model" (the unwrapped
     module, sharded under FSDP2)}. on_step(step, loss, model) runs on every rank after each
-    step (model: the trained, wrapped module)."""
-    _check_args(args)
-    world = distributed.world_from_env(args.batch_size, args.device)
-    resumed = checkpoint.load(args.resume) if args.resume else None
-    if resumed is not None:
-        mismatched = [k for k in RESUME_MUST_MATCH if resumed["args"].get(k) != getattr(args, k)]
-        if mismatched:
-            raise TrainError(f"--resume {args.resume}: the run had different " + ", ".join(
-                f"--{k.replace('_', '-')} ({resumed['args'].get(k)!r}, now {getattr(args, k)!r})" for k in mismatched))
-        if len(resumed["rng"]) != world.world_size:
-            raise TrainError(f"--resume {args.resume}: written by {len(resumed['rng'])} ranks, this run has "
-                             f"{world.world_size} (the RNG streams are per rank)")
+    step (model: the trained, wrapped module). Every argument is checked before the data and
+    the model are built; a TrainError names the bad one."""
+    try:
+        _check_args(args)
+        world = distributed.world_from_env(args.batch_size, args.device)
+        _check_backend(args.backend, world.device)
+        _resolve(args, world)
+        resumed = checkpoint.load(args.resume) if args.resume else None
+        if resumed is not None:
+            _check_resume(args, resumed, world)
+    except TrainError as e:
+        e.every_rank = True  # every rank checks the same arguments: rank 0 alone reports them
+        raise
     created = distributed.init(world, args.threads)
     try:
         return _train(args, world, resumed, on_step)
@@ -112,21 +182,25 @@ def _train(args, world, resumed, on_step) -> dict:
     if steps_per_epoch == 0:
         raise TrainError(f"the training set has {len(data.train)} items, fewer than one global batch "
                          f"(--batch-size {args.batch_size})")
-    lr = recipe.scaled_lr(args.lr, args.batch_size)
-    optimizer = recipe.optimizer(model, lr, args.weight_decay)
-    warmup_steps = round(recipe.warmup_epochs(args.warmup_epochs, args.epochs) * steps_per_epoch)
-    scheduler = recipe.scheduler(optimizer, lr, args.epochs * steps_per_epoch, warmup_steps)
-    scaler = torch.amp.GradScaler(world.device.type) if args.amp == "fp16" else None
+    optimizer = recipe.optimizer(model, args.lr, args.weight_decay)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    # The schedule is a function of the step and these arguments (none of it is loaded): a
+    # resumed run with a new --epochs, --lr or --warmup-epochs follows the new schedule.
+    scheduler = recipe.scheduler(optimizer, args.lr, args.epochs * steps_per_epoch, warmup_steps)
+    from timm.utils import NativeScaler
+    scaler = NativeScaler(world.device.type) if args.amp == "fp16" else None
     mixup = recipe.mixup(args.mixup, args.cutmix, args.label_smoothing, data.num_classes)
     loss_fn = recipe.train_loss(args.label_smoothing, soft_targets=mixup is not None)
 
     start_epoch, step = 0, 0
     if resumed is not None:
+        chosen = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         if args.fsdp:  # the model too: its parameters are sharded now
             distributed.load_full_state(model, optimizer, resumed["model"], resumed["optimizer"], fsdp=True)
         else:
             optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
+        for group, settings in zip(optimizer.param_groups, chosen):  # this run's lr and weight decay
+            group.update(settings)
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         start_epoch, step = resumed["epoch"], resumed["step"]
@@ -136,12 +210,19 @@ def _train(args, world, resumed, on_step) -> dict:
     forward = torch.compile(wrapped) if args.compile else wrapped
     eval_model = forward if args.fsdp else (torch.compile(model) if args.compile else model)
 
-    output = _output_folder(args)
+    output = args.output
     if world.is_main:
         os.makedirs(output, exist_ok=True)
-        report.keep_metrics_before(output, start_epoch)
+        if args.overwrite:
+            for name in (*RUN_FILES, report.CURVES):
+                if os.path.exists(os.path.join(output, name)):
+                    os.remove(os.path.join(output, name))
+        # the rows before the checkpoint's epoch, then its own row (a crash may have lost it from
+        # the file, or left rows of epochs after it): the file then matches last.pt
+        rows = [r for r in report.read_metrics(output) if r["epoch"] < start_epoch]
+        report.write_metrics(output, rows + ([resumed["metrics"]] if resumed and resumed.get("metrics") else []))
         print(f"{args.model} on {args.data}: {len(data.train)} train / {len(data.val)} val items, "
-              f"{world.world_size} rank(s) on {world.device.type}, global batch {args.batch_size}, lr {lr:.3g}, "
+              f"{world.world_size} rank(s) on {world.device.type}, global batch {args.batch_size}, lr {args.lr:.3g}, "
               f"{steps_per_epoch} steps/epoch, output {output}", flush=True)
     for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
         started = time.perf_counter()
@@ -153,10 +234,11 @@ def _train(args, world, resumed, on_step) -> dict:
         step += stats["steps"]
         val = loop.evaluate(eval_model, val_loader, world=world, seed=args.seed, amp=args.amp,
                             channels_last=args.channels_last, equal_batches=args.fsdp)
-        row = {"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"], "val_top1": val["top1"],
-               "val_top5": val["top5"], "lr": stats["lr"], "images_per_s": stats["images_per_s"],
-               "epoch_s": time.perf_counter() - started}
-        _save(os.path.join(output, "last.pt"), args, world, model, optimizer, scheduler, scaler, epoch + 1, step)
+        row = report.strict_row({
+            "epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"], "val_top1": val["top1"],
+            "val_top5": val["top5"], "lr": stats["lr"], "images_per_s": stats["images_per_s"],
+            "epoch_s": time.perf_counter() - started})
+        _save(os.path.join(output, "last.pt"), args, world, model, data, optimizer, scaler, epoch + 1, step, row)
         if world.is_main:
             report.append_metrics(output, row)
             print(report.epoch_line(row, args.epochs), flush=True)
@@ -171,14 +253,16 @@ def _workers(args) -> int:
     return 0 if args.data in ("digits", "fake") else args.workers  # in-memory tensors need no workers
 
 
-def _save(path, args, world, model, optimizer, scheduler, scaler, epoch, step) -> None:
-    """Every rank takes part (FSDP2 gathers, RNG states are per rank); rank 0 writes."""
+def _save(path, args, world, model, data, optimizer, scaler, epoch, step, row) -> None:
+    """Every rank takes part (FSDP2 gathers, RNG states are per rank); rank 0 writes. The
+    contents are checkpoint.py's."""
     model_state, optimizer_state = distributed.full_state(model, optimizer, args.fsdp)
     rng = distributed.gather_objects(checkpoint.rng_state(), world)
     if world.is_main:
-        checkpoint.save(path, {"model": model_state, "optimizer": optimizer_state,
-                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                               "epoch": epoch, "step": step, "rng": rng,
-                               "sampler": {"seed": args.seed, "epoch": epoch}, "args": vars(args)})
+        model_args = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "backend"}
+        checkpoint.save(path, {"model": model_state, "model_name": args.model, "model_args": model_args,
+                               "class_names": data.class_names, "metrics": row, "optimizer": optimizer_state,
+                               "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "step": step,
+                               "rng": rng, "sampler": {"seed": args.seed, "epoch": epoch}, "args": vars(args)})
     if world.distributed:
         torch.distributed.barrier()  # last.pt is complete on return, on every rank
