@@ -179,8 +179,10 @@ def test_fx_feature_extraction_as_timm_does():
     fx_out = next(iter(fx_out.values())) if isinstance(fx_out, dict) else fx_out
     assert torch.equal(fx_out, expected)
     fx_features = timm.create_model("rsir_micro", features_only=True, feature_cls="fx").eval()
+    # the traced graph keeps what its stages use: not the head, the final norm, nor the model's
+    # window-size record (a buffer no forward reads)
     fx_features.load_state_dict({"graph_module." + k: v for k, v in model.state_dict().items()
-                                 if not k.startswith(("head.", "norm."))})
+                                 if not k.startswith(("head.", "norm.")) and k != "window_size"})
     with torch.no_grad():
         maps = fx_features(images)  # the stage modules' outputs: channels last (output_fmt)
         reference = model.forward_intermediates(images, output_fmt="NHWC", intermediates_only=True)

@@ -7,6 +7,8 @@ ddp: after every optimizer step each rank's parameters are gathered and compared
      ("steps_checked", "unequal_steps"); 4 epochs straight vs 2 epochs + --resume for 2
      ("resume_bitwise_equal"), whose metrics of epochs 3-4 must match too; the ranks' RNG
      states differ ("rank_rng_differ").
+uneven: FSDP2 and DDP on validation shards of 2 and 1 batches (see uneven()), then a
+     divergence on one rank.
 fsdp: 5 epochs of FSDP2 on 384 training images ("val_top1" per epoch), then the saved checkpoint loaded into a plain
      timm model evaluated on the same shards ("plain_top1", "fsdp_top1").
 """
@@ -84,6 +86,42 @@ def fsdp(out):
                "fsdp_top1": result["metrics"][-1]["val_top1"]}, open(f"{out}/result.json", "w"))
 
 
+def uneven(out):
+    """FSDP2, then DDP, with 33 validation items (rank 0: 17 = 2 batches of 16, rank 1: 16 = 1):
+    both end; each metrics row against the saved weights evaluated here on the same shards.
+    Then a divergence on rank 1 alone (its weights made NaN after step 1): every rank raises."""
+    from rsir_kernels.models import from_checkpoint
+    from rsir_kernels.train.loop import Diverged
+    small = ["--batch-size", "32", "--train-items", "64", "--val-items", "33", "--epochs", "1"]
+    result = {}
+    for mode in ("fsdp", "ddp"):
+        row = run.train(args(*small, *(["--fsdp"] if mode == "fsdp" else []), "--output", f"{out}/{mode}"))["metrics"]
+        if int(os.environ["RANK"]) == 0:
+            model = from_checkpoint(f"{out}/{mode}/last.pt", backend="cpp")
+            val = subset(digits().val, 33)
+            shards = [evaluate(model, eval_loader(val, 16, rank, 2, 0), world=World(rank, 1, 0, torch.device("cpu")),
+                               seed=0) for rank in range(2)]
+            result[mode] = {"val_top1": row[-1]["val_top1"], "items": sum(s["items"] for s in shards),
+                            "recounted_top1": sum(s["top1"] * s["items"] for s in shards) / 33}
+
+    def poison_rank_1(step, loss, model):
+        if step == 1 and int(os.environ["RANK"]) == 1:
+            with torch.no_grad():
+                next(iter(getattr(model, "module", model).parameters())).fill_(float("nan"))
+    try:
+        run.train(args(*small, "--epochs", "2", "--output", f"{out}/diverge"), on_step=poison_rank_1)
+        diverged = None
+    except Diverged as e:
+        diverged = str(e)
+    dist.barrier()  # both ranks got here: none is left waiting in a collective
+    result[f"diverged_{os.environ['RANK']}"] = diverged
+    gathered = [None, None]
+    dist.all_gather_object(gathered, result)
+    if int(os.environ["RANK"]) == 0:
+        json.dump(gathered[0] | {"diverged_1": gathered[1]["diverged_1"]}, open(f"{out}/result.json", "w"))
+
+
 if __name__ == "__main__":
     dist.init_process_group("gloo")  # one group for the several runs (train() leaves it open)
-    {"ddp": ddp, "fsdp": fsdp}[sys.argv[1]](sys.argv[2])
+    {"ddp": ddp, "fsdp": fsdp, "uneven": uneven}[sys.argv[1]](sys.argv[2])
+    dist.destroy_process_group()

@@ -38,8 +38,11 @@ def _check_finite(value: Optional[torch.Tensor], what: str, world, epoch: int, s
     """All-reduced: when any rank's value is NaN or infinite every rank raises Diverged, so
     none is left waiting in a collective."""
     bad = value is not None and not torch.isfinite(value).all().item()
-    if distributed.all_reduce_max([float(bad)], world)[0]:
-        raise Diverged(f"training diverged at epoch {epoch + 1}, step {step + 1}: non-finite {what} "
+    ranks = distributed.all_reduce_sum([float(bad) * 2.0 ** world.rank], world)[0]
+    if ranks:
+        where = "" if not world.distributed else " on rank " + ", ".join(
+            str(r) for r in range(world.world_size) if int(ranks) >> r & 1)
+        raise Diverged(f"training diverged at epoch {epoch + 1}, step {step + 1}: non-finite {what}{where} "
                        f"(last.pt keeps the last finite epoch; try a lower --lr or --clip-grad)")
 
 
@@ -68,7 +71,7 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, *, worl
         with autocast(world.device, amp):
             loss = loss_fn(model(images), labels)
         loss_value = loss.detach().float().cpu()
-        _check_finite(loss_value, f"loss ({loss_value.item()})", world, epoch, step)
+        _check_finite(loss_value, "loss", world, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler(loss, optimizer, clip_grad=clip_grad, parameters=model.parameters())
