@@ -265,3 +265,26 @@ def test_registration_from_threads_importing_timm_at_once():
     between timm's import lock and the registry's lock, no duplicate-registration warning."""
     done = subprocess.run([sys.executable, "-c", _THREADED_CHECK], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("indices", [None, 1, 2, [1], [0, 2], [-1], [3]])
+@pytest.mark.parametrize("stop_early", [False, True])
+@pytest.mark.parametrize("norm", [False, True])
+def test_forward_intermediates_every_indices_stop_early_norm_combination_as_timm_swin(indices, stop_early, norm):
+    """Against the stages run by hand: the maps named by indices (the final norm on the last
+    stage's only, with norm), and timm Swin's final output: forward_features' when every stage
+    ran, the last run stage's map, unnormed, when it stopped early (the norm is sized for stage 4)."""
+    model = timm.create_model("rsir_micro").eval()
+    images = _images()
+    with torch.no_grad():
+        maps, x = [], model.stem(images)
+        for stage in model.stages:
+            x = stage(x)
+            maps.append(x)
+        take = {None: [0, 1, 2, 3], 1: [3], 2: [2, 3]}.get(indices) if not isinstance(indices, list) else \
+            sorted(i % 4 for i in indices)
+        want = [(model.norm(maps[i]) if norm and i == 3 else maps[i]).permute(0, 3, 1, 2) for i in take]
+        final, got = model.forward_intermediates(images, indices=indices, norm=norm, stop_early=stop_early)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    ran_all = not stop_early or take[-1] == 3
+    assert torch.equal(final, model.forward_features(images) if ran_all else maps[take[-1]])

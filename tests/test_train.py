@@ -199,7 +199,7 @@ def test_resume_equals_an_uninterrupted_run_and_reports(tmp_path):
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    first = {k: k for k in checkpoint.REQUIRED} | {"model": {"w": torch.arange(4.0)}}
+    first = {k: k for k in checkpoint.FORMAT_KEYS} | {"model": {"w": torch.arange(4.0)}}
     checkpoint.save(path, first)
 
     def crash(obj, f, *args, **kwargs):

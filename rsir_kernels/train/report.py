@@ -58,8 +58,11 @@ def read_metrics(output: str) -> list[dict]:
 
 
 def write_metrics(output: str, rows: list[dict]) -> None:
-    """Rewrites OUTPUT/metrics.jsonl (atomically: temporary file, then rename)."""
+    """Rewrites OUTPUT/metrics.jsonl (atomically: temporary file, then rename); no rows and no
+    file: nothing written."""
     path = os.path.join(output, METRICS)
+    if not rows and not os.path.exists(path):
+        return
     with open(f"{path}.tmp", "w") as f:
         f.writelines(json.dumps(strict_row(r), allow_nan=False) + "\n" for r in rows)
     os.replace(f"{path}.tmp", path)

@@ -21,7 +21,7 @@ DIGITS_WINDOW = 4  # 32x32 digits: stage maps 8x8, 4x4, 2x2, 1x1; 4x4 windows ti
 # or the step count); every other option takes effect from the resumed step on.
 RESUME_MUST_MATCH = ("data", "model", "batch_size", "seed", "window_size", "train_items", "fsdp", "img_size",
                      "steps_per_epoch")
-RUN_FILES = ("last.pt", report.METRICS)  # a folder holding one of these holds a run
+RUN_FILES = ("last.pt", report.METRICS)  # a folder holding one of these, not empty, holds a run
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -56,7 +56,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.output is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
         raise TrainError(f"--output {args.output}: a file, not a folder")
     output = args.output = _output_folder(args)
-    if not args.overwrite and any(os.path.exists(os.path.join(output, f)) for f in RUN_FILES) and not (
+    if not args.overwrite and any(os.path.getsize(f) for f in (os.path.join(output, n) for n in RUN_FILES)
+                                  if os.path.isfile(f)) and not (
             args.resume and os.path.samefile(output, os.path.dirname(os.path.abspath(args.resume)))):
         raise TrainError(f"--output {output} holds a run (last.pt, metrics.jsonl): continue it with --resume "
                          f"{os.path.join(output, 'last.pt')}, or replace it with --overwrite")
