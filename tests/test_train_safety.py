@@ -69,6 +69,21 @@ def test_divergence_exits_nonzero_with_one_line_and_keeps_the_last_finite_checkp
     assert not (fresh / "last.pt").exists()
 
 
+def test_a_non_finite_gradient_norm_with_clipping_stops_the_run_before_the_step(tmp_path):
+    """A finite loss whose gradient is NaN (a hook poisons one parameter's from step 2 on):
+    with --clip-grad, Diverged names the gradient norm, and the weights are those of step 1."""
+    seen = {}
+
+    def poison(step, loss, model):
+        if step == 1:
+            seen["model"], seen["weights"] = model, {k: v.clone() for k, v in model.state_dict().items()}
+            next(iter(model.parameters())).register_hook(lambda g: g * float("nan"))
+    with pytest.raises(run.loop.Diverged, match="epoch 1, step 2: non-finite gradient norm"):
+        train(tmp_path / "run", *SMALL, "--epochs", "1", "--clip-grad", "1.0", on_step=poison)
+    after = seen["model"].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in seen["weights"].items())
+
+
 def test_fp16_steps_skipped_by_the_grad_scaler_are_not_divergence(tmp_path, monkeypatch):
     """A scale of 2**100 makes the first steps' scaled gradients infinite: the scaler skips them
     and halves its scale; the run goes on."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 
 import numpy as np
@@ -105,6 +106,9 @@ def read(path: str, what: str = "checkpoint") -> dict:
         raise TrainError(f"{what} {path}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # arbitrary objects: a foreign file, or one from before this format
+        raise TrainError(f"{what} {path}: not a checkpoint of this format (it holds objects other than tensors "
+                         f"and plain types; files of rsir_kernels before its checksum can't be resumed)") from e
     except Exception as e:  # torch raises several types for a truncated or foreign file
         reason = str(e).splitlines()[0] if str(e) else ""
         raise TrainError(f"{what} {path}: not a readable checkpoint ({type(e).__name__}: {reason})") from e
