@@ -143,6 +143,10 @@ def test_checkpoint_rebuilds_its_model_and_refuses_another_window(tmp_path):
         assert torch.equal(rebuilt(images), trained(images))
     same = timm.create_model("rsir_micro", num_classes=10, in_chans=1, window_size=4, backend="cpp")
     timm.models.load_checkpoint(same, path)
+    named = timm.create_model("rsir_micro", num_classes=10, in_chans=1, window_size=4, backend="cpp",
+                              checkpoint_path=path).eval()
+    with torch.no_grad():
+        assert torch.equal(same.eval()(images), rebuilt(images)) and torch.equal(named(images), rebuilt(images))
     seven = timm.create_model("rsir_micro", num_classes=10, in_chans=1)  # the default window, 7
     with pytest.raises(RuntimeError, match="window_size=4.*window_size=7"):
         timm.models.load_checkpoint(seven, path)
