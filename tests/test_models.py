@@ -201,14 +201,17 @@ def test_drop_path_of_one_drops_every_branch_as_timms():
     assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_every_gradient_has_its_parameters_strides(channels_last):
+def test_every_gradient_has_its_parameters_strides(channels_last, device):
     """DDP lays its gradient buckets out as the parameters and warns ("Grad strides do not match
     bucket view strides") and copies when a gradient comes otherwise: the position encodings'
     depthwise weights, which see a channels-last view, are laid out as their gradients."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     torch.manual_seed(0)
-    model = models.rsir_micro(num_classes=10)
-    images = torch.randn(2, 3, 64, 32)
+    model = models.rsir_micro(num_classes=10).to(device)
+    images = torch.randn(2, 3, 64, 32, device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
