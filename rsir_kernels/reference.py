@@ -117,7 +117,7 @@ def window_attention_reference(q, k, v, index, window_size, scale=None, *, upcas
     return window_attention_with_lse(q, k, v, index, window_size, scale, upcast=upcast)[0]
 
 
-def window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale):
+def window_attention_backward(dout, q, k, v, index, window_size, scale):
     """Analytic gradient: returns dqkv (B, L, 3, H, D).
 
     Recomputes P = softmax(q k^T * scale) per window, the forward's own ops, so that the
@@ -128,8 +128,11 @@ def window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale
     at scores ~1e3 is 100x the fp32 forward's own error (fuzz case reference::505).
     delta from P and dP in the compute dtype rather than FlashAttention's rowsum(dO * O): O
     is rounded to q's dtype, and at a saturated softmax that rounding alone costs fp16/bf16
-    dq its accuracy (docs/design.md section 9). `out` and `lse` are therefore not read; they stay
-    in the signature, which every backend shares.
+    dq its accuracy (docs/design.md section 9). So no output of the forward is read.
+
+    Built from plain ops, it is differentiable in dout, q, k and v (the softmax is recomputed
+    from q and k with its graph): a backward that builds a graph runs it for exact second
+    order (rsir_kernels.autograd_functions).
     """
     heads = q.shape[2]
     work = compute_dtype(q.dtype)
@@ -142,16 +145,6 @@ def window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale
         grads.append((ds @ kw * scale, ds.transpose(-1, -2) @ qw * scale, p.transpose(-1, -2) @ dow))
     dq, dk, dv = (scatter_tokens(merge_windows(list(g)), idx) for g in zip(*grads))
     return torch.stack((dq, dk, dv), dim=2).to(q.dtype)
-
-
-def window_attention_vjp(dout, q, k, v, index, window_size, scale):
-    """The gradient dqkv (B, L, 3, H, D) as plain ops differentiable in dout, q, k and v.
-
-    window_attention_backward itself, whose softmax is recomputed from q and k with its
-    graph (nothing saved cuts the path back to them): what a backward that builds a graph
-    runs, so that second-order derivatives are exact.
-    """
-    return window_attention_backward(dout, q, k, v, None, None, index, window_size, scale)
 
 
 def window_attention_jvp(q, k, v, tq, tk, tv, index, window_size, scale):
