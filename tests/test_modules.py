@@ -124,10 +124,10 @@ def _compile_fullgraph_matches_eager():
 @pytest.mark.parametrize("recompute_qkv", [False, True])
 def test_module_saves_only_what_its_backward_needs(recompute_qkv):
     """The bytes autograd keeps for one RSIRAttention: the qkv projection's input and weight,
-    the packed qkv, the attention output (one storage: the op saves it and so does the output
-    projection, which needs it as its input), the log-sum-exp, the index and the output
-    projection's weight; with recompute_qkv, only the input, the index, the output and the
-    output projection's weight. Counted by storage, from the shapes, for every backend."""
+    the packed qkv and the index (all the attention op keeps), the attention output (kept by the
+    output projection, which needs it as its input) and the output projection's weight; with
+    recompute_qkv, only the input, the index, the output and the output projection's weight.
+    Counted by storage, from the shapes, for every backend."""
     from rsir_kernels import backends
     batch, height, width, channels, heads = 2, 14, 14, 32, 4
     length = height * width
@@ -136,8 +136,7 @@ def test_module_saves_only_what_its_backward_needs(recompute_qkv):
             channels * channels]                # the output projection's weight
     if not recompute_qkv:
         kept += [3 * channels * channels,       # the qkv projection's weight
-                 batch * length * 3 * channels,  # qkv
-                 batch * heads * length]         # lse
+                 batch * length * 3 * channels]  # qkv
     expected = 4 * sum(kept) + 8 * batch * 2 * length  # + index (B, G=2, L) int64
     x = torch.randn(batch, height, width, channels)
     for name in backends.names():

@@ -24,13 +24,11 @@ def test_reference_op_matches_reference(dtype, length, n, groups):
 def test_opcheck_registered_ops():
     q, k, v = make_qkv(2, 30, 4, 8, dtype=torch.float64, device="cpu")
     index = make_index(2, 30, 2, device="cpu", dtype=torch.int32)
+    q, k, v = q.detach(), k.detach(), v.detach()  # the ops carry no autograd (the Function's job)
     out, lse = torch.ops.rsir.window_attention(q, k, v, index, 7, 0.3)
-    dout = torch.randn_like(out)
     torch.library.opcheck(torch.ops.rsir.window_attention.default, (q, k, v, index, 7, 0.3))
-    # the backward op has no double backward: check it on tensors that need no gradient
     torch.library.opcheck(torch.ops.rsir.window_attention_backward.default,
-                          tuple(t.detach() for t in (dout, q, k, v, out, lse)) + (index, 7, 0.3))
-    torch.library.opcheck(torch.ops.rsir.window_attention_qkvpacked.default, (q._base, index, 7, 0.3, "reference"))
+                          (torch.randn_like(out), q, k, v, index, 7, 0.3))
 
 
 def test_gradcheck_float64():
@@ -314,10 +312,12 @@ def test_make_fx_traces_with_the_default_check():
     assert torch.allclose(graph(q2, k2, v2, index), want, atol=1e-6, rtol=1e-5)
 
 
-def test_jit_trace_records_the_op():
-    """torch.jit.trace sees only dispatched ops: a traced call must go through the op, not the
-    eager path's direct kernel call (which would vanish from the traced graph). The default
-    index check steps aside: its host sync would bake the traced index's verdict in."""
+def test_jit_trace_records_the_forward_op_and_has_no_derivative():
+    """torch.jit.trace sees only dispatched ops: a traced call must record the backend's forward
+    op (what FLOP counters that trace read), not the eager path's direct kernel call nor an
+    autograd.Function (an opaque PythonOp). The traced graph has no derivative: its backward
+    raises rather than giving a wrong gradient. The default index check steps aside: its host
+    sync would bake the traced index's verdict in."""
     q, k, v = make_qkv(1, 20, 2, 8, device="cpu", requires_grad=False)
     index = make_index(1, 20, 1, device="cpu")
     traced = torch.jit.trace(lambda a, b, c: rk.window_attention(a, b, c, index, 5, backend="reference"), (q, k, v))
@@ -326,9 +326,8 @@ def test_jit_trace_records_the_op():
     want = reference.window_attention_reference(q2, k2, v2, index, 5)
     got = traced(q2, k2, v2)
     assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
-    dout = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(got, (q2, k2, v2), dout), torch.autograd.grad(want, (q2, k2, v2), dout)):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(got, (q2, k2, v2), torch.randn_like(want))
 
 
 def test_index_check_still_runs_where_values_are_readable():
