@@ -382,3 +382,74 @@ def test_cuda_graph_capture_replays_forward_and_backward():
     graph.replay()
     out, grad = step()
     assert torch.equal(static_out, out) and torch.equal(static_grad, grad)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "qkvpacked"])
+def test_a_call_saves_only_its_inputs_and_index(packed):
+    """No backward reads out or lse (every backward recomputes the softmax): autograd keeps
+    qkv (or q, k, v: views of it) and the index, counted by storage, on every backend."""
+    from rsir_kernels import backends
+    q, k, v = make_qkv(2, 60, 4, 8, device="cpu")
+    qkv = q._base
+    index = make_index(2, 60, 2, device="cpu")
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[(s.data_ptr(), s.nbytes())] = s.nbytes()
+        return t
+
+    for name in _runnable(q.detach(), 7):
+        storages.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if packed:
+                rk.window_attention_qkvpacked(qkv, index, 7, backend=name)
+            else:
+                rk.window_attention(q, k, v, index, 7, backend=name)
+        assert sum(storages.values()) == qkv.nbytes + index.nbytes, name
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_every_route_gives_the_same_bits(backend):
+    """One Function on every route, the same kernels inside: a plain eager call (the eager
+    shell, the backend's implementation), the same call under a dispatch mode (the ops) and
+    torch.compile (CompiledWindowAttention, its forward and backward graphs run by aot_eager)
+    give the same out and packed gradient bits. A torch.func transform (WindowAttention) gives
+    the same out; its backward builds a graph, so its gradient is the reference maths' (the
+    one fallback, autograd_functions.graph_building_backward), bit for bit."""
+    from rsir_kernels import backends
+    from torch.utils.flop_counter import FlopCounterMode
+    if backends.get(backend).unavailable is not None:
+        pytest.skip(backends.get(backend).unavailable)
+    q, _, _ = make_qkv(2, 60, 4, 8, device="cpu")
+    qkv = q._base.detach().requires_grad_()
+    index = make_index(2, 60, 2, device="cpu")
+    dout = torch.randn(2, 60, 4, 8, generator=torch.Generator().manual_seed(3))
+
+    def attend(t):
+        return rk.window_attention_qkvpacked(t, index, 7, backend=backend, check_index=False)
+
+    def eager():
+        out = attend(qkv)
+        return out, torch.autograd.grad(out, qkv, dout)[0]
+
+    def transformed():
+        out, vjp = torch.func.vjp(attend, qkv.detach())
+        return out, vjp(dout)[0]
+
+    torch._dynamo.reset()
+    compiled_attend = torch.compile(attend, fullgraph=True, backend="aot_eager")
+
+    def compiled():
+        out = compiled_attend(qkv)
+        return out, torch.autograd.grad(out, qkv, dout)[0]
+
+    expected = eager()
+    with FlopCounterMode(display=False):
+        through_ops = eager()
+    for route, got in (("ops", through_ops), ("torch.compile", compiled())):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), route
+    out, dqkv = transformed()
+    q, k, v = qkv.detach().unbind(2)
+    assert torch.equal(out, expected[0])
+    assert torch.equal(dqkv, reference.window_attention_backward(dout, q, k, v, index, 7, 8 ** -0.5))

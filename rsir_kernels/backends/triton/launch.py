@@ -248,16 +248,10 @@ def backward_into(dout, q, k, v, index, window_size: int, scale: float, dqkv,
     if not plan.grid[0]:
         return
     # the multi-tile path keeps each row's (max, 1 / sum, top, delta) between its two passes (kernels.py)
-    _launch(window_attn_bwd_kernel, plan, (dout, q, k, v, index, dqkv, _stats(q, cfg, dqkv)))
-
-
-def _stats(q, cfg: Config, dqkv):
-    """The multi-tile backward's (B, H, L, 4) float32 scratch (kernels.py); the single-tile
-    path reads none, and gets dqkv as a pointer it never touches."""
-    if cfg.single:
-        return dqkv
-    batch, length, heads, _ = q.shape
-    return torch.empty((batch, heads, length, 4), dtype=torch.float32, device=q.device)
+    # the multi-tile path's (B, H, L, 4) fp32 scratch (kernels.py); the single-tile path reads
+    # none and gets dqkv as a pointer it never touches (inline: this is the eager hot path)
+    stats = dqkv if cfg.single else q.new_empty((q.shape[0], q.shape[2], q.shape[1], 4), dtype=torch.float32)
+    _launch(window_attn_bwd_kernel, plan, (dout, q, k, v, index, dqkv, stats))
 
 
 def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
@@ -339,8 +333,9 @@ def _traceable_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                                            _static(index.stride()), _static(dqkv.stride()), q.dtype, q.device,
                                            window_size, scale, None)
     if plan.grid[0]:
-        wrap_triton(window_attn_bwd_kernel)[plan.grid](dout, q, k, v, index, dqkv, _stats(q, cfg, dqkv),
-                                                       *plan.args, **plan.constexprs)
+        stats = dqkv if cfg.single else q.new_empty((q.shape[0], q.shape[2], q.shape[1], 4), dtype=torch.float32)
+        wrap_triton(window_attn_bwd_kernel)[plan.grid](dout, q, k, v, index, dqkv, stats, *plan.args,
+                                                       **plan.constexprs)
     return dqkv
 
 
