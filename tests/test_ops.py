@@ -388,25 +388,16 @@ def test_cuda_graph_capture_replays_forward_and_backward():
 def test_a_call_saves_only_its_inputs_and_index(packed):
     """No backward reads out or lse (every backward recomputes the softmax): autograd keeps
     qkv (or q, k, v: views of it) and the index, counted by storage, on every backend."""
-    from rsir_kernels import backends
+    from benchmarks.common.measure import saved_bytes
     q, k, v = make_qkv(2, 60, 4, 8, device="cpu")
     qkv = q._base
     index = make_index(2, 60, 2, device="cpu")
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[(s.data_ptr(), s.nbytes())] = s.nbytes()
-        return t
-
     for name in _runnable(q.detach(), 7):
-        storages.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            if packed:
-                rk.window_attention_qkvpacked(qkv, index, 7, backend=name)
-            else:
-                rk.window_attention(q, k, v, index, 7, backend=name)
-        assert sum(storages.values()) == qkv.nbytes + index.nbytes, name
+        if packed:
+            kept, _ = saved_bytes(rk.window_attention_qkvpacked, qkv, index, 7, backend=name)
+        else:
+            kept, _ = saved_bytes(rk.window_attention, q, k, v, index, 7, backend=name)
+        assert kept == qkv.nbytes + index.nbytes, name
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

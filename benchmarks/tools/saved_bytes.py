@@ -2,25 +2,13 @@
 against qkv + index (the inputs the backward reads), counted by storage with
 torch.autograd.graph.saved_tensors_hooks.
 
-    python benchmarks/tools/saved_bytes.py
+    PYTHONPATH=. python benchmarks/tools/saved_bytes.py
 """
 import torch
 
 import rsir_kernels as rk
+from benchmarks.common.measure import saved_bytes
 from rsir_kernels import backends
-
-
-def saved_bytes(fn) -> int:
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[(s.data_ptr(), s.nbytes())] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def main():
@@ -32,8 +20,8 @@ def main():
     for name in backends.names():
         if backends.get(name).unavailable or backends.get(name).cannot_run(qkv[:, :, 0], window ** 2):
             continue
-        kept = saved_bytes(lambda: rk.window_attention_qkvpacked(qkv, index, window ** 2, backend=name,
-                                                                 check_index=False))
+        kept, _ = saved_bytes(rk.window_attention_qkvpacked, qkv, index, window ** 2, backend=name,
+                              check_index=False)
         print(f"{name:10s} saved {kept} bytes = qkv + index + {kept - inputs}")
 
 
