@@ -149,17 +149,9 @@ def test_module_saves_only_what_its_backward_needs(recompute_qkv):
 
 
 def _saved_bytes(fn):
-    """Bytes autograd keeps for backward while fn() runs: the unique storages packed."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[(s.data_ptr(), s.nbytes())] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+    """Bytes autograd keeps for backward while fn() runs (benchmarks.common.measure's count)."""
+    from benchmarks.common.measure import saved_bytes
+    return saved_bytes(fn)[0]
 
 
 def test_recompute_qkv_keeps_under_half_of_the_pytorch_path_module():

@@ -3,7 +3,7 @@ older forward(ctx, ...) style) against the same call through WindowAttention (se
 style, which binds the forward's signature with inspect on every apply), on a small CPU
 input where the kernels take a few microseconds: median over rounds of the per-call mean.
 
-    python benchmarks/tools/autograd_shell.py [--backend cpp] [--rounds 30] [--calls 200]
+    python -m benchmarks.tools.autograd_shell [--backend cpp] [--rounds 30] [--calls 200]
 """
 import argparse
 import statistics

@@ -2,7 +2,7 @@
 against qkv + index (the inputs the backward reads), counted by storage with
 torch.autograd.graph.saved_tensors_hooks.
 
-    PYTHONPATH=. python benchmarks/tools/saved_bytes.py
+    python -m benchmarks.tools.saved_bytes
 """
 import torch
 
