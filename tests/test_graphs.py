@@ -10,7 +10,7 @@ import rsir_kernels as rk
 from rsir_kernels import backends, models
 
 # backend -> (forward op, backward op) as graphs name them
-OPS = {name: (backends.get(name).forward_op, backends.get(name).backward_op) for name in ("reference", "cpp")}
+OPS = {name: (backends.get(name).forward_op, backends.get(name).backward_op) for name in backends.names()}
 OUR_NAMESPACES = ("rsir", "rsir_ext")
 
 
@@ -43,14 +43,19 @@ def _compiled_graphs(model, x):
     return graphs
 
 
-def _skip_unavailable(backend):
+def _skip_unavailable(backend):  # every test here runs on CPU tensors but the last
     if backends.get(backend).unavailable is not None:
         pytest.skip(f"{backend}: {backends.get(backend).unavailable}")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_compiled_and_exported_attention_hold_the_backends_ops(backend):
+    """On CPU tensors (triton: under its interpreter, where its ops are custom_ops; on CUDA they
+    are triton_ops, which tracing opens up for Inductor: the next test)."""
     _skip_unavailable(backend)
+    reason = backends.get(backend).cannot_run(torch.empty(2, 196, 4, 8), 49)
+    if reason:
+        pytest.skip(reason)
     torch.manual_seed(0)
     module = rk.RSIRAttention(32, 4, backend=backend)
     x = torch.randn(2, 14, 14, 32, requires_grad=True)
@@ -70,3 +75,18 @@ def test_compiled_and_exported_rsir_tiny_hold_the_backends_ops(backend):
     assert _ours(forward) == {OPS[backend][0]} and _ours(backward) == {OPS[backend][1]}
     exported = torch.export.export(model.eval(), (images,))
     assert _ours(exported.graph_module) == {OPS[backend][0]}
+
+
+@pytest.mark.gpu
+def test_compiled_model_launches_the_triton_kernels_from_inductors_code():
+    """On CUDA the Triton ops are triton_ops: Inductor's generated code for a compiled model's
+    training step (forward and backward) launches both kernels itself."""
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    model = models.rsir_micro(num_classes=10, backend="triton").cuda()
+    images = torch.randn(2, 3, 64, 64, device="cuda")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    _, codes = run_and_get_code(lambda: compiled(images).square().sum().backward())
+    code = "\n".join(codes)
+    assert "window_attn_fwd_kernel" in code and "window_attn_bwd_kernel" in code

@@ -206,7 +206,7 @@ def test_traceable_bodies_match_the_eager_launch(monkeypatch):
 
 @pytest.mark.gpu
 def test_triton_op_opcheck_and_inductor_launches_the_kernels():
-    """On CUDA: opcheck of both triton_ops (fake tensors, schema, autograd registration), and a
+    """On CUDA: opcheck of both triton_ops (fake tensors, schema; no autograd of their own), and a
     compiled call whose generated code launches window_attn_fwd_kernel itself, matching eager."""
     from torch._inductor.utils import run_and_get_code
     q, k, v = make_qkv(2, 100, 4, 16, torch.bfloat16)
