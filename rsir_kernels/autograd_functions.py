@@ -13,8 +13,9 @@ batch. Two classes share these methods and count as the same route:
 - EagerWindowAttention, for plain eager calls: the same methods in torch's older
   forward(ctx, ...) style, because a setup_context-style apply binds the forward's signature
   with inspect on every call (docs/performance.md, "host time of the autograd shell").
-Which class runs, and whether the ops or their Python implementations run inside, is decided
-in one place, rsir_kernels.ops._run (and plain_eager below, per call of forward/backward).
+Which class runs is decided in one place, rsir_kernels.ops._run; whether the backend's ops or
+their Python implementations run inside, in one place too, `kernel` below (per forward and per
+backward: a backward may run under a dispatch mode its forward did not see).
 """
 from __future__ import annotations
 
@@ -62,9 +63,12 @@ def graph_building_backward() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def forward_fn(chosen, tensors):
-    """The backend's forward to run: its implementation in plain eager calls, else its op."""
-    return chosen.forward_impl if plain_eager(*tensors) else chosen.forward
+def kernel(chosen, what: str, tensors):
+    """The backend's "forward" or "backward" to run on `tensors`: its Python implementation
+    in plain eager calls, else its registered op (the one place that decides)."""
+    if plain_eager(*tensors):
+        return chosen.forward_impl if what == "forward" else chosen.backward_impl
+    return chosen.forward if what == "forward" else chosen.backward
 
 
 def profiled(chosen, what: str):
@@ -87,7 +91,7 @@ class WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(index, window_size, scale, chosen, *tensors):
         with profiled(chosen, "forward"):
-            out, _lse = forward_fn(chosen, tensors)(*unpack(tensors), index, window_size, scale)
+            out, _lse = kernel(chosen, "forward", tensors)(*unpack(tensors), index, window_size, scale)
         return out
 
     @staticmethod
@@ -107,8 +111,8 @@ class WindowAttention(torch.autograd.Function):
             dqkv = reference.window_attention_backward(dout, q, k, v, index, ctx.window_size, ctx.scale)
         else:
             with profiled(ctx.chosen, "backward"):
-                run = ctx.chosen.backward_impl if plain_eager(dout, *tensors) else ctx.chosen.backward
-                dqkv = run(dout, q, k, v, index, ctx.window_size, ctx.scale)
+                dqkv = kernel(ctx.chosen, "backward", (dout, *tensors))(dout, q, k, v, index, ctx.window_size,
+                                                                        ctx.scale)
         return (None, None, None, None, *((dqkv,) if ctx.packed else dqkv.unbind(2)))
 
     @staticmethod

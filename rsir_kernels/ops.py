@@ -16,8 +16,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import backends, reference
-from .autograd_functions import (CompiledWindowAttention, EagerWindowAttention, WindowAttention, forward_fn,
-                                 functorch_wrapped, needs_autograd, profiled, unpack)
+from .autograd_functions import (CompiledWindowAttention, EagerWindowAttention, WindowAttention, functorch_wrapped,
+                                 kernel, needs_autograd, profiled, unpack)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -129,7 +129,7 @@ def _run(chosen, index, window_size, scale, tensors):
     if needs_autograd(tensors):
         return EagerWindowAttention.apply(*args)
     with profiled(chosen, "forward"):
-        return forward_fn(chosen, tensors)(*unpack(tensors), index, window_size, scale)[0]
+        return kernel(chosen, "forward", tensors)(*unpack(tensors), index, window_size, scale)[0]
 
 
 # ---------------------------------------------------------------- backend choice
