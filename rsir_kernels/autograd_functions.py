@@ -1,10 +1,21 @@
-"""The autograd.Functions that run a backend outside torch.compile and torch.jit.trace.
+"""WindowAttention: the one autograd.Function between rsir_kernels.ops and a backend's ops.
 
-Plain eager calls run the backend's implementation directly, dispatch modes (fake tensors,
-FLOP counting), tensor subclasses and torch.func transforms its registered ops. Both
-Functions give the same derivatives: reverse mode by the backend's backward op (inside a
-backward that builds a graph, by the reference maths in differentiable ops: exact second
-order), forward mode by the reference maths' tangent, and TransformedAttention a vmap rule.
+    WindowAttention.apply(index, window_size, scale, chosen, *tensors) -> out
+        tensors: (q, k, v), or (qkv,) packed (B, L, 3, H, D) whose gradient comes back as
+        one packed tensor (the backward ops write dq, dk, dv packed: no stack, no copy).
+
+forward runs the backend's forward op, setup_context saves the index and the input tensors
+(nothing else: no backward reads out or lse), backward runs the backend's backward op, jvp
+takes the tangent from the reference maths, and vmap folds the mapped dimension into the
+batch. Two classes share these methods and count as the same route:
+- CompiledWindowAttention, for torch.compile: Dynamo refuses a Function that defines jvp
+  (torch._dynamo.variables.misc), so this subclass sets jvp back to the base's;
+- EagerWindowAttention, for plain eager calls: the same methods in torch's older
+  forward(ctx, ...) style, because a setup_context-style apply binds the forward's signature
+  with inspect on every call (docs/performance.md, "host time of the autograd shell").
+Which class runs is decided in one place, rsir_kernels.ops._run; whether the backend's ops or
+their Python implementations run inside, in one place too, `kernel` below (per forward and per
+backward: a backward may run under a dispatch mode its forward did not see).
 """
 from __future__ import annotations
 
@@ -13,7 +24,7 @@ import contextlib
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from . import backends, reference
+from . import reference
 
 try:  # the innermost TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...), or None
     from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
@@ -43,103 +54,74 @@ def needs_autograd(tensors) -> bool:
     return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or fwAD._current_level >= 0
 
 
-def forward_fn(chosen, tensors):
-    """The backend's forward to run: its implementation in plain eager calls, else its op."""
-    return chosen.forward_impl if plain_eager(*tensors) else chosen.forward
+def graph_building_backward() -> bool:
+    """True inside a backward that builds a graph (create_graph=True, torch.func's grad,
+    jacrev, hessian): the gradient must then itself be differentiable, which the backward
+    ops are not, so it is taken from the reference maths in plain differentiable ops
+    (exact second order, at the reference's cost). torch.compile has no double backward;
+    there the backward op always runs."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def backward_fn(chosen, tensors):
-    return chosen.backward_impl if plain_eager(*tensors) else chosen.backward
+def kernel(chosen, what: str, tensors):
+    """The backend's "forward" or "backward" to run on `tensors`: its Python implementation
+    in plain eager calls, else its registered op (the one place that decides)."""
+    if plain_eager(*tensors):
+        return chosen.forward_impl if what == "forward" else chosen.backward_impl
+    return chosen.forward if what == "forward" else chosen.backward
 
 
 def profiled(chosen, what: str):
     """A named range for torch.profiler (which, on the eager path, sees no op of ours), only
-    while a profiler runs: record_function costs microseconds a call."""
-    if torch.autograd._profiler_enabled():
+    while a profiler runs (record_function costs microseconds a call), and never in a graph
+    being compiled (there the ops themselves are the graph's named nodes)."""
+    if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
         return torch.autograd.profiler.record_function(f"rsir::window_attention_{what} ({chosen.name})")
     return contextlib.nullcontext()
 
 
 def unpack(tensors):
+    """(q, k, v) from (q, k, v) or from a packed (qkv,): views, no copy."""
     return tensors[0].unbind(2) if len(tensors) == 1 else tensors
 
 
-# Two autograd.Functions with the same derivatives. Plain tensors take EagerAttention, in
-# the old style (forward(ctx, ...)): torch binds a setup_context-style forward's signature
-# with inspect on every apply (measured on a 2-core CPU: forward and backward 0.41 -> 0.57 ms
-# on a small input). torch.func transforms need the
-# setup_context style (and take a vmap rule): TransformedAttention.
-
-def _save(ctx, index, window_size, scale, chosen, tensors, out, lse):
-    ctx.save_for_backward(out, lse, index, *tensors)
-    ctx.save_for_forward(index, *tensors)
-    ctx.window_size, ctx.scale, ctx.chosen, ctx.packed = window_size, scale, chosen, len(tensors) == 1
-
-
-def _backward(ctx, dout):
-    """(dq, dk, dv) or (dqkv,): the backend's backward, or in a backward that builds a graph
-    the reference maths in differentiable ops."""
-    out, lse, index, *tensors = ctx.saved_tensors
-    q, k, v = unpack(tensors)
-    if backends.differentiable_backward_needed():
-        dqkv = reference.window_attention_vjp(dout, q, k, v, index, ctx.window_size, ctx.scale)
-    else:
-        with profiled(ctx.chosen, "backward"):
-            run = backward_fn(ctx.chosen, (dout, *tensors))
-            dqkv = run(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
-    return (dqkv,) if ctx.packed else dqkv.unbind(2)
-
-
-def _jvp(ctx, tangents):
-    """The tangent of out from the reference maths; tangents: of (q, k, v) or of (qkv,)."""
-    index, *tensors = ctx.saved_tensors
-    if ctx.packed:
-        tangents = (None,) * 3 if tangents[0] is None else tangents[0].unbind(2)
-    return reference.window_attention_jvp(*unpack(tensors), *tangents, index, ctx.window_size, ctx.scale)
-
-
-class EagerAttention(torch.autograd.Function):
-    """The backend under autograd on plain tensors -> out. tensors: (q, k, v), or (qkv,)
-    whose packed gradient then comes back as is. The backend's implementation runs directly
-    in plain eager calls, its ops otherwise (dispatch modes, tensor subclasses)."""
-
-    @staticmethod
-    def forward(ctx, index, window_size, scale, chosen, *tensors):
-        with profiled(chosen, "forward"):
-            out, lse = forward_fn(chosen, tensors)(*unpack(tensors), index, window_size, scale)
-        _save(ctx, index, window_size, scale, chosen, tensors, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        return (None, None, None, None, *_backward(ctx, dout))
-
-    @staticmethod
-    def jvp(ctx, _index_t, _window_size_t, _scale_t, _chosen_t, *tangents):
-        return _jvp(ctx, tangents)
-
-
-class TransformedAttention(torch.autograd.Function):
-    """EagerAttention for tensors inside torch.func transforms -> (out, lse), lse without
-    derivative; vmap folds the mapped dimension into the batch, one call."""
+class WindowAttention(torch.autograd.Function):
+    """The backend's ops under autograd (module docstring)."""
 
     @staticmethod
     def forward(index, window_size, scale, chosen, *tensors):
-        return forward_fn(chosen, tensors)(*unpack(tensors), index, window_size, scale)
+        with profiled(chosen, "forward"):
+            out, _lse = kernel(chosen, "forward", tensors)(*unpack(tensors), index, window_size, scale)
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         index, window_size, scale, chosen, *tensors = inputs
-        ctx.mark_non_differentiable(output[1])
-        _save(ctx, index, window_size, scale, chosen, tensors, *output)
+        ctx.save_for_backward(index, *tensors)
+        ctx.save_for_forward(index, *tensors)
+        ctx.window_size, ctx.scale, ctx.chosen, ctx.packed = window_size, scale, chosen, len(tensors) == 1
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
-        return (None, None, None, None, *_backward(ctx, dout))
+    def backward(ctx, dout):
+        """(dq, dk, dv) or (dqkv,): the backend's backward op, or in a backward that builds a
+        graph the reference maths in differentiable ops."""
+        index, *tensors = ctx.saved_tensors
+        q, k, v = unpack(tensors)
+        if graph_building_backward():
+            dqkv = reference.window_attention_backward(dout, q, k, v, index, ctx.window_size, ctx.scale)
+        else:
+            with profiled(ctx.chosen, "backward"):
+                dqkv = kernel(ctx.chosen, "backward", (dout, *tensors))(dout, q, k, v, index, ctx.window_size,
+                                                                        ctx.scale)
+        return (None, None, None, None, *((dqkv,) if ctx.packed else dqkv.unbind(2)))
 
     @staticmethod
     def jvp(ctx, _index_t, _window_size_t, _scale_t, _chosen_t, *tangents):
-        return _jvp(ctx, tangents), None
+        """The tangent of out from the reference maths; tangents: of (q, k, v) or of (qkv,)."""
+        index, *tensors = ctx.saved_tensors
+        if ctx.packed:
+            tangents = (None,) * 3 if tangents[0] is None else tangents[0].unbind(2)
+        return reference.window_attention_jvp(*unpack(tensors), *tangents, index, ctx.window_size, ctx.scale)
 
     @staticmethod
     def vmap(info, in_dims, index, window_size, scale, chosen, *tensors):
@@ -150,6 +132,27 @@ class TransformedAttention(torch.autograd.Function):
             return t.reshape(size * t.shape[1], *t.shape[2:])
 
         folded = [fold(t, d) for t, d in zip(tensors, in_dims[4:])]
-        out, lse = TransformedAttention.apply(fold(index, in_dims[0]).contiguous(), window_size, scale, chosen,
-                                               *folded)
-        return (out.reshape(size, -1, *out.shape[1:]), lse.reshape(size, -1, *lse.shape[1:])), (0, 0)
+        out = WindowAttention.apply(fold(index, in_dims[0]).contiguous(), window_size, scale, chosen, *folded)
+        return out.reshape(size, -1, *out.shape[1:]), 0
+
+
+class CompiledWindowAttention(WindowAttention):
+    """WindowAttention under torch.compile: Dynamo traces its forward and backward (the
+    backend's ops land in the graphs) but refuses a Function that defines jvp; compiled
+    code has no forward mode."""
+
+    jvp = torch.autograd.Function.jvp
+
+
+class EagerWindowAttention(torch.autograd.Function):
+    """WindowAttention's methods in the older forward(ctx, ...) style, for plain eager calls
+    (reverse and forward mode; torch.func transforms need WindowAttention itself)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = WindowAttention.forward(*inputs)
+        WindowAttention.setup_context(ctx, inputs, out)
+        return out
+
+    backward = staticmethod(WindowAttention.backward)
+    jvp = staticmethod(WindowAttention.jvp)

@@ -1,10 +1,9 @@
 """The public window_attention: validation (once, for every backend), backend choice, glue.
 
 Every backend registers a forward op and a backward op (rsir_kernels.backends); this module
-checks the inputs, picks one backend and runs its forward: under torch.compile and
-torch.jit.trace as the registered op, whose autograd runs the same backend's backward op;
-otherwise under an autograd.Function of its own that also gives forward mode, vmap and
-exact second order (window_attention's docstring). `window_attention_qkvpacked` is the same
+checks the inputs, picks one backend and runs it through the one autograd.Function
+(rsir_kernels.autograd_functions.WindowAttention), which calls that backend's ops: they are
+what torch.compile and torch.export graphs hold. `window_attention_qkvpacked` is the same
 computation for a packed (B, L, 3, H, D) qkv, whose gradient comes back packed with no copy.
 """
 from __future__ import annotations
@@ -15,11 +14,10 @@ import warnings
 from typing import NamedTuple, Optional
 
 import torch
-import torch.utils.flop_counter
 
 from . import backends, reference
-from .autograd_functions import (EagerAttention, TransformedAttention, forward_fn, functorch_wrapped,
-                                 needs_autograd, profiled, unpack)
+from .autograd_functions import (CompiledWindowAttention, EagerWindowAttention, WindowAttention, functorch_wrapped,
+                                 kernel, needs_autograd, profiled, unpack)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -77,9 +75,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     hessian) takes the gradient from the reference maths in differentiable ops, so second
     order is exact at the reference's cost. Forward mode (torch.func.jvp, jacfwd,
     torch.autograd.forward_ad) takes the tangent from the reference maths;
-    torch.func.vmap folds the mapped dimension into the batch. Under torch.compile and
-    torch.jit.trace the registered ops run: reverse mode (torch.jit.trace: also second
-    order) and no forward mode.
+    torch.func.vmap folds the mapped dimension into the batch. Under torch.compile: reverse
+    mode, no forward mode. torch.jit.trace records the backend's forward op alone (what FLOP
+    counters that trace read); a traced graph has no derivative (its backward raises).
     """
     window_size = _validate(q, k, v, index, window_size, scale, backend)
     if q.numel() == 0:
@@ -119,59 +117,19 @@ def _prepare(q, index, window_size, scale, backend, check_index):
 
 
 def _run(chosen, index, window_size, scale, tensors):
-    """Both entry points after validation; tensors is (q, k, v) or a packed (qkv,)."""
-    # torch.compile and torch.jit.trace record the registered ops and their autograd
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        if len(tensors) == 1:
-            return _qkvpacked(tensors[0], index, window_size, scale, chosen.name)[0]
-        return chosen.forward(*tensors, index, window_size, scale)[0]
+    """Both entry points after validation; tensors is (q, k, v) or a packed (qkv,). The one
+    place that decides the route."""
+    args = (index, window_size, scale, chosen, *tensors)
+    if torch.jit.is_tracing():  # the forward op, recorded as such (an autograd.Function would be opaque)
+        return chosen.forward(*unpack(tensors), index, window_size, scale)[0]
+    if torch.compiler.is_compiling():
+        return CompiledWindowAttention.apply(*args)
     if any(functorch_wrapped(t) for t in tensors):  # a torch.func transform
-        return TransformedAttention.apply(index, window_size, scale, chosen, *tensors)[0]
+        return WindowAttention.apply(*args)
     if needs_autograd(tensors):
-        return EagerAttention.apply(index, window_size, scale, chosen, *tensors)
+        return EagerWindowAttention.apply(*args)
     with profiled(chosen, "forward"):
-        return forward_fn(chosen, tensors)(*unpack(tensors), index, window_size, scale)[0]
-
-
-QKVPACKED_OP = "rsir::window_attention_qkvpacked"
-
-
-@torch.library.custom_op(QKVPACKED_OP, mutates_args=())
-def _qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_size: int, scale: float,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backends.get(backend).forward(*qkv.unbind(2), index, window_size, scale)
-
-
-@_qkvpacked.register_fake
-def _(qkv, index, window_size, scale, backend):
-    return backends.fake_forward(qkv[:, :, 0])
-
-
-def _qkvpacked_setup(ctx, inputs, output):
-    qkv, index, window_size, scale, backend = inputs
-    ctx.save_for_backward(qkv, output[0], output[1], index)
-    ctx.window_size, ctx.scale, ctx.backend = window_size, scale, backend
-
-
-def _qkvpacked_backward(ctx, dout, _dlse):
-    qkv, out, lse, index = ctx.saved_tensors
-    if backends.differentiable_backward_needed():
-        dqkv = reference.window_attention_vjp(dout, *qkv.unbind(2), index, ctx.window_size, ctx.scale)
-    else:
-        dqkv = backends.get(ctx.backend).backward(dout, *qkv.unbind(2), out, lse, index, ctx.window_size, ctx.scale)
-    return dqkv, None, None, None, None
-
-
-torch.library.register_autograd(QKVPACKED_OP, _qkvpacked_backward, setup_context=_qkvpacked_setup)
-
-
-def _qkvpacked_flops(qkv_shape, index_shape, window_size, scale, backend, out_shape=None, **kwargs):
-    # the FLOP counter does not see the backend op this op runs inside
-    batch, length, _, heads, dim = qkv_shape
-    return backends.forward_flops((batch, length, heads, dim), window_size)
-
-
-torch.utils.flop_counter.register_flop_formula(backends.op_packet(QKVPACKED_OP))(_qkvpacked_flops)
+        return kernel(chosen, "forward", tensors)(*unpack(tensors), index, window_size, scale)[0]
 
 
 # ---------------------------------------------------------------- backend choice

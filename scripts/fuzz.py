@@ -8,10 +8,10 @@ The cases are split over the targets: `cpp` under every ISA build of the CPU cor
 machine runs (RSIR_CPU_ISA=avx512 / avx2 / generic, one subprocess each: the core picks its
 build once per process), `reference` (fp32/fp16/bf16 against float64), and `triton` under
 its interpreter on a CPU-only machine (a smaller share: ~100x slower). Each case is checked
-with the project's tolerance rule (tests/util.py): fp32 within 1e-5 relative or, at large
-magnitudes where the fp32 reference itself is further off, within 2x its error level (the
-largest over equally valid evaluations: error_level); fp16/bf16 within 2x the same-precision
-reference's error plus 1e-3; fp64 within 1e-10, or 2x its error level likewise. Prints a
+with the project's tolerance rule (rsir_kernels.reference.tolerance_failure), given the
+reference's own error level at the case's inputs (the largest over equally valid evaluations:
+error_level): fp32 within max(1e-5, 2x that level) relative; fp64 within max(1e-10, 2x that
+level); fp16/bf16 within 2x the same-precision reference's error plus 1e-3. Prints a
 progress bar and the tag (target:isa:seed) of every failing case; exits 1 on any failure.
 """
 from __future__ import annotations
@@ -144,7 +144,6 @@ def check_case(backend: str, case: dict, device: str = "cpu") -> str | None:
     import torch
     import rsir_kernels as rk
     from rsir_kernels import reference
-    from util import max_rel_error
 
     if backend == "triton" and case["dtype"] == "float64":  # triton has no fp64: the same problem in fp32
         case = dict(case, dtype="float32")
@@ -165,22 +164,9 @@ def check_case(backend: str, case: dict, device: str = "cpu") -> str | None:
     level = (error_level(q, k, v, index, n, scale, dout, exact) if q.dtype in (torch.float32, torch.float64)
              else [None] * 4)
     for name, a, e, r, lvl in zip(("out", "dq", "dk", "dv"), got, exact, same, level):
-        if a.shape != e.shape:
-            return f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-        if torch.isnan(a).any():
-            return f"{name}: NaN"
-        if q.dtype in (torch.float16, torch.bfloat16):
-            err, ref_err = [float((x.double() - e).abs().max()) for x in (a, r)]
-            if not err <= 2 * ref_err + 1e-3:
-                return f"{name}: error {err:.3g} > 2 x {ref_err:.3g} + 1e-3"
-        elif q.dtype == torch.float32:
-            err = max_rel_error(a, e)
-            if not err <= max(1e-5, 2 * lvl):
-                return f"{name}: relative error {err:.3g} > max(1e-5, 2 x fp32 reference's {lvl:.3g})"
-        else:
-            err = max_rel_error(a, e)
-            if not err <= max(1e-10, 2 * lvl):
-                return f"{name}: relative error {err:.3g} > max(1e-10, 2 x fp64 reference's {lvl:.3g})"
+        why = reference.tolerance_failure(a, e, r, lvl or 0.0)
+        if why:
+            return f"{name}: {why}" + (f" (the reference's own error level {lvl:.3g})" if lvl else "")
     return None
 
 

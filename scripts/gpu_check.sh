@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command to run on a lent GPU machine (CUDA torch, triton, nvcc, ninja; no network):
+# The one command to run on a machine with a GPU (CUDA torch, triton, nvcc, ninja; no network needed):
 #
 #     bash scripts/gpu_check.sh [OUTDIR]      # default OUTDIR: benchmarks/results/<device>/
 #
@@ -23,16 +23,16 @@
 # The benchmarks come before the full test suite and the sanitizers, so that a slow step
 # late in the run can't cost the main job.
 #
-# OUTDIR receives (what a lent machine hands back, under 8 plain files + commit.txt):
+# OUTDIR receives (a few plain files + commit.txt):
 # summary.txt (commit, step exit codes, times and the benchmark tables), gpu_check.tar.gz
 # (every log and result), bench_attn_cuda_bfloat16.json/.png, bench_model_cuda_bfloat16.json,
-# junit.xml, tests.log, train.log. GPU_CHECK_KEEP_ALL=1 copies every log into OUTDIR/all/ too.
+# junit.xml, tests.log, train.log (junit.xml and the logs are not committed: .gitignore). GPU_CHECK_KEEP_ALL=1 copies every log into OUTDIR/all/ too.
 # Environment: PYTHON (default: scripts/pick_python.sh), GPU_CHECK_BUDGET (seconds),
 # TRAIN_ARGS (extra arguments of every train run; TRAIN_BACKENDS, default "triton cpp reference"),
 # BENCH_ATTN_ARGS / BENCH_MODEL_ARGS / TEST_ARGS (extra arguments; TEST_ARGS="-n 8" runs the
 # tests on 8 pytest-xdist workers), SANITIZE_CPP / SANITIZE_TRITON
 # (the pytest arguments of the sanitizer runs), GPU_CHECK_SKIP (step names to skip, e.g.
-# "build tests" for a dry run of the script on a CPU machine; a short lease skips some).
+# "build tests" for a dry run of the script on a CPU machine).
 # Each step's time limit keeps back a floor for every later step that is not skipped, so a
 # smaller budget squeezes the early steps instead of starving the late ones.
 set -u

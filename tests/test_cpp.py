@@ -124,11 +124,10 @@ def test_gradcheck_fp64():
 def test_opcheck(dtype):
     q, k, v = make_qkv(2, 20, 4, 8, dtype=dtype, device="cpu", packed=True)
     idx = make_index(2, 20, 2, device="cpu", dtype=torch.int32)
+    q, k, v = q.detach(), k.detach(), v.detach()  # the ops carry no autograd (the Function's job)
     torch.library.opcheck(fwd_op(), (q, k, v, idx, 7, 0.35))
-    with torch.no_grad():
-        out, lse = fwd_op()(q, k, v, idx, 7, 0.35)
-    dout = torch.randn_like(out)
-    torch.library.opcheck(bwd_op(), (dout, q.detach(), k.detach(), v.detach(), out, lse, idx, 7, 0.35))
+    out, lse = fwd_op()(q, k, v, idx, 7, 0.35)
+    torch.library.opcheck(bwd_op(), (torch.randn_like(out), q, k, v, idx, 7, 0.35))
 
 
 def test_lse_and_output_layout():
@@ -140,13 +139,13 @@ def test_lse_and_output_layout():
     assert lse.shape == (2, 4, 30) and lse.dtype == torch.float32
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
-    dqkv = bwd_op()(torch.randn_like(out), q, k, v, out, lse, idx, 7, 8 ** -0.5)
+    dqkv = bwd_op()(torch.randn_like(out), q, k, v, idx, 7, 8 ** -0.5)
     assert dqkv.shape == (2, 30, 3, 4, 8) and dqkv.is_contiguous()
 
 
 def _fwd_bwd(q, k, v, idx, n, dout):
     out, lse = fwd_op()(q, k, v, idx, n, q.shape[-1] ** -0.5)
-    return out, lse, bwd_op()(dout, q, k, v, out, lse, idx, n, q.shape[-1] ** -0.5)
+    return out, lse, bwd_op()(dout, q, k, v, idx, n, q.shape[-1] ** -0.5)
 
 
 def test_bitwise_deterministic():
@@ -213,7 +212,7 @@ def _run_bad_index(idx, n=5, shape=(2, 20, 4, 8)):
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
     scale = shape[-1] ** -0.5
     out, lse = fwd_op()(q, k, v, idx, n, scale)
-    dqkv = bwd_op()(dout, q, k, v, out, lse, idx, n, scale)
+    dqkv = bwd_op()(dout, q, k, v, idx, n, scale)
     return (out, *dqkv.unbind(2)), _naive_windows(q, k, v, idx, n, scale, dout)
 
 
@@ -270,7 +269,7 @@ def test_any_int64_window_size_is_one_window(window_size):
     idx = make_index(2, 30, 2, device="cpu")
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
     out, lse = fwd_op()(q, k, v, idx, window_size, 0.3)
-    dqkv = bwd_op()(dout, q, k, v, out, lse, idx, window_size, 0.3)
+    dqkv = bwd_op()(dout, q, k, v, idx, window_size, 0.3)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref = rk.reference.window_attention_reference(*leaves, idx, 30, 0.3, upcast=True)
     ref_grads = torch.autograd.grad(ref, leaves, dout.double())
@@ -387,7 +386,7 @@ def test_cuda_uses_current_stream_and_opcheck():
         out = cpp_attention(q, k, v, idx, 7)
     stream.synchronize()
     torch.testing.assert_close(out, rk.reference.window_attention_reference(q, k, v, idx, 7), rtol=1e-4, atol=1e-5)
-    torch.library.opcheck(fwd_op(), (q, k, v, idx, 7, 0.2))
+    torch.library.opcheck(fwd_op(), (q.detach(), k.detach(), v.detach(), idx, 7, 0.2))  # no autograd on the op
     with pytest.raises(ValueError, match="float64"):
         qd = q.detach().double()
         cpp_attention(qd, qd, qd, idx, 7)
@@ -432,7 +431,7 @@ def test_cuda_index_not_a_permutation_contract(monkeypatch):
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
     qc, kc, vc, dc, ic = (t.cuda() for t in (q, k, v, dout, idx))
     out, lse = fwd_op()(qc, kc, vc, ic, 5, 8 ** -0.5)
-    dqkv = bwd_op()(dc, qc, kc, vc, out, lse, ic, 5, 8 ** -0.5)
+    dqkv = bwd_op()(dc, qc, kc, vc, ic, 5, 8 ** -0.5)
     got = [t.cpu() for t in (out, *dqkv.unbind(2))]
     rows = _naive_windows(q, k, v, idx, 5, 8 ** -0.5, dout)
     for b in range(2):

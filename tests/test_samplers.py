@@ -110,7 +110,7 @@ def test_fixed_orders_differ_by_seed_and_layer_seeds_are_distinct():
 
 
 def test_rs_index_traces_with_symbolic_sizes():
-    """Issue 13 item 4: torch.rand(..., generator=None) rejected symbolic sizes under
+    """torch.rand(..., generator=None) must take symbolic sizes under
     torch.compile(dynamic=True). Three sizes, one compiled function, each row a permutation
     drawn as eager draws it (aot_eager runs the same random op on the same global RNG)."""
     def draw(x):

@@ -69,7 +69,7 @@ def test_launch_glue_call_count(stubbed):
     q, k, v = qkv.detach().unbind(2)
     out, lse = launch.forward(q, k, v, index, 49, 0.25)
     assert _python_calls(lambda: launch.forward(q, k, v, index, 49, 0.25)) <= 16
-    assert _python_calls(lambda: launch.backward(dout, q, k, v, out, lse, index, 49, 0.25)) <= 15
+    assert _python_calls(lambda: launch.backward(dout, q, k, v, index, 49, 0.25)) <= 15
 
 
 def test_eager_call_count(stubbed):
@@ -164,7 +164,7 @@ def test_direct_launch_is_bitwise_the_ordinary_launch(dtype, window, monkeypatch
 
     def run():
         out, lse = launch.forward(q, k, v, index, window, scale)
-        return out, launch.backward(dout, q, k, v, out, lse, index, window, scale), lse
+        return out, launch.backward(dout, q, k, v, index, window, scale), lse
 
     launch._forward_plan.cache_clear()
     launch._backward_plan.cache_clear()
@@ -200,20 +200,21 @@ def test_traceable_bodies_match_the_eager_launch(monkeypatch):
         out, lse = launch.forward(q, k, v, index, window, 0.25)
         traced_out, traced_lse = launch._traceable_forward(q, k, v, index, window, 0.25)
         assert torch.equal(out, traced_out) and torch.equal(lse, traced_lse)
-        assert torch.equal(launch.backward(dout, q, k, v, out, lse, index, window, 0.25),
-                           launch._traceable_backward(dout, q, k, v, out, lse, index, window, 0.25))
+        assert torch.equal(launch.backward(dout, q, k, v, index, window, 0.25),
+                           launch._traceable_backward(dout, q, k, v, index, window, 0.25))
 
 
 @pytest.mark.gpu
 def test_triton_op_opcheck_and_inductor_launches_the_kernels():
-    """On CUDA: opcheck of both triton_ops (fake tensors, schema, autograd registration), and a
+    """On CUDA: opcheck of both triton_ops (fake tensors, schema; no autograd of their own), and a
     compiled call whose generated code launches window_attn_fwd_kernel itself, matching eager."""
     from torch._inductor.utils import run_and_get_code
     q, k, v = make_qkv(2, 100, 4, 16, torch.bfloat16)
     index = make_index(2, 100, 2)
+    q, k, v = q.detach(), k.detach(), v.detach()  # the ops carry no autograd (the Function's job)
     torch.library.opcheck(torch.ops.rsir.window_attention_triton.default, (q, k, v, index, 49, 0.25))
-    out, lse = torch.ops.rsir.window_attention_triton(q.detach(), k.detach(), v.detach(), index, 49, 0.25)
-    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, index, 49, 0.25)
+    out, lse = torch.ops.rsir.window_attention_triton(q, k, v, index, 49, 0.25)
+    args = (torch.randn_like(out), q, k, v, index, 49, 0.25)
     torch.library.opcheck(torch.ops.rsir.window_attention_triton_backward.default, args)
     torch._dynamo.reset()
     compiled = torch.compile(lambda q, k, v, index: rk.window_attention(q, k, v, index, 49, backend="triton"),

@@ -1,9 +1,9 @@
 """Shared helpers for the tests: fresh random inputs, NaN poisoning, the tolerance rule.
 
 Every backend is compared with rsir_kernels.reference (imported, never copied) by
-`assert_matches_reference`, forward and the three gradients, with the rule of docs/design.md
-section 4: fp32 within 1e-5 relative; fp16/bf16 within 2x the error of the same-precision
-reference against float64, plus a small absolute term; fp64 within 1e-10.
+`assert_matches_reference`, forward and the three gradients, with the project's one tolerance
+rule, reference.tolerance_failure (docs/design.md section 4): fp32 within 1e-5 relative; fp16/bf16
+within 2x the error of the same-precision reference against float64 plus 1e-3; fp64 within 1e-10.
 """
 from __future__ import annotations
 
@@ -39,36 +39,14 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
 
 
-def _tol(dtype):
-    return {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+max_rel_error = reference.max_rel_error  # the project's one definition (reference.py)
 
 
-def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |a - e| / max |e|; NaN anywhere in actual counts as infinite error.
-
-    Where the exact result is zero (dq and dk of one-token windows: softmax of one score
-    is constant), the error is absolute: the rounding of dS = P * (dP - delta) is then
-    of the order of |dP| ~ 1, not of |dS| = 0.
-    """
-    a, e = actual.detach().double(), expected.detach().double()
-    if torch.isnan(a).any():
-        return float("inf")
-    scale = float(e.abs().max())
-    return float((a - e).abs().max()) / (scale if scale > 1e-12 else 1.0)
-
-
-def assert_close_to(actual, exact, low_precision=None, name="", atol=1e-3):
-    """actual vs the float64 `exact`; for fp16/bf16, `low_precision` is the same-precision
-    reference, and actual's error may be at most 2x its error plus `atol` (FlashAttention's rule)."""
-    assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
-    if actual.dtype in (torch.float16, torch.bfloat16):
-        err = float((actual.detach().double() - exact).abs().max())
-        ref_err = float((low_precision.detach().double() - exact).abs().max())
-        assert not torch.isnan(actual).any(), f"{name}: NaN in output"
-        assert err <= 2 * ref_err + atol, f"{name}: error {err:.3g} > 2 x {ref_err:.3g} + {atol}"
-    else:
-        err = max_rel_error(actual, exact)
-        assert err <= _tol(actual.dtype), f"{name}: relative error {err:.3g} > {_tol(actual.dtype)}"
+def assert_close_to(actual, exact, low_precision=None, name=""):
+    """actual vs the float64 `exact` by the project's tolerance rule (reference.tolerance_failure);
+    for fp16/bf16, `low_precision` is the same-precision reference."""
+    why = reference.tolerance_failure(actual, exact, low_precision)
+    assert why is None, f"{name}: {why}"
 
 
 def assert_matches_reference(fn, q, k, v, index, window_size, scale=None, seed=2):
@@ -88,3 +66,18 @@ def assert_matches_reference(fn, q, k, v, index, window_size, scale=None, seed=2
     low = ref(q.dtype, False) if q.dtype in (torch.float16, torch.bfloat16) else [None] * 4
     for name, a, e, lp in zip(("out", "dq", "dk", "dv"), (out, *grads), exact, low):
         assert_close_to(a, e, lp, name)
+
+
+def fix_ir_order(monkeypatch, seed: int = 7):
+    """Replaces IR-Win's order (tokens sorted by their channel mean) by a fixed permutation per
+    resolution, for comparing a compiled model with eager: compiled code rounds differently
+    (fused LayerNorm, other reduction orders), which reorders near-tied channel means and so
+    changes whole windows several layers deep. With one order for both, the compiled model
+    must match eager at the project's tolerance (never a looser one)."""
+    from rsir_kernels import modules, samplers
+
+    def ir_index(x, height, width, window):
+        order = samplers.fixed_rs_index(height, width, window, seed, x.device)
+        return order.expand(x.shape[0], 1, height * width)
+
+    monkeypatch.setattr(modules, "ir_index", ir_index)

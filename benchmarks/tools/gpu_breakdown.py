@@ -82,7 +82,7 @@ def triton_layers(inp, calls: int) -> list[tuple[str, str]]:
         ("bare launch (forward_into, config given)",
          lambda: launch.forward_into(q, k, v, index, N, scale, out, lse, config=cfg)),
         ("bare backward launch (backward_into, config given)",
-         lambda: launch.backward_into(dout, q, k, v, out, lse, index, N, scale, dqkv, config=cfg)),
+         lambda: launch.backward_into(dout, q, k, v, index, N, scale, dqkv, config=cfg)),
         ("forward_into (config computed)", lambda: launch.forward_into(q, k, v, index, N, scale, out, lse)),
         ("custom op rsir::window_attention_triton (the op path)",
          lambda: launch.window_attention_fwd(q, k, v, index, N, scale)),

@@ -95,12 +95,12 @@ def main(argv=None) -> int:
         for cfg in candidates(base, shape.heads // GROUPS, warps, hpps):
             try:
                 launch.forward_into(q, k, v, index, N, scale, out, lse, config=cfg)
-                launch.backward_into(inp.dout, q, k, v, out, lse, index, N, scale, dqkv, config=cfg)
+                launch.backward_into(inp.dout, q, k, v, index, N, scale, dqkv, config=cfg)
                 err = max(float((out.float() - expected).abs().max() / expected.abs().max()),
                           float((dqkv.float() - expected_grad).abs().max() / expected_grad.abs().max()))
                 ok = err < tol
                 fwd = kernel_us(lambda: launch.forward_into(q, k, v, index, N, scale, out, lse, config=cfg), device)
-                bwd = kernel_us(lambda: launch.backward_into(inp.dout, q, k, v, out, lse, index, N, scale, dqkv,
+                bwd = kernel_us(lambda: launch.backward_into(inp.dout, q, k, v, index, N, scale, dqkv,
                                                              config=cfg), device)
                 rows.append((fwd + bwd, cfg))
                 mark = "*" if cfg == base else " "

@@ -41,13 +41,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
 }
 
 at::Tensor backward_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index, int64_t window_size,
-                        double scale) {
+                        const at::Tensor& index, int64_t window_size, double scale) {
   check_qkv(q, k, v, index, window_size, scale);
-  check_backward(dout, q, out, lse);
+  check_backward(dout, q);
   TORCH_CHECK(q.device().is_cpu(), "rsir_ext: the CPU kernel got tensors on ", q.device());
   rsir::WindowAttentionParams p = make_params(q, k, v, index, window_size, scale);
-  at::Tensor dqkv = backward_outputs(p, dout, out, lse, q);
+  at::Tensor dqkv = backward_outputs(p, dout, q);
   if (q.numel() == 0) return dqkv;
   const at::Tensor visits = new_visits(p, q);
   at::parallel_for(0, rsir::cpu::num_work_items(p), 1,
@@ -65,8 +64,8 @@ at::Tensor backward_cpu(const at::Tensor& dout, const at::Tensor& q, const at::T
 TORCH_LIBRARY(rsir_ext, m) {
   m.def("window_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor index, int window_size, float scale)"
         " -> (Tensor, Tensor)");
-  m.def("window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor index,"
-        " int window_size, float scale) -> Tensor");
+  m.def("window_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor index, int window_size,"
+        " float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rsir_ext, CPU, m) {

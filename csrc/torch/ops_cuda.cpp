@@ -38,14 +38,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
 }
 
 at::Tensor backward_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& index, int64_t window_size,
-                         double scale) {
+                         const at::Tensor& index, int64_t window_size, double scale) {
   check_qkv(q, k, v, index, window_size, scale);
-  check_backward(dout, q, out, lse);
+  check_backward(dout, q);
   check_cuda_inputs(q, window_size);
   const c10::cuda::CUDAGuard guard(q.device());
   rsir::WindowAttentionParams p = make_params(q, k, v, index, window_size, scale);
-  at::Tensor dqkv = backward_outputs(p, dout, out, lse, q, /*zeroed=*/true);
+  at::Tensor dqkv = backward_outputs(p, dout, q, /*zeroed=*/true);
   if (q.numel() == 0) return dqkv;
   const cudaError_t err = rsir::cuda::launch_backward(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "rsir_ext: backward kernel launch failed: ", cudaGetErrorString(err));

@@ -88,17 +88,10 @@ inline rsir::WindowAttentionParams make_params(const at::Tensor& q, const at::Te
   return p;
 }
 
-inline void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "rsir_ext: dout and out must have q's shape ",
-              q.sizes());
-  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "rsir_ext: dout and out must have q's dtype");
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) && lse.size(2) == q.size(1),
-              "rsir_ext: lse must be (B, H, L), got ", lse.sizes());
-  TORCH_CHECK(lse.scalar_type() == lse_scalar_type(q.scalar_type()), "rsir_ext: lse must be ",
-              lse_scalar_type(q.scalar_type()), ", got ", lse.scalar_type());
-  TORCH_CHECK(dout.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
-              "rsir_ext: dout, out, lse must be on q's device");
+inline void check_backward(const at::Tensor& dout, const at::Tensor& q) {
+  TORCH_CHECK(dout.sizes() == q.sizes(), "rsir_ext: dout must have q's shape ", q.sizes(), ", got ", dout.sizes());
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "rsir_ext: dout must have q's dtype");
+  TORCH_CHECK(dout.device() == q.device(), "rsir_ext: dout must be on q's device");
 }
 
 // The forward's outputs and their pointers/strides in p.
@@ -115,13 +108,10 @@ inline std::tuple<at::Tensor, at::Tensor> forward_outputs(rsir::WindowAttentionP
   return {out, lse};
 }
 
-// The backward's inputs/outputs in p; returns dqkv (B, L, 3, H, D) (zeroed: filled with 0).
-inline at::Tensor backward_outputs(rsir::WindowAttentionParams& p, const at::Tensor& dout, const at::Tensor& out,
-                                   const at::Tensor& lse, const at::Tensor& q, bool zeroed = false) {
-  p.out = const_cast<void*>(out.data_ptr());
-  copy_strides(p.out_stride, out);
-  p.lse = const_cast<void*>(lse.data_ptr());
-  copy_strides(p.lse_stride, lse);
+// The backward's input dout and outputs in p; returns dqkv (B, L, 3, H, D) (zeroed: filled with 0).
+// The backward reads no forward output: every kernel recomputes the softmax from the scores.
+inline at::Tensor backward_outputs(rsir::WindowAttentionParams& p, const at::Tensor& dout, const at::Tensor& q,
+                                   bool zeroed = false) {
   p.dout = dout.data_ptr();
   copy_strides(p.dout_stride, dout);
   at::Tensor dqkv = new_output({q.size(0), q.size(1), 3, q.size(2), q.size(3)}, q.options(), zeroed);

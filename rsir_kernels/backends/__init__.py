@@ -14,16 +14,21 @@ The contract every backend keeps (docs/design.md section 1):
         out      (B, L, H, D) contiguous, q's dtype, original token order
         lse      (B, H, L) contiguous, float32 (float64 for float64 inputs): the
                  log-sum-exp of each row's scaled scores, original token order
-    backward(dout, q, k, v, out, lse, index, window_size, scale) -> dqkv
-        dout     (B, L, H, D), any strides (kernels read it in place, like q, k, v)
+        (lse is what the kernels' own tests and the fuzz check against the reference; no
+        backward reads it: rsir_kernels.autograd_functions marks it non-differentiable
+        and saves neither it nor out)
+    backward(dout, q, k, v, index, window_size, scale) -> dqkv
+        dout     (B, L, H, D), any strides (kernels read it in place, like q, k, v); the
+                 softmax is recomputed from the scores, so nothing of the forward is read
         dqkv     (B, L, 3, H, D) contiguous, q's dtype: dq, dk, dv packed, so that a
                  module whose q, k, v are views of one packed qkv gets its gradient
                  with no torch.cat / torch.stack
 
 Both are torch.library ops with fake implementations (`fake_forward`, `fake_backward`, here
 for every backend), each backend under op names of its own, written once as constants in its
-module. `register` wires autograd for the forward op once, the same way for every backend.
-A backend whose ops are Python functions also hands those functions over (`eager_forward`,
+module. The ops carry no autograd of their own: rsir_kernels.autograd_functions.WindowAttention
+calls them on every path (eager, torch.compile, torch.export, torch.func), so compiled and
+exported graphs hold exactly these ops. A backend whose ops are Python functions also hands those functions over (`eager_forward`,
 `eager_backward`): rsir_kernels.ops calls them directly in plain eager calls, skipping the
 dispatcher's round trips through Python (host time that the small stages of a model on a
 GPU feel: docs/performance.md, "Lessons that hold"), and calls the ops everywhere else (torch.compile, fake
@@ -85,13 +90,12 @@ _LOCK = threading.Lock()
 
 
 def register(backend: Backend) -> None:
-    """Adds a backend; when it is available, wires autograd of its forward op."""
+    """Adds a backend; when it is available, registers its FLOP formulas."""
     with _LOCK:
         if backend.name in _REGISTRY:
             raise RuntimeError(f"backend {backend.name!r} registered twice")
         _REGISTRY[backend.name] = backend
     if backend.unavailable is None:
-        _register_autograd(backend)
         _register_flops(backend)
 
 
@@ -101,34 +105,6 @@ def get(name: str) -> Backend:
 
 def names() -> list[str]:
     return list(_REGISTRY)
-
-
-def _register_autograd(backend: Backend) -> None:
-    def setup_context(ctx, inputs, output):
-        q, k, v, index, window_size, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, index)
-        ctx.window_size, ctx.scale = window_size, scale
-
-    def backward(ctx, dout, _dlse):  # lse is an auxiliary output: no gradient flows through it
-        q, k, v, out, lse, index = ctx.saved_tensors
-        if differentiable_backward_needed():
-            dqkv = reference.window_attention_vjp(dout, q, k, v, index, ctx.window_size, ctx.scale)
-        else:
-            dqkv = backend.backward(dout, q, k, v, out, lse, index, ctx.window_size, ctx.scale)
-        dq, dk, dv = dqkv.unbind(2)
-        return dq, dk, dv, None, None, None
-
-    torch.library.register_autograd(backend.forward_op, backward, setup_context=setup_context)
-
-
-def differentiable_backward_needed() -> bool:
-    """True inside a backward that builds a graph (create_graph=True, torch.func's grad,
-    jacrev, hessian): the gradient must then itself be differentiable, which the backward
-    ops are not, so it is taken from the reference maths in plain differentiable ops
-    (exact second order, at the reference's cost). torch.compile has no double backward;
-    there the backward op always runs."""
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def fake_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +125,7 @@ def register_fakes(forward_op: str, backward_op: str) -> None:
     torch.library.register_fake(forward_op)(
         lambda q, k, v, index, window_size, scale: fake_forward(q))
     torch.library.register_fake(backward_op)(
-        lambda dout, q, k, v, out, lse, index, window_size, scale: fake_backward(q))
+        lambda dout, q, k, v, index, window_size, scale: fake_backward(q))
 
 
 def forward_flops(q_shape, window_size: int) -> int:
@@ -173,8 +149,8 @@ def _register_flops(backend: Backend) -> None:
         return forward_flops(q_shape, window_size)
 
     @register_flop_formula(op_packet(backend.backward_op))
-    def _backward(dout_shape, q_shape, *args, out_shape=None, **kw):
-        return backward_flops(q_shape, args[-2])
+    def _backward(dout_shape, q_shape, k_shape, v_shape, index_shape, window_size, scale, out_shape=None, **kw):
+        return backward_flops(q_shape, window_size)
 
 
 # Each module registers itself on import; order does not matter (priority decides "auto").

@@ -22,10 +22,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tens
     return out.contiguous(), lse
 
 
-def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor,
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
              window_size: int, scale: float) -> torch.Tensor:
-    return reference.window_attention_backward(dout, q, k, v, out, lse, index, window_size, scale)
+    return reference.window_attention_backward(dout, q, k, v, index, window_size, scale)
 
 
 window_attention_fwd = torch.library.custom_op(FORWARD_OP, mutates_args=())(forward)

@@ -35,7 +35,7 @@ struct WindowAttentionParams {
   int32_t index_bytes = 8;        // 4: int32, 8: int64
   int64_t index_stride[3] = {0, 0, 0};
 
-  // Forward output (backward input): out (B, L, H, D) and lse (B, H, L).
+  // Forward only: out (B, L, H, D) and lse (B, H, L) written (no backward reads them).
   void* out = nullptr;      int64_t out_stride[4] = {0, 0, 0, 0};
   void* lse = nullptr;      int64_t lse_stride[3] = {0, 0, 0};  // float, or double for kFloat64
 

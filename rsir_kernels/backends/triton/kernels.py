@@ -85,15 +85,12 @@ def _segment_tokens(idx_base, stride_il, seg_start, seg_end, N, L, BLOCK: tl.con
 
 
 @triton.jit
-def _work_tokens(work, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg, num_chunks,
-                 BLOCK: tl.constexpr, WPP: tl.constexpr, NB: tl.constexpr, BOUNDED: tl.constexpr = True):
-    """Token ids of work item `work` of a SINGLE launch (all masked when BOUNDED and
-    work >= num_work; a program's own item needs no such check)."""
+def _work_tokens(work, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg, num_chunks,
+                 BLOCK: tl.constexpr, WPP: tl.constexpr, NB: tl.constexpr):
+    """Token ids of work item `work` of a SINGLE launch."""
     _, seg, _, g, b = _program_coords(work, 1, num_seg, num_chunks, G)
     seg_start = seg * SEG
     seg_end = tl.minimum(seg_start + SEG, L)
-    if BOUNDED:
-        seg_end = tl.where(work < num_work, seg_end, seg_start)
     idx_base = IDX + b * stride_ib + g.to(tl.int64) * stride_ig
     return _segment_tokens(idx_base, stride_il, seg_start, seg_end, N, L, BLOCK, WPP, NB)
 
@@ -280,37 +277,21 @@ def window_attn_fwd_kernel(
     D: tl.constexpr, HPP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
     BF16_FIX: tl.constexpr, ALIGN: tl.constexpr, NUM_TILES: tl.constexpr, WPP: tl.constexpr,
-    NB: tl.constexpr, PERSISTENT: tl.constexpr,
+    NB: tl.constexpr,
 ):
-    """PERSISTENT (SINGLE only): the grid is smaller than the num_work items and each program
-    walks items pid, pid + programs, ..., loading the next item's token ids before it computes
-    the current one. Else one program per item."""
+    """One program per work item (num_work of them)."""
     pid = tl.program_id(0)
-    if PERSISTENT:
-        step = tl.num_programs(0)
-        tok_m, ok_m = _work_tokens(pid, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg,
+    if SINGLE:
+        tok_m, ok_m = _work_tokens(pid, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg,
                                    num_chunks, BLOCK_M, WPP, NB)
-        for work in range(pid, num_work, step):
-            tok_next, ok_next = _work_tokens(work + step, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N,
-                                             SEG, num_seg, num_chunks, BLOCK_M, WPP, NB)
-            _fwd_work(work, tok_m, ok_m, Q, K, V, IDX, OUT, LSE, stride_qb, stride_ql, stride_qh, stride_qd, stride_kb,
-                stride_kl, stride_kh, stride_kd, stride_vb, stride_vl, stride_vh, stride_vd, stride_ib, stride_ig,
-                stride_il, stride_ob, stride_ol, stride_oh, stride_od, stride_lb, stride_lh, stride_ll, L, G, HG, N,
-                SEG, num_seg, num_mtiles, num_chunks, qk_scale, D, HPP, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE, PACKED,
-                DOT_PREC, BF16_FIX, ALIGN, NUM_TILES, WPP, NB)
-            tok_m, ok_m = tok_next, ok_next
-    else:
-        if SINGLE:
-            tok_m, ok_m = _work_tokens(pid, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg,
-                                       num_chunks, BLOCK_M, WPP, NB, False)
-        else:  # _fwd_work loads each query tile's own
-            tok_m = tl.zeros([BLOCK_M], tl.int64)
-            ok_m = tl.zeros([BLOCK_M], tl.int1)
-        _fwd_work(pid, tok_m, ok_m, Q, K, V, IDX, OUT, LSE, stride_qb, stride_ql, stride_qh, stride_qd, stride_kb,
-            stride_kl, stride_kh, stride_kd, stride_vb, stride_vl, stride_vh, stride_vd, stride_ib, stride_ig,
-            stride_il, stride_ob, stride_ol, stride_oh, stride_od, stride_lb, stride_lh, stride_ll, L, G, HG, N,
-            SEG, num_seg, num_mtiles, num_chunks, qk_scale, D, HPP, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE, PACKED,
-            DOT_PREC, BF16_FIX, ALIGN, NUM_TILES, WPP, NB)
+    else:  # _fwd_work loads each query tile's own
+        tok_m = tl.zeros([BLOCK_M], tl.int64)
+        ok_m = tl.zeros([BLOCK_M], tl.int1)
+    _fwd_work(pid, tok_m, ok_m, Q, K, V, IDX, OUT, LSE, stride_qb, stride_ql, stride_qh, stride_qd, stride_kb,
+              stride_kl, stride_kh, stride_kd, stride_vb, stride_vl, stride_vh, stride_vd, stride_ib, stride_ig,
+              stride_il, stride_ob, stride_ol, stride_oh, stride_od, stride_lb, stride_lh, stride_ll, L, G, HG, N,
+              SEG, num_seg, num_mtiles, num_chunks, qk_scale, D, HPP, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE, PACKED,
+              DOT_PREC, BF16_FIX, ALIGN, NUM_TILES, WPP, NB)
 
 
 @triton.jit
@@ -543,37 +524,20 @@ def window_attn_bwd_kernel(
     D: tl.constexpr, HPP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, PACKED: tl.constexpr, DOT_PREC: tl.constexpr,
     BF16_FIX: tl.constexpr, ALIGN: tl.constexpr, NUM_TILES: tl.constexpr, WPP: tl.constexpr,
-    NB: tl.constexpr, PERSISTENT: tl.constexpr,
+    NB: tl.constexpr,
 ):
     """STATS: (B, H, L, 4) float32 scratch of the multi-tile path, (m, 1 / l, top, delta) of each index
-    position (unused when SINGLE). O and the forward's lse are not read: both paths recompute
-    the softmax from the scores.
-    PERSISTENT (SINGLE only): as in the forward, programs walk the work items and prefetch
-    the next item's token ids."""
+    position (not read when SINGLE: any pointer). O and the forward's lse are not inputs: both paths
+    recompute the softmax from the scores. One program per work item (num_work of them)."""
     pid = tl.program_id(0)
-    if PERSISTENT:
-        step = tl.num_programs(0)
-        tok, ok = _work_tokens(pid, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg,
+    if SINGLE:
+        tok, ok = _work_tokens(pid, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg,
                                num_chunks, BLOCK_M, WPP, NB)
-        for work in range(pid, num_work, step):
-            tok_next, ok_next = _work_tokens(work + step, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N,
-                                             SEG, num_seg, num_chunks, BLOCK_M, WPP, NB)
-            _bwd_work(work, tok, ok, DO, Q, K, V, IDX, DQKV, STATS, stride_dob, stride_dol, stride_doh, stride_dod,
-                stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd, stride_vb,
-                stride_vl, stride_vh, stride_vd, stride_ib, stride_ig, stride_il, stride_gb, stride_gl, stride_gs,
-                stride_gh, stride_gd, L, G, HG, N, SEG, num_seg, num_chunks, qk_scale, sm_scale, D, HPP, BLOCK_M,
-                BLOCK_N, BLOCK_D, SINGLE, PACKED, DOT_PREC, BF16_FIX, ALIGN, NUM_TILES, WPP, NB)
-            tok, ok = tok_next, ok_next
-    else:
-        if SINGLE:
-            tok, ok = _work_tokens(pid, num_work, IDX, stride_ib, stride_ig, stride_il, L, G, N, SEG, num_seg,
-                                   num_chunks, BLOCK_M, WPP, NB, False)
-        else:  # _bwd_work walks the window's tiles itself
-            tok = tl.zeros([BLOCK_M], tl.int64)
-            ok = tl.zeros([BLOCK_M], tl.int1)
-        _bwd_work(pid, tok, ok, DO, Q, K, V, IDX, DQKV, STATS, stride_dob, stride_dol, stride_doh, stride_dod,
-                  stride_qb,
-            stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd, stride_vb, stride_vl,
-            stride_vh, stride_vd, stride_ib, stride_ig, stride_il, stride_gb, stride_gl, stride_gs, stride_gh,
-            stride_gd, L, G, HG, N, SEG, num_seg, num_chunks, qk_scale, sm_scale, D, HPP, BLOCK_M, BLOCK_N, BLOCK_D,
-            SINGLE, PACKED, DOT_PREC, BF16_FIX, ALIGN, NUM_TILES, WPP, NB)
+    else:  # _bwd_work walks the window's tiles itself
+        tok = tl.zeros([BLOCK_M], tl.int64)
+        ok = tl.zeros([BLOCK_M], tl.int1)
+    _bwd_work(pid, tok, ok, DO, Q, K, V, IDX, DQKV, STATS, stride_dob, stride_dol, stride_doh, stride_dod,
+              stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd, stride_vb,
+              stride_vl, stride_vh, stride_vd, stride_ib, stride_ig, stride_il, stride_gb, stride_gl, stride_gs,
+              stride_gh, stride_gd, L, G, HG, N, SEG, num_seg, num_chunks, qk_scale, sm_scale, D, HPP, BLOCK_M,
+              BLOCK_N, BLOCK_D, SINGLE, PACKED, DOT_PREC, BF16_FIX, ALIGN, NUM_TILES, WPP, NB)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import math
 import os
 from typing import Optional
@@ -47,8 +46,6 @@ class Config:
     single: bool
     windows_per_program: int  # > 1: that many windows of 16 slots each, batched 3-D dots
     num_warps: int
-    persistent: int = 0       # > 0 (single tile only): a persistent grid of that many programs,
-                              # each walking work items and prefetching the next one's token ids
 
 
 # Host-side integer helpers: triton.cdiv / next_power_of_2 are @jit functions whose host
@@ -152,15 +149,6 @@ def _make_plan(kernel, grid, args, constexprs) -> _Plan:
     return _Plan(grid=grid, args=tuple(args), constexprs=constexprs, direct_tail=tail)
 
 
-def _grid(num_work: int, cfg: Config) -> tuple:
-    """One program per work item, or cfg.persistent programs (at most one per item)."""
-    if cfg.persistent <= 0:
-        return (num_work,)
-    if not cfg.single:
-        raise ValueError(f"config.persistent={cfg.persistent} needs the single-tile path (config.single)")
-    return (min(num_work, cfg.persistent),)
-
-
 def _constexprs(cfg: Config, dim: int, dtype, align: int) -> dict:
     """The compile-time arguments both kernels take, from the config."""
     return dict(
@@ -168,7 +156,7 @@ def _constexprs(cfg: Config, dim: int, dtype, align: int) -> dict:
         BLOCK_D=cfg.block_d, SINGLE=cfg.single, PACKED=cfg.windows_per_program > 1,
         DOT_PREC=_dot_precision(dtype), BF16_FIX=INTERPRET and dtype == torch.bfloat16,
         ALIGN=align, NUM_TILES=_cdiv(cfg.seg, cfg.block_m),
-        WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program, PERSISTENT=cfg.persistent > 0,
+        WPP=cfg.windows_per_program, NB=cfg.block_m // cfg.windows_per_program,
         num_warps=cfg.num_warps, num_stages=1 if cfg.single else 2)
 
 
@@ -186,7 +174,7 @@ def _forward_plan(shape, q_st, k_st, v_st, idx_shape, idx_st, out_st, lse_st, dt
             length, groups, heads // groups, cfg.window, cfg.seg, num_seg, num_mtiles, num_chunks, num_work,
             float(scale) * math.log2(math.e))
     constexprs = _constexprs(cfg, dim, dtype, _row_align(q_st, k_st, v_st, out_st))
-    return _make_plan(window_attn_fwd_kernel, _grid(num_work, cfg), args, constexprs), cfg
+    return _make_plan(window_attn_fwd_kernel, (num_work,), args, constexprs), cfg
 
 
 @functools.lru_cache(maxsize=4096)
@@ -202,7 +190,7 @@ def _backward_plan(shape, do_st, q_st, k_st, v_st, idx_shape, idx_st, dqkv_st, d
             length, groups, heads // groups, cfg.window, cfg.seg, num_seg, num_chunks, num_work,
             float(scale) * math.log2(math.e), float(scale))
     constexprs = _constexprs(cfg, dim, dtype, _row_align(do_st, q_st, k_st, v_st, dqkv_st))
-    return _make_plan(window_attn_bwd_kernel, _grid(num_work, cfg), args, constexprs), cfg
+    return _make_plan(window_attn_bwd_kernel, (num_work,), args, constexprs), cfg
 
 
 def _launch(kernel, plan: _Plan, tensors) -> None:
@@ -223,17 +211,18 @@ def _launch(kernel, plan: _Plan, tensors) -> None:
             plan.runners[aligned] = compiled[plan.grid]
 
 
+# The Triton versions whose launch hands the compiled kernel every bound argument, constexprs
+# included, in signature order (JITFunction.run: `kernel.run(..., *bound_args.values())`),
+# which is what a plan's direct_tail reproduces: checked against the installed Triton by
+# tests/test_triton_host.py (test_direct_launch_arguments_match_tritons_binding); another
+# version takes the ordinary path until it is checked and added here.
+DIRECT_LAUNCH_VERSIONS = ((3, 6), (3, 7), (3, 8), (3, 9))
+
+
 def _direct_launch_supported() -> bool:
-    """Whether this Triton's own launch hands the compiled kernel every bound argument,
-    constexprs included (`kernel.run(..., *bound_args.values())`, as 3.6-3.9 do), which is
-    what a plan's direct_tail reproduces; with any other convention the plans don't launch
-    directly."""
-    try:
-        from triton.compiler import CompiledKernel
-        from triton.runtime.jit import JITFunction
-        return "*bound_args.values()" in inspect.getsource(JITFunction.run) and hasattr(CompiledKernel, "__getitem__")
-    except Exception:  # no source, another layout: the ordinary path is always right
-        return False
+    from triton.compiler import CompiledKernel
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    return version in DIRECT_LAUNCH_VERSIONS and hasattr(CompiledKernel, "__getitem__")
 
 
 # The direct launch of compiled kernels (above); False: every call through kernel[grid].
@@ -250,17 +239,18 @@ def forward_into(q, k, v, index, window_size: int, scale: float, out, lse,
         _launch(window_attn_fwd_kernel, plan, (q, k, v, index, out, lse))
 
 
-def backward_into(dout, q, k, v, out, lse, index, window_size: int, scale: float, dqkv,
+def backward_into(dout, q, k, v, index, window_size: int, scale: float, dqkv,
                   config: Optional[Config] = None) -> None:
     """Writes dq, dk, dv into dqkv (B, L, 3, H, D), each row at its original token position.
-    out and lse are not read: the kernels recompute the softmax from the scores."""
+    The kernels recompute the softmax from the scores: nothing of the forward is read."""
     plan, cfg = _backward_plan(q.shape, dout.stride(), q.stride(), k.stride(), v.stride(), index.shape,
                                index.stride(), dqkv.stride(), q.dtype, q.device, window_size, scale, config)
     if not plan.grid[0]:
         return
     # the multi-tile path keeps each row's (max, 1 / sum, top, delta) between its two passes (kernels.py)
-    batch, length, heads, _ = q.shape
-    stats = lse if cfg.single else torch.empty((batch, heads, length, 4), dtype=torch.float32, device=q.device)
+    # the multi-tile path's (B, H, L, 4) fp32 scratch (kernels.py); the single-tile path reads
+    # none and gets dqkv as a pointer it never touches (inline: this is the eager hot path)
+    stats = dqkv if cfg.single else q.new_empty((q.shape[0], q.shape[2], q.shape[1], 4), dtype=torch.float32)
     _launch(window_attn_bwd_kernel, plan, (dout, q, k, v, index, dqkv, stats))
 
 
@@ -310,11 +300,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tens
     return out, lse
 
 
-def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor,
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
              window_size: int, scale: float) -> torch.Tensor:
     dqkv = _allocate_backward(q)
-    backward_into(dout, q, k, v, out, lse, index, window_size, scale, dqkv)
+    backward_into(dout, q, k, v, index, window_size, scale, dqkv)
     return dqkv
 
 
@@ -337,18 +326,16 @@ def _traceable_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index:
 
 
 def _traceable_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        out: torch.Tensor, lse: torch.Tensor, index: torch.Tensor,
-                        window_size: int, scale: float) -> torch.Tensor:
+                        index: torch.Tensor, window_size: int, scale: float) -> torch.Tensor:
     dqkv = _allocate_backward(q)
     plan, cfg = _backward_plan.__wrapped__(_static(q.shape), _static(dout.stride()), _static(q.stride()),
                                            _static(k.stride()), _static(v.stride()), _static(index.shape),
                                            _static(index.stride()), _static(dqkv.stride()), q.dtype, q.device,
                                            window_size, scale, None)
     if plan.grid[0]:
-        batch, length, heads, _ = q.shape
-        stats = lse if cfg.single else torch.empty((batch, heads, length, 4), dtype=torch.float32, device=q.device)
-        wrap_triton(window_attn_bwd_kernel)[plan.grid](dout, q, k, v, index, dqkv, stats,
-                                                       *plan.args, **plan.constexprs)
+        stats = dqkv if cfg.single else q.new_empty((q.shape[0], q.shape[2], q.shape[1], 4), dtype=torch.float32)
+        wrap_triton(window_attn_bwd_kernel)[plan.grid](dout, q, k, v, index, dqkv, stats, *plan.args,
+                                                       **plan.constexprs)
     return dqkv
 
 
