@@ -18,13 +18,7 @@ import math
 import torch
 from onnxscript import opset18 as op
 
-# The graph ops this table maps, in one place. Each backend's forward op takes
-# (q, k, v, index, window_size, scale) -> (out, lse); the packed op takes a (B, L, 3, H, D) qkv
-# and a backend name. Names not registered in this process (a backend not installed) are left out.
-FORWARD_OPS = ("rsir_ext::window_attention_fwd",       # cpp (the ops library)
-               "rsir::window_attention",               # reference
-               "rsir::window_attention_triton")        # triton
-PACKED_OPS = ("rsir::window_attention_qkvpacked",)
+from .graph_ops import FORWARD_OPS, PACKED_OPS, overload, registered
 
 _FLOAT32 = 1  # onnx.TensorProto.FLOAT
 
@@ -32,26 +26,9 @@ _FLOAT32 = 1  # onnx.TensorProto.FLOAT
 def translation_table() -> dict:
     """{torch op: ONNX translation} for torch.onnx.export(..., custom_translation_table=...)."""
     table = {torch.ops.aten.sort.stable: stable_sort}
-    for name in FORWARD_OPS:
-        if _registered(name):
-            table[_overload(name)] = window_attention
-    for name in PACKED_OPS:
-        if _registered(name):
-            table[_overload(name)] = window_attention_qkvpacked
+    table.update({overload(name): window_attention for name in FORWARD_OPS if registered(name)})
+    table.update({overload(name): window_attention_qkvpacked for name in PACKED_OPS if registered(name)})
     return table
-
-
-def _registered(qualname: str) -> bool:
-    try:
-        torch._C._get_schema(qualname, "")
-        return True
-    except RuntimeError:
-        return False
-
-
-def _overload(qualname: str):
-    namespace, name = qualname.split("::")
-    return getattr(getattr(torch.ops, namespace), name).default
 
 
 def window_attention(q, k, v, index, window_size: int, scale: float):
