@@ -4,7 +4,7 @@ Builds the ops library rsir_kernels/librsir_ops.so when a compiler works: the CP
 the CUDA part when torch has CUDA (torch.version.cuda) and nvcc is found, whether or not a
 GPU is present. It is a plain shared library of torch ops, not a Python module: no Python
 symbols, a RUNPATH to torch's libraries; the package loads it with torch.ops.load_library,
-and so can any process that has torch (docs/design.md, "The ops library"). No side effects:
+and so can any process that has torch (docs/design.md section 11). No side effects:
 no git, no downloads.
 
 If the extension can't be built (no torch at build time, no compiler, a compile error),

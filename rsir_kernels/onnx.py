@@ -13,6 +13,7 @@ Needs onnxscript (pip install onnx onnxscript; onnxruntime to run the result).
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -26,9 +27,20 @@ _FLOAT32 = 1  # onnx.TensorProto.FLOAT
 def translation_table() -> dict:
     """{torch op: ONNX translation} for torch.onnx.export(..., custom_translation_table=...)."""
     table = {torch.ops.aten.sort.stable: stable_sort}
-    table.update({overload(name): window_attention for name in FORWARD_OPS if registered(name)})
-    table.update({overload(name): window_attention_qkvpacked for name in PACKED_OPS if registered(name)})
+    for names, translation in ((FORWARD_OPS, window_attention), (PACKED_OPS, window_attention_qkvpacked)):
+        for name in filter(registered, names):
+            target = overload(name)
+            table[target] = translation if len(target._schema.returns) == 2 else _out_only(translation)
     return table
+
+
+def _out_only(translation):
+    """The translation of an op that returns out alone (no lse)."""
+    def out_only(*args, **kwargs):
+        return translation(*args, **kwargs)[0]
+    out_only.__signature__ = inspect.signature(translation)  # the exporter reads the attributes' types
+    out_only.__annotations__ = translation.__annotations__
+    return out_only
 
 
 def window_attention(q, k, v, index, window_size: int, scale: float):

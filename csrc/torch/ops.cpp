@@ -1,5 +1,5 @@
 // The torch binding: op schemas (TORCH_LIBRARY(rsir_ext)) and the CPU implementations, built
-// into the ops library (no Python: docs/design.md, "The ops library"). The CUDA implementations
+// into the ops library (no Python: docs/design.md section 11). The CUDA implementations
 // are in ops_cuda.cpp (built only with CUDA).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
