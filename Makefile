@@ -18,15 +18,15 @@ endif
 	.venv/bin/python -c "import site, os; open(os.path.join(site.getsitepackages()[0], 'rsir_kernels_src.pth'), 'w').write('$(CURDIR)\\n')"
 	touch $@
 
-# The extension (rsir_kernels._C); a failed build leaves the package working without `cpp`.
+# The ops library (rsir_kernels/librsir_ops.so); a failed build leaves the package working without `cpp`.
 # Without a GPU the CUDA part is left out (CI compiles the CUDA core through CMake in ctest).
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 ext: env
 	RSIR_NO_CUDA=$(if $(filter 1,$(HAS_GPU)),0,1) $(PYTHON) setup.py -q build_ext --inplace || echo "warning: the C++ extension did not build; backend 'cpp' unavailable"
 
-# C++ unit tests of the torch-free cores (CMake + ctest).
+# C++ unit tests of the torch-free cores (CMake + ctest); CMake's build of the ops library too.
 ctest:
-	cmake -S . -B build/cmake -DRSIR_SANITIZE=ON -DCMAKE_BUILD_TYPE=Release
+	cmake -S . -B build/cmake -DRSIR_SANITIZE=ON -DCMAKE_BUILD_TYPE=Release -DRSIR_PYTHON=$(if $(findstring /,$(PYTHON)),$(abspath $(PYTHON)),$(PYTHON))
 	cmake --build build/cmake -j2
 	ctest --test-dir build/cmake --output-on-failure
 

@@ -6,6 +6,7 @@
     attn = rk.RSIRAttention(dim=64, num_heads=4)                 # drop-in module
     model = rk.models.rsir_tiny()                                # or timm.create_model("rsir_tiny")
 """
+from ._library import library_path
 from .ops import available_backends, window_attention, window_attention_qkvpacked
 from .samplers import ir_index, rs_index, window_order
 from .modules import RSIRAttention, RSIRBlock
@@ -16,4 +17,4 @@ models.timm_registry.register_when_timm_imported()  # timm.create_model("rsir_ti
 __version__ = "0.1.0"
 
 __all__ = ["window_attention", "window_attention_qkvpacked", "rs_index", "ir_index", "window_order",
-           "RSIRAttention", "RSIRBlock", "available_backends", "models", "__version__"]
+           "RSIRAttention", "RSIRBlock", "available_backends", "models", "library_path", "__version__"]

@@ -1,8 +1,6 @@
-// The torch binding: op schemas (TORCH_LIBRARY(rsir_ext)), the CPU implementations, and the
-// Python module rsir_kernels._C whose import loads this library and so registers the ops.
-// The CUDA implementations are in ops_cuda.cpp (built only with CUDA).
-#include <Python.h>
-
+// The torch binding: op schemas (TORCH_LIBRARY(rsir_ext)) and the CPU implementations, built
+// into the ops library (no Python: docs/design.md section 12). The CUDA implementations
+// are in ops_cuda.cpp (built only with CUDA).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -71,22 +69,4 @@ TORCH_LIBRARY(rsir_ext, m) {
 TORCH_LIBRARY_IMPL(rsir_ext, CPU, m) {
   m.impl("window_attention_fwd", &rsir_ext::forward_cpu);
   m.impl("window_attention_bwd", &rsir_ext::backward_cpu);
-}
-
-// The Python module: importing it loads this library (registering the ops above).
-// with_cuda: whether the CUDA kernels were compiled in; cpu_isa: the CPU kernel build in use.
-extern "C" {
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "rsir_kernels C++/CUDA extension", -1,
-                                          nullptr, nullptr, nullptr, nullptr, nullptr};
-  PyObject* m = PyModule_Create(&module_def);
-  if (!m) return nullptr;
-#ifdef RSIR_WITH_CUDA
-  PyModule_AddIntConstant(m, "with_cuda", 1);
-#else
-  PyModule_AddIntConstant(m, "with_cuda", 0);
-#endif
-  PyModule_AddStringConstant(m, "cpu_isa", rsir::cpu::isa_name());
-  return m;
-}
 }

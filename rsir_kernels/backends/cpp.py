@@ -1,4 +1,4 @@
-"""The `cpp` backend: the compiled extension rsir_kernels._C (csrc/).
+"""The `cpp` backend: the ops library rsir_kernels/librsir_ops.so (csrc/, rsir_kernels/_library.py).
 
 Ops rsir_ext::window_attention_fwd / window_attention_bwd, implemented in C++ for CPU
 (fp32, fp64, fp16, bf16; any head dim and window size) and, when the extension was built
@@ -8,12 +8,12 @@ unavailable and says why and how to build it.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 
 from . import Backend, register
+from .. import _library
 
 FORWARD_OP = "rsir_ext::window_attention_fwd"
 BACKWARD_OP = "rsir_ext::window_attention_bwd"
@@ -23,16 +23,11 @@ CUDA_MAX_GRID_YZ = 65535  # the CUDA grid is (windows, heads, batch): gridDim.y,
 _BUILD_HINT = ("build it with `python setup.py build_ext --inplace` (or `make ext`) in the source tree, "
                "or `pip install --no-build-isolation .`")
 
-try:  # loading the library registers the rsir_ext ops
-    _C = importlib.import_module(__name__.rsplit(".", 2)[0] + "._C")
-except ImportError as exc:  # not built, or built against another torch
-    _C = None
-    _why = f"the C++ extension rsir_kernels._C did not load ({exc}); {_BUILD_HINT}"
-else:
-    _why = None
-
-WITH_CUDA = bool(getattr(_C, "with_cuda", 0))
-CPU_ISA = getattr(_C, "cpu_isa", None)
+_why = _library.load()  # registers the rsir_ext ops
+if _why is not None:
+    _why = f"the ops library {_library.NAME} did not load ({_why}); {_BUILD_HINT}"
+WITH_CUDA = _why is None and torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OP, "CUDA")
+CPU_ISA = None if _why is not None else torch.ops.rsir_ext.cpu_isa()
 
 
 def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
