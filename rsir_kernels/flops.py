@@ -11,7 +11,7 @@ elementwise op). torch.utils.flop_counter needs nothing: every op has a register
 """
 from __future__ import annotations
 
-from .graph_ops import FORWARD_OPS, PACKED_OPS
+from .graph_ops import FORWARD_OPS
 
 
 def attention_macs(batch: int, length: int, heads: int, dim: int, window_size: int) -> int:
@@ -23,11 +23,6 @@ def _forward_handle(inputs, outputs):  # (q, k, v, index, window_size, scale)
     return attention_macs(batch, length, heads, dim, inputs[4].toIValue())
 
 
-def _packed_handle(inputs, outputs):  # (qkv, index, window_size, scale, backend)
-    batch, length, _, heads, dim = inputs[0].type().sizes()
-    return attention_macs(batch, length, heads, dim, inputs[2].toIValue())
-
-
 def fvcore_handles() -> dict:
     """{op name: handle} for fvcore's FlopCountAnalysis.set_op_handle(**...)."""
-    return {**{name: _forward_handle for name in FORWARD_OPS}, **{name: _packed_handle for name in PACKED_OPS}}
+    return {name: _forward_handle for name in FORWARD_OPS}

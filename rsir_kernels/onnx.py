@@ -19,7 +19,7 @@ import math
 import torch
 from onnxscript import opset18 as op
 
-from .graph_ops import FORWARD_OPS, PACKED_OPS, overload, registered
+from .graph_ops import FORWARD_OPS, overload, registered
 
 _FLOAT32 = 1  # onnx.TensorProto.FLOAT
 
@@ -27,10 +27,9 @@ _FLOAT32 = 1  # onnx.TensorProto.FLOAT
 def translation_table() -> dict:
     """{torch op: ONNX translation} for torch.onnx.export(..., custom_translation_table=...)."""
     table = {torch.ops.aten.sort.stable: stable_sort}
-    for names, translation in ((FORWARD_OPS, window_attention), (PACKED_OPS, window_attention_qkvpacked)):
-        for name in filter(registered, names):
-            target = overload(name)
-            table[target] = translation if len(target._schema.returns) == 2 else _out_only(translation)
+    for name in filter(registered, FORWARD_OPS):
+        target = overload(name)
+        table[target] = window_attention if len(target._schema.returns) == 2 else _out_only(window_attention)
     return table
 
 
@@ -46,12 +45,6 @@ def _out_only(translation):
 def window_attention(q, k, v, index, window_size: int, scale: float):
     """(B, L, H, D) q, k, v and a (B, G, L) index -> out (B, L, H, D), lse (B, H, L) float32."""
     return _attention(q, k, v, index, window_size, scale, q.shape[1:])
-
-
-def window_attention_qkvpacked(qkv, index, window_size: int, scale: float, backend: str):
-    """(B, L, 3, H, D) qkv -> out (B, L, H, D), lse (B, H, L)."""
-    q, k, v = (op.Gather(qkv, op.Constant(value_int=i), axis=2) for i in range(3))
-    return _attention(q, k, v, index, window_size, scale, (qkv.shape[1], qkv.shape[3], qkv.shape[4]))
 
 
 def _attention(q, k, v, index, window_size, scale, sizes):

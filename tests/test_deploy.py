@@ -3,9 +3,8 @@ the C++-registered ops, which the ops library alone (rsir_kernels.library_path()
 torch.ops.load_library, or dlopen from C++) supplies to torch.export.load and to AOTInductor's
 packages. Each run elsewhere must give the bits the same artifact gives in this process.
 
-Two subjects: a module calling the C++ forward op directly, and rsir_micro, whose graphs hold
-the C++ ops only once RSIRAttention's graphs hold the backend's registered ops; until then its
-cases skip, naming the Python-only op they found (`python_only_ops`).
+Two subjects: a module calling the C++ forward op directly, and rsir_micro, whose exported
+graph must hold no op defined from Python (`python_only_ops`), only the cpp backend's.
 """
 import os
 import shutil
@@ -73,9 +72,7 @@ def deployed(request, tmp_path_factory):
         with torch.no_grad():
             program = torch.export.export(module, (x,))
             found = python_only_ops(program.graph)
-            if found:
-                pytest.skip(f"the exported graph holds the Python-only op(s) {sorted(found)}, which no "
-                            "torch-only process can run: needs graphs that hold the cpp backend's ops")
+            assert not found, f"the exported graph holds Python-only op(s) {sorted(found)}: no torch-only process runs them"
             folder = tmp_path_factory.mktemp(request.param)
             paths = {name: str(folder / name) for name in ("program.pt2", "package.pt2", "x.pt")}
             torch.export.save(program, paths["program.pt2"])
