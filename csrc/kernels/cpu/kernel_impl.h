@@ -14,7 +14,9 @@
 //   double inputs; zero padding to multiples of PAD = 8, 16 with AVX-512; K (and V in the
 //   backward) also transposed), then small GEMMs on register tiles (8 x 32 floats with
 //   AVX-512, 4 x 16 with AVX2, 4 x 8 otherwise) written with GCC/Clang vector extensions, the
-//   softmax with a vectorised exp, and every output row written straight to its token. The
+//   softmax with a vectorised exp (float: on transposed scores S^T = K Q^T, so each query's
+//   max and sums run down its column as vertical vector operations: softmax_cols, grad_cols;
+//   Q, dO transposed instead of K, V), and every output row written straight to its token. The
 //   rows of the item kLookahead ahead are prefetched a few at a time during the current one
 //   (random rows: otherwise every item waits on its cache misses).
 // All sums run in a fixed order that does not depend on the thread: bitwise deterministic.
@@ -384,7 +386,7 @@ static inline void softmax_rows(double* S, int64_t m, int64_t mp, double scale, 
 
 // Backward on transposed scores (float), as softmax_cols: PT[j * mp + i] = q_i . k_j and
 // dST[j * mp + i] = dO_i . v_j for keys j < m (rows), queries i < mp (columns); per query
-// (one lane), down its column, the same steps as ds_row: e_j, sum e, sum e dP, delta refined
+// (one lane), down its column, the steps above: e_j, sum e, sum e dP, delta refined
 // once; PT <- P^T, dST <- dS^T. Sums over j in order: deterministic.
 template <class Pump>
 static inline void grad_cols(float* PT, float* dST, int64_t m, int64_t mp, double scale, Pump pump) {
@@ -439,7 +441,7 @@ static inline void grad_rows(double* P, double* dS, int64_t m, int64_t mp, doubl
       pdp_sum += pr[j] * dr[j];
       e_sum += pr[j];
     }
-    const double inv = 1.0 / e_sum, d0 = pdp_sum * inv;  // delta refined once, as in ds_row
+    const double inv = 1.0 / e_sum, d0 = pdp_sum * inv;  // delta refined once, as in grad_cols
     double c = 0.0;
     for (int64_t j = 0; j < mp; ++j) c += pr[j] * (dr[j] - d0);
     c *= inv;
