@@ -14,7 +14,9 @@
 //   double inputs; zero padding to multiples of PAD = 8, 16 with AVX-512; K (and V in the
 //   backward) also transposed), then small GEMMs on register tiles (8 x 32 floats with
 //   AVX-512, 4 x 16 with AVX2, 4 x 8 otherwise) written with GCC/Clang vector extensions, the
-//   softmax with a vectorised exp, and every output row written straight to its token. The
+//   softmax with a vectorised exp (float: on transposed scores S^T = K Q^T, so each query's
+//   max and sums run down its column as vertical vector operations: softmax_cols, grad_cols;
+//   Q, dO transposed instead of K, V), and every output row written straight to its token. The
 //   rows of the item kLookahead ahead are prefetched a few at a time during the current one
 //   (random rows: otherwise every item waits on its cache misses).
 // All sums run in a fixed order that does not depend on the thread: bitwise deterministic.
@@ -101,17 +103,6 @@ template <> struct VecT<float> { typedef float type __attribute__((vector_size(4
 template <> struct VecT<double> { typedef double type __attribute__((vector_size(8 * VL))); };
 typedef float VF __attribute__((vector_size(4 * VL)));
 typedef int32_t VI __attribute__((vector_size(4 * VL)));
-
-// Sum of the lanes, in a fixed order (pairwise).
-template <class V>
-static inline auto hsum(V v) -> decltype(v[0] + v[0]) {
-  if (VL == 16)
-    return (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4 % VL] + v[5 % VL]) + (v[6 % VL] + v[7 % VL]))) +
-           (((v[8 % VL] + v[9 % VL]) + (v[10 % VL] + v[11 % VL])) +
-            ((v[12 % VL] + v[13 % VL]) + (v[14 % VL] + v[15 % VL])));
-  if (VL == 8) return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4 % VL] + v[5 % VL]) + (v[6 % VL] + v[7 % VL]));
-  return (v[0] + v[1]) + (v[2] + v[3]);
-}
 
 template <class V, class A>
 static inline V vload(const A* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
@@ -256,12 +247,6 @@ static inline VF exp2_approx_v(VF y) {
   return y < lo ? VF{} : res;
 }
 
-static inline VI lane_ids(int64_t j) {
-  VI base;
-  for (int w = 0; w < VL; ++w) base[w] = w;
-  return base + (int32_t)j;
-}
-
 // Softmax rows at any score magnitude. With sigma = sign(scale) (1 for scale 0), the row's
 // exponents are taken as (sigma * S_ij - M_i) * |scale| with M_i = max_j sigma * S_ij: the
 // difference is <= 0 and exact for the scores that matter (Sterbenz), so the row maximum
@@ -273,7 +258,8 @@ static inline VI lane_ids(int64_t j) {
 // Forward, rows i < m of S (row stride mp, mp % 8 == 0):
 //   S <- 2^((sigma * S - M_i) * |scale| * log2(e)) (0 beyond column m); inv[i] = 1 / row sum;
 //   lse_i = |scale| * M_i + ln(sum) stored through lse_at(i).
-// The backward (grad_rows) recomputes M_i and the row sum from the same scores, so its P is
+// Float runs the same on transposed scores (softmax_cols, grad_cols: one lane per row i).
+// The backward (grad_rows / grad_cols) recomputes M_i and the row sum from the same scores, so its P is
 // the forward's P to the bit: no rebuild from the stored lse, whose rounding (an ulp of a
 // number as large as the scores) would be a relative error of P at large scores.
 struct ScaleSplit {
@@ -314,98 +300,52 @@ static inline VF log_v(VF x) {
   return x == x ? r : x;
 }
 
-// Horizontal max / sum of 16 floats (a fixed shuffle tree: deterministic).
-static inline float hmax16(VF v) { return _mm512_reduce_max_ps((__m512)v); }
-static inline float hsum16(VF v) { return _mm512_reduce_add_ps((__m512)v); }
-
-// M_i = max_j sigma * S_ij over columns < m (AVX-512: a masked last vector).
-static inline float row_max16(const float* s, int64_t m, int64_t mp, float sigma) {
-  const int64_t mfull = m / VL * VL;  // columns below mfull need no mask
-  VF vmax = VF{} - __builtin_inff();
-  int64_t j = 0;
-  for (; j < mfull; j += VL) {
-    const VF x = vload<VF>(s + j) * sigma;
-    vmax = vmax > x ? vmax : x;
-  }
-  if (j < mp) {
-    VF x = vload<VF>(s + j) * sigma;
-    x = lane_ids(j) < (int32_t)m ? x : VF{} - __builtin_inff();
-    vmax = vmax > x ? vmax : x;
-  }
-  return hmax16(vmax);
-}
-
-// AVX-512: two passes per row instead of four over the block (32 registers: the exp's
-// constants stay in registers across rows): (1) M_i; (2) e = 2^((sigma S - M_i) |scale|
-// log2(e)), 0 beyond column m, stored and summed.
-template <class LseAt, class Pump>
-static inline void softmax_rows(float* S, int64_t m, int64_t mp, double scale, float* inv, float* rmax, LseAt lse_at,
-                                Pump pump) {
-  const ScaleSplit sc = split_scale(scale);
-  const int64_t mfull = m / VL * VL;
-  for (int64_t i = 0; i < m; ++i) {
-    pump();
-    float* s = S + i * mp;
-    const float mx = row_max16(s, m, mp, sc.sigma);
-    VF vsum = VF{};
-    int64_t j = 0;
-    for (; j < mfull; j += VL) {
-      const VF e = exp2_approx_v((vload<VF>(s + j) * sc.sigma - mx) * sc.scale2);
-      vstore(s + j, e);
-      vsum += e;
-    }
-    if (j < mp) {
-      VF e = exp2_approx_v((vload<VF>(s + j) * sc.sigma - mx) * sc.scale2);
-      e = lane_ids(j) < (int32_t)m ? e : VF{};
-      vstore(s + j, e);
-      vsum += e;
-    }
-    inv[i] = hsum16(vsum);
-    rmax[i] = mx;
-  }
-  const float abs_scale = (float)sc.abs_scale;
-  for (int64_t i0 = 0; i0 < m; i0 += VL) {  // lse and 1 / sum, 16 rows at a time
-    const VF sum = vload<VF>(inv + i0);
-    const VF l = vload<VF>(rmax + i0) * abs_scale + log_v(sum);
-    vstore(inv + i0, 1.0f / sum);
-    for (int64_t i = i0; i < imin(m, i0 + VL); ++i) *lse_at(i) = l[i - i0];
-  }
-}
-#else
-// Three passes: exponents per row; one flat exp loop over the whole block (tight: its
-// constants stay in registers; per-row exp loops were ~6 % slower overall); row sums.
-template <class LseAt, class Pump>
-static inline void softmax_rows(float* S, int64_t m, int64_t mp, double scale, float* inv, float* rmax, LseAt lse_at,
-                                Pump pump) {
-  const ScaleSplit sc = split_scale(scale);
-  for (int64_t i = 0; i < m; ++i) {
-    pump();
-    float* s = S + i * mp;
-    VF vmax = VF{} - __builtin_inff();
-    for (int64_t j = 0; j < mp; j += VL) {
-      VF x = vload<VF>(s + j) * sc.sigma;
-      x = lane_ids(j) < (int32_t)m ? x : VF{} - __builtin_inff();
-      vmax = vmax > x ? vmax : x;
-    }
-    float mx = vmax[0];
-    for (int w = 1; w < VL; ++w) mx = vmax[w] > mx ? vmax[w] : mx;
-    rmax[i] = mx;
-    for (int64_t j = 0; j < mp; j += VL) {
-      const VF y = (vload<VF>(s + j) * sc.sigma - mx) * sc.scale2;
-      vstore(s + j, lane_ids(j) < (int32_t)m ? y : VF{} - __builtin_inff());
-    }
-  }
-  for (int64_t e = 0; e < m * mp; e += VL) vstore(S + e, exp2_approx_v(vload<VF>(S + e)));
-  for (int64_t i = 0; i < m; ++i) {
-    const float* s = S + i * mp;
-    VF vsum = {0};
-    for (int64_t j = 0; j < mp; j += VL) vsum += vload<VF>(s + j);
-    const float sum = hsum(vsum);
-    *lse_at(i) = (float)(sc.abs_scale * rmax[i] + std::log((double)sum));
-    inv[i] = 1.0f / sum;
-  }
-}
 #endif
+
+
+// Forward on transposed scores (float): ST[j * mp + i] = q_i . k_j for keys j < m (rows) and
+// queries i < mp (columns; those >= m are padding queries whose results are dropped). Each
+// query's max and sum run down its column: vertical vector operations across the rows, one
+// lane per query, no horizontal reduction and no mask (the rows stop at m).
+//   ST <- 2^((sigma * ST - M_i) * |scale| * log2(e)) for rows j < m; inv[i] = 1 / column sum;
+//   lse_i = |scale| * M_i + ln(sum) stored through lse_at(i) for i < m.
+// The sum over j runs in order (one accumulator per lane): deterministic. The max needs no
+// order (exact), so two accumulators halve its dependency chain.
+template <class LseAt, class Pump>
+static inline void softmax_cols(float* ST, int64_t m, int64_t mp, double scale, float* inv, LseAt lse_at,
+                                Pump pump) {
+  const ScaleSplit sc = split_scale(scale);
+  for (int64_t c = 0; c < mp; c += VL) {
+    float* col = ST + c;
+    VF mx0 = VF{} - __builtin_inff(), mx1 = mx0;
+    int64_t j = 0;
+    for (; j + 1 < m; j += 2) {
+      const VF x0 = vload<VF>(col + j * mp) * sc.sigma, x1 = vload<VF>(col + (j + 1) * mp) * sc.sigma;
+      mx0 = mx0 > x0 ? mx0 : x0;
+      mx1 = mx1 > x1 ? mx1 : x1;
+    }
+    if (j < m) {
+      const VF x0 = vload<VF>(col + j * mp) * sc.sigma;
+      mx0 = mx0 > x0 ? mx0 : x0;
+    }
+    const VF mxn = mx0 > mx1 ? mx0 : mx1;  // a NaN score poisons its column's sum anyway
+    VF vsum = VF{};
+    for (j = 0; j < m; ++j) {
+      pump();
+      const VF e = exp2_approx_v((vload<VF>(col + j * mp) * sc.sigma - mxn) * sc.scale2);
+      vstore(col + j * mp, e);
+      vsum += e;
+    }
+#if RSIR_WIDE_VECTORS == 2
+    const VF l = mxn * (float)sc.abs_scale + log_v(vsum);
+#else
+    VF l;
+    for (int w = 0; w < VL; ++w) l[w] = (float)(sc.abs_scale * mxn[w] + std::log((double)vsum[w]));
+#endif
+    vstore(inv + c, 1.0f / vsum);
+    for (int64_t i = c; i < imin(m, c + VL); ++i) *lse_at(i) = l[i - c];
+  }
+}
 
 template <class LseAt, class Pump>
 static inline void softmax_rows(double* S, int64_t m, int64_t mp, double scale, double* inv, double*, LseAt lse_at,
@@ -443,82 +383,48 @@ static inline void softmax_rows(double* S, int64_t m, int64_t mp, double scale, 
 // delta is a relative error of ulp / (eps |dP|) in dS_max, 2e-4 at eps = 6e-4 (fuzz case
 // cpp:generic:7604, 5x the fp32 reference's error there). dP_max - d0 is exact (Sterbenz), so c
 // and dS_max keep the relative accuracy of their terms.
-static inline void ds_row(float* pr, float* dr, int64_t mp, float pdp_sum, float e_sum) {
-  const float inv = 1.0f / e_sum, d0 = pdp_sum * inv;  // e_sum >= 1: the row max gives 2^0
-  VF acc = VF{};
-  for (int64_t j = 0; j < mp; j += VL) acc += vload<VF>(pr + j) * (vload<VF>(dr + j) - d0);
-  const float c = hsum(acc) * inv;
-  for (int64_t j = 0; j < mp; j += VL) {
-    const VF p = vload<VF>(pr + j) * inv;
-    vstore(pr + j, p);
-    vstore(dr + j, p * ((vload<VF>(dr + j) - d0) - c));
-  }
-}
 
-#if RSIR_WIDE_VECTORS == 2
-// AVX-512: per row one pass for M_i, one for e, its sum and sum e * dP (32 registers: the
-// exp's constants stay in registers across rows), then P and dS.
+// Backward on transposed scores (float), as softmax_cols: PT[j * mp + i] = q_i . k_j and
+// dST[j * mp + i] = dO_i . v_j for keys j < m (rows), queries i < mp (columns); per query
+// (one lane), down its column, the steps above: e_j, sum e, sum e dP, delta refined
+// once; PT <- P^T, dST <- dS^T. Sums over j in order: deterministic.
 template <class Pump>
-static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, double scale, Pump pump) {
+static inline void grad_cols(float* PT, float* dST, int64_t m, int64_t mp, double scale, Pump pump) {
   const ScaleSplit sc = split_scale(scale);
-  const int64_t mfull = m / VL * VL;  // columns below mfull need no mask
-  for (int64_t i = 0; i < m; ++i) {
-    pump();
-    float* pr = P + i * mp;
-    float* dr = dS + i * mp;
-    const float mx = row_max16(pr, m, mp, sc.sigma);
-    VF acc = VF{}, esum = VF{};
+  for (int64_t c = 0; c < mp; c += VL) {
+    float* pc = PT + c;
+    float* dc = dST + c;
+    VF mx0 = VF{} - __builtin_inff(), mx1 = mx0;
     int64_t j = 0;
-    for (; j < mfull; j += VL) {
-      const VF e = exp2_approx_v((vload<VF>(pr + j) * sc.sigma - mx) * sc.scale2);
-      vstore(pr + j, e);
-      acc += e * vload<VF>(dr + j);
-      esum += e;
+    for (; j + 1 < m; j += 2) {
+      const VF x0 = vload<VF>(pc + j * mp) * sc.sigma, x1 = vload<VF>(pc + (j + 1) * mp) * sc.sigma;
+      mx0 = mx0 > x0 ? mx0 : x0;
+      mx1 = mx1 > x1 ? mx1 : x1;
     }
-    if (j < mp) {  // the last, partial vector: columns >= m masked
-      VF e = exp2_approx_v((vload<VF>(pr + j) * sc.sigma - mx) * sc.scale2);
-      e = lane_ids(j) < (int32_t)m ? e : VF{};
-      vstore(pr + j, e);
-      acc += e * vload<VF>(dr + j);
-      esum += e;
+    if (j < m) {
+      const VF x0 = vload<VF>(pc + j * mp) * sc.sigma;
+      mx0 = mx0 > x0 ? mx0 : x0;
     }
-    ds_row(pr, dr, mp, hsum16(acc), hsum16(esum));
-  }
-}
-#else
-// The exp runs as one flat loop over the block, as in the forward; then delta and dS per row.
-template <class Pump>
-static inline void grad_rows(float* P, float* dS, int64_t m, int64_t mp, double scale, Pump pump) {
-  const ScaleSplit sc = split_scale(scale);
-  for (int64_t i = 0; i < m; ++i) {
-    pump();
-    float* s = P + i * mp;
-    VF vmax = VF{} - __builtin_inff();
-    for (int64_t j = 0; j < mp; j += VL) {
-      VF x = vload<VF>(s + j) * sc.sigma;
-      x = lane_ids(j) < (int32_t)m ? x : VF{} - __builtin_inff();
-      vmax = vmax > x ? vmax : x;
-    }
-    float mx = vmax[0];
-    for (int w = 1; w < VL; ++w) mx = vmax[w] > mx ? vmax[w] : mx;
-    for (int64_t j = 0; j < mp; j += VL) {
-      const VF y = (vload<VF>(s + j) * sc.sigma - mx) * sc.scale2;
-      vstore(s + j, lane_ids(j) < (int32_t)m ? y : VF{} - __builtin_inff());
-    }
-  }
-  for (int64_t e = 0; e < m * mp; e += VL) vstore(P + e, exp2_approx_v(vload<VF>(P + e)));
-  for (int64_t i = 0; i < m; ++i) {
-    float* pr = P + i * mp;
-    float* dr = dS + i * mp;
+    const VF mx = mx0 > mx1 ? mx0 : mx1;
     VF acc = VF{}, esum = VF{};
-    for (int64_t j = 0; j < mp; j += VL) {
-      acc += vload<VF>(pr + j) * vload<VF>(dr + j);
-      esum += vload<VF>(pr + j);
+    for (j = 0; j < m; ++j) {
+      pump();
+      const VF e = exp2_approx_v((vload<VF>(pc + j * mp) * sc.sigma - mx) * sc.scale2);
+      vstore(pc + j * mp, e);
+      acc += e * vload<VF>(dc + j * mp);
+      esum += e;
     }
-    ds_row(pr, dr, mp, hsum(acc), hsum(esum));
+    const VF inv = 1.0f / esum, d0 = acc * inv;  // esum >= 1: the column max gives 2^0
+    VF corr = VF{};
+    for (j = 0; j < m; ++j) corr += vload<VF>(pc + j * mp) * (vload<VF>(dc + j * mp) - d0);
+    corr *= inv;
+    for (j = 0; j < m; ++j) {
+      const VF pv = vload<VF>(pc + j * mp) * inv;
+      vstore(pc + j * mp, pv);
+      vstore(dc + j * mp, pv * ((vload<VF>(dc + j * mp) - d0) - corr));
+    }
   }
 }
-#endif
 
 template <class Pump>
 static inline void grad_rows(double* P, double* dS, int64_t m, int64_t mp, double scale, Pump pump) {
@@ -535,7 +441,7 @@ static inline void grad_rows(double* P, double* dS, int64_t m, int64_t mp, doubl
       pdp_sum += pr[j] * dr[j];
       e_sum += pr[j];
     }
-    const double inv = 1.0 / e_sum, d0 = pdp_sum * inv;  // delta refined once, as in ds_row
+    const double inv = 1.0 / e_sum, d0 = pdp_sum * inv;  // delta refined once, as in grad_cols
     double c = 0.0;
     for (int64_t j = 0; j < mp; ++j) c += pr[j] * (dr[j] - d0);
     c *= inv;
@@ -769,35 +675,62 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
   });
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
-    const int64_t pk = ring.per_step(hpg * it.m);  // prefetches per softmax row
     const int64_t* tok = it.tok;
     const int64_t b = it.b, g = it.g, m = it.m;
     if (m == 0) continue;
     const int64_t mp = round_up(m, PAD), mr = round_up(m, 4);
-    // zero padding (identical for every head of the item; the gathers below overwrite the rest)
-    std::memset(Q, 0, sizeof(A) * mp * dp);
-    std::memset(KT, 0, sizeof(A) * dp * mp);
-    std::memset(V, 0, sizeof(A) * mp * dp);
-    for (int64_t hh = 0; hh < hpg; ++hh) {
-      const int64_t h = g * hpg + hh;
-      gather_rows(Q, dp, q, p.q_stride, b, h, tok, m, D);
-      gather_rows(O, dp, k, p.k_stride, b, h, tok, m, D);  // K rows (O is free until P V)
-      transpose(KT, mp, O, dp, m, D);
-      gather_rows(V, dp, v, p.v_stride, b, h, tok, m, D);
-      gemm(S, mp, Q, dp, KT, mp, mr, mp, D);  // S = Q K^T
-      A* lse_bh = lse + b * p.lse_stride[0] + h * p.lse_stride[1];
-      softmax_rows(
-          S, m, mp, p.scale, inv, rmax, [&](int64_t i) { return lse_bh + tok[i] * p.lse_stride[2]; },
-          [&] { ring.pump(pk); });
-      for (int64_t i = m; i < mr; ++i)
-        for (int64_t j = 0; j < mp; ++j) S[i * mp + j] = 0;
-      gemm(O, dp, S, mp, V, dp, mr, dp, m);  // O = P V
-      for (int64_t i = 0; i < m; ++i) {  // out rows = O / rowsum
-        A* src = O + i * dp;
-        const A a = inv[i];
-        for (int64_t d = 0; d < D; ++d) src[d] *= a;
+    if constexpr (sizeof(A) == 4) {
+      // float: scores transposed (ST = K Q^T: keys down, queries across), the softmax's max and
+      // sum run down the columns (softmax_cols), then O = (P^T)^T V.
+      const int64_t pk = ring.per_step(hpg * (mp / VL) * m);  // prefetches per exp vector
+      std::memset(KT, 0, sizeof(A) * dp * mp);  // Q^T (padding queries: zero)
+      std::memset(V, 0, sizeof(A) * mp * dp);   // K rows, then V rows
+      for (int64_t hh = 0; hh < hpg; ++hh) {
+        const int64_t h = g * hpg + hh;
+        gather_rows(Q, dp, q, p.q_stride, b, h, tok, m, D);
+        transpose(KT, mp, Q, dp, m, D);             // Q^T: rows d, cols i
+        gather_rows(V, dp, k, p.k_stride, b, h, tok, m, D);  // K rows
+        gemm(S, mp, V, dp, KT, mp, mr, mp, D);      // ST = K Q^T: rows j, cols i
+        gather_rows(V, dp, v, p.v_stride, b, h, tok, m, D);
+        A* lse_bh = lse + b * p.lse_stride[0] + h * p.lse_stride[1];
+        softmax_cols(
+            S, m, mp, p.scale, inv, [&](int64_t i) { return lse_bh + tok[i] * p.lse_stride[2]; },
+            [&] { ring.pump(pk); });
+        gemm_t(O, dp, S, mp, V, dp, mr, dp, m);  // O = P V with P^T stored
+        for (int64_t i = 0; i < m; ++i) {  // out rows = O / column sum
+          A* src = O + i * dp;
+          const A a = inv[i];
+          for (int64_t d = 0; d < D; ++d) src[d] *= a;
+        }
+        scatter_rows(out, p.out_stride, b, h, O, dp, tok, m, D, (A)1);
       }
-      scatter_rows(out, p.out_stride, b, h, O, dp, tok, m, D, (A)1);
+    } else {  // double: rows of scores, softmax_rows
+      const int64_t pk = ring.per_step(hpg * m);  // prefetches per softmax row
+      // zero padding (identical for every head of the item; the gathers below overwrite the rest)
+      std::memset(Q, 0, sizeof(A) * mp * dp);
+      std::memset(KT, 0, sizeof(A) * dp * mp);
+      std::memset(V, 0, sizeof(A) * mp * dp);
+      for (int64_t hh = 0; hh < hpg; ++hh) {
+        const int64_t h = g * hpg + hh;
+        gather_rows(Q, dp, q, p.q_stride, b, h, tok, m, D);
+        gather_rows(O, dp, k, p.k_stride, b, h, tok, m, D);  // K rows (O is free until P V)
+        transpose(KT, mp, O, dp, m, D);
+        gather_rows(V, dp, v, p.v_stride, b, h, tok, m, D);
+        gemm(S, mp, Q, dp, KT, mp, mr, mp, D);  // S = Q K^T
+        A* lse_bh = lse + b * p.lse_stride[0] + h * p.lse_stride[1];
+        softmax_rows(
+            S, m, mp, p.scale, inv, rmax, [&](int64_t i) { return lse_bh + tok[i] * p.lse_stride[2]; },
+            [&] { ring.pump(pk); });
+        for (int64_t i = m; i < mr; ++i)
+          for (int64_t j = 0; j < mp; ++j) S[i * mp + j] = 0;
+        gemm(O, dp, S, mp, V, dp, mr, dp, m);  // O = P V
+        for (int64_t i = 0; i < m; ++i) {  // out rows = O / rowsum
+          A* src = O + i * dp;
+          const A a = inv[i];
+          for (int64_t d = 0; d < D; ++d) src[d] *= a;
+        }
+        scatter_rows(out, p.out_stride, b, h, O, dp, tok, m, D, (A)1);
+      }
     }
   }
 }
@@ -820,7 +753,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
 
   const int64_t mat = round_up(wp * dp * (int64_t)sizeof(A), 64);
   const int64_t qcap = prefetch_queue_cap<T>(wp, hpg, D, 4);
-  const int64_t bytes = 64 * 8 + ring_bytes<T>(wp, hpg, D, 4) + 10 * mat +
+  const int64_t bytes = 64 * 8 + ring_bytes<T>(wp, hpg, D, 4) + 11 * mat +
                         2 * round_up(wp * wp * (int64_t)sizeof(A), 64) +
                         round_up(wp * (int64_t)sizeof(A), 64);
   char* cursor = static_cast<char*>(thread_scratch(bytes));
@@ -834,6 +767,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   A* dV = carve<A>(cursor, wp * dp);    // rows j, cols d
   A* P = carve<A>(cursor, wp * wp);     // rows i, cols j
   A* dS = carve<A>(cursor, wp * wp);    // dP, then dS
+  A* Vr = carve<A>(cursor, wp * dp);    // rows j, cols d (float path)
 
   auto ring = make_ring(p, cursor, wp, qcap, begin, end, [&](const ItemTokens& t, PrefetchQueue& pq) {
     const int64_t h0 = t.g * hpg;
@@ -844,36 +778,67 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   });
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
-    const int64_t pk = ring.per_step(hpg * it.m);  // prefetches per softmax row
     const int64_t* tok = it.tok;
     const int64_t b = it.b, g = it.g, m = it.m;
     if (m == 0) continue;
     const int64_t mp = round_up(m, PAD), mr = round_up(m, 4);
-    std::memset(Q, 0, sizeof(A) * mp * dp);
-    std::memset(K, 0, sizeof(A) * mp * dp);
-    std::memset(KT, 0, sizeof(A) * dp * mp);
-    std::memset(VT, 0, sizeof(A) * dp * mp);
-    std::memset(dO, 0, sizeof(A) * mp * dp);
-    std::memset(dQ, 0, sizeof(A) * mp * dp);
-    for (int64_t hh = 0; hh < hpg; ++hh) {
-      const int64_t h = g * hpg + hh;
-      gather_rows(Q, dp, q, p.q_stride, b, h, tok, m, D);
-      gather_rows(K, dp, k, p.k_stride, b, h, tok, m, D);
-      transpose(KT, mp, K, dp, m, D);
-      gather_rows(dQ, dp, v, p.v_stride, b, h, tok, m, D);  // V rows (dQ is free until dS K)
-      transpose(VT, mp, dQ, dp, m, D);
-      gather_rows(dO, dp, dout, p.dout_stride, b, h, tok, m, D);
-      gemm(P, mp, Q, dp, KT, mp, mr, mp, D);    // S = Q K^T
-      gemm(dS, mp, dO, dp, VT, mp, mr, mp, D);  // dP = dO V^T
-      grad_rows(P, dS, m, mp, p.scale, [&] { ring.pump(pk); });  // P = softmax(scale * S), dS = P * (dP - delta)
-      for (int64_t i = m; i < mp; ++i)
-        for (int64_t j = 0; j < mp; ++j) P[i * mp + j] = dS[i * mp + j] = 0;
-      gemm(dQ, dp, dS, mp, K, dp, mr, dp, m);      // dQ = dS K
-      gemm_t(dK, dp, dS, mp, Q, dp, mr, dp, m);    // dK = dS^T Q
-      gemm_t(dV, dp, P, mp, dO, dp, mr, dp, m);    // dV = P^T dO
-      scatter_rows(dq, p.dq_stride, b, h, dQ, dp, tok, m, D, scale);
-      scatter_rows(dk, p.dk_stride, b, h, dK, dp, tok, m, D, scale);
-      scatter_rows(dv, p.dv_stride, b, h, dV, dp, tok, m, D, (A)1);
+    if constexpr (sizeof(A) == 4) {
+      // float: scores and dP transposed (keys down, queries across), grad_cols down the columns.
+      A* QT = KT;   // rows d, cols i
+      A* dOT = VT;  // rows d, cols i
+      const int64_t pk = ring.per_step(hpg * (mp / VL) * m);  // prefetches per exp vector
+      std::memset(Q, 0, sizeof(A) * mp * dp);
+      std::memset(K, 0, sizeof(A) * mp * dp);
+      std::memset(Vr, 0, sizeof(A) * mp * dp);
+      std::memset(dO, 0, sizeof(A) * mp * dp);
+      std::memset(QT, 0, sizeof(A) * dp * mp);
+      std::memset(dOT, 0, sizeof(A) * dp * mp);
+      for (int64_t hh = 0; hh < hpg; ++hh) {
+        const int64_t h = g * hpg + hh;
+        gather_rows(Q, dp, q, p.q_stride, b, h, tok, m, D);
+        transpose(QT, mp, Q, dp, m, D);
+        gather_rows(K, dp, k, p.k_stride, b, h, tok, m, D);
+        gather_rows(Vr, dp, v, p.v_stride, b, h, tok, m, D);
+        gather_rows(dO, dp, dout, p.dout_stride, b, h, tok, m, D);
+        transpose(dOT, mp, dO, dp, m, D);
+        gemm(P, mp, K, dp, QT, mp, mr, mp, D);     // S^T = K Q^T
+        gemm(dS, mp, Vr, dp, dOT, mp, mr, mp, D);  // dP^T = V dO^T
+        grad_cols(P, dS, m, mp, p.scale, [&] { ring.pump(pk); });  // P^T, dS^T
+        gemm_t(dQ, dp, dS, mp, K, dp, mr, dp, m);  // dQ = dS K
+        gemm(dK, dp, dS, mp, Q, dp, mr, dp, m);    // dK = dS^T Q
+        gemm(dV, dp, P, mp, dO, dp, mr, dp, m);    // dV = P^T dO
+        scatter_rows(dq, p.dq_stride, b, h, dQ, dp, tok, m, D, scale);
+        scatter_rows(dk, p.dk_stride, b, h, dK, dp, tok, m, D, scale);
+        scatter_rows(dv, p.dv_stride, b, h, dV, dp, tok, m, D, (A)1);
+      }
+    } else {  // double: rows of scores, grad_rows
+      const int64_t pk = ring.per_step(hpg * m);  // prefetches per softmax row
+      std::memset(Q, 0, sizeof(A) * mp * dp);
+      std::memset(K, 0, sizeof(A) * mp * dp);
+      std::memset(KT, 0, sizeof(A) * dp * mp);
+      std::memset(VT, 0, sizeof(A) * dp * mp);
+      std::memset(dO, 0, sizeof(A) * mp * dp);
+      std::memset(dQ, 0, sizeof(A) * mp * dp);
+      for (int64_t hh = 0; hh < hpg; ++hh) {
+        const int64_t h = g * hpg + hh;
+        gather_rows(Q, dp, q, p.q_stride, b, h, tok, m, D);
+        gather_rows(K, dp, k, p.k_stride, b, h, tok, m, D);
+        transpose(KT, mp, K, dp, m, D);
+        gather_rows(dQ, dp, v, p.v_stride, b, h, tok, m, D);  // V rows (dQ is free until dS K)
+        transpose(VT, mp, dQ, dp, m, D);
+        gather_rows(dO, dp, dout, p.dout_stride, b, h, tok, m, D);
+        gemm(P, mp, Q, dp, KT, mp, mr, mp, D);    // S = Q K^T
+        gemm(dS, mp, dO, dp, VT, mp, mr, mp, D);  // dP = dO V^T
+        grad_rows(P, dS, m, mp, p.scale, [&] { ring.pump(pk); });  // P = softmax(scale * S), dS = P * (dP - delta)
+        for (int64_t i = m; i < mp; ++i)
+          for (int64_t j = 0; j < mp; ++j) P[i * mp + j] = dS[i * mp + j] = 0;
+        gemm(dQ, dp, dS, mp, K, dp, mr, dp, m);      // dQ = dS K
+        gemm_t(dK, dp, dS, mp, Q, dp, mr, dp, m);    // dK = dS^T Q
+        gemm_t(dV, dp, P, mp, dO, dp, mr, dp, m);    // dV = P^T dO
+        scatter_rows(dq, p.dq_stride, b, h, dQ, dp, tok, m, D, scale);
+        scatter_rows(dk, p.dk_stride, b, h, dK, dp, tok, m, D, scale);
+        scatter_rows(dv, p.dv_stride, b, h, dV, dp, tok, m, D, (A)1);
+      }
     }
   }
 }

@@ -1,0 +1,62 @@
+"""The CPU core's float path on transposed scores (kernel_impl.h: softmax_cols, grad_cols; issue
+21): scores computed as S^T = K Q^T, each query's max and sums down its column, padding queries
+(columns m .. mp) computed and dropped. Every column remainder of a vector of 16 (AVX-512), 8
+(AVX2) and 4 (generic) lanes and a partial last window, in every ISA build (one process each:
+the core picks its build once per process), forward and the three gradients against the float64
+reference (the rule of tests/util.py), and bitwise equal on 1 and 2 threads."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import rsir_kernels as rk
+
+AVAILABLE = rk.available_backends()["cpp"]
+pytestmark = pytest.mark.skipif(not AVAILABLE.available, reason=f"backend 'cpp' unavailable: {AVAILABLE.reason}")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHECK = r"""
+import json, sys
+sys.path.insert(0, 'tests')
+import torch
+import rsir_kernels as rk
+from rsir_kernels.backends import cpp
+from util import assert_matches_reference, make_index, make_qkv
+
+def attend(q, k, v, index, n, scale=None):
+    return rk.window_attention(q, k, v, index, n, scale=scale, backend="cpp")
+
+checked = []
+for n, length in ((1, 3), (5, 23), (16, 40), (17, 40), (31, 70), (33, 70), (49, 110)):
+    for dtype, scale in ((torch.float32, None), (torch.float32, -3.0), (torch.bfloat16, None)):
+        q, k, v = make_qkv(2, length, 4, 16, dtype=dtype, device="cpu", seed=n)
+        index = make_index(2, length, 2, device="cpu", seed=n + 1)
+        assert_matches_reference(attend, q, k, v, index, n, scale=scale)
+        checked.append([n, str(dtype)])
+
+# bitwise equal on 1 and 2 threads at a window with a partial last column vector
+q, k, v = make_qkv(4, 90, 4, 16, device="cpu", requires_grad=False)
+index = make_index(4, 90, 2, device="cpu")
+dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+runs = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = attend(*leaves, index, 17)
+    runs.append([out.detach(), *torch.autograd.grad(out, leaves, dout)])
+assert all(torch.equal(a, b) for a, b in zip(*runs))
+print(json.dumps([cpp.CPU_ISA, len(checked)]))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_transposed_softmax_paths(isa):
+    env = dict(os.environ, RSIR_CPU_ISA=isa, RSIR_POISON="1")
+    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran, count = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert count == 21, (ran, count)
