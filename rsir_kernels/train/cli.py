@@ -31,7 +31,10 @@ def parser() -> argparse.ArgumentParser:
                        help="recompute each attention's qkv projection and attention in the backward")
     recipe = p.add_argument_group("recipe (the paper's, section 4.1, by default)")
     recipe.add_argument("--epochs", type=int, default=300)
-    recipe.add_argument("--batch-size", type=int, default=256, help="global batch, over all ranks")
+    recipe.add_argument("--batch-size", type=int, default=256, help="global batch per optimizer step, over all ranks "
+                        "and accumulated micro-batches")
+    recipe.add_argument("--grad-accum-steps", type=int, default=1, metavar="K",
+                        help="K micro-batches of batch/(ranks*K) images per optimizer step (their gradients summed)")
     recipe.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 * batch / 256)")
     recipe.add_argument("--weight-decay", type=float, default=0.05)
     recipe.add_argument("--warmup-epochs", type=float, default=None,

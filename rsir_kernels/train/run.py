@@ -30,7 +30,7 @@ def _check_args(args: argparse.Namespace) -> None:
         import timm  # noqa: F401  (importing it registers the RSIR models)
     except ImportError as e:
         raise TrainError(f"the trainer needs timm (models, optimizer, schedule): pip install 'timm>=1.0' ({e})") from e
-    at_least = {"epochs": 1, "batch_size": 1, "steps_per_epoch": 1, "stop_after": 1, "window_size": 1,
+    at_least = {"epochs": 1, "batch_size": 1, "grad_accum_steps": 1, "steps_per_epoch": 1, "stop_after": 1, "window_size": 1,
                 "threads": 1, "train_items": 1, "val_items": 1, "workers": 0, "img_size": 32}
     for name, low in at_least.items():
         value = getattr(args, name)
@@ -82,9 +82,14 @@ def _resolve(args: argparse.Namespace, world) -> None:
     args.lr = recipe.scaled_lr(args.lr, args.batch_size)
     args.warmup_epochs = recipe.warmup_epochs(args.warmup_epochs, args.epochs)
     batch_per_rank = args.batch_size // world.world_size
-    if (args.mixup > 0 or args.cutmix > 0) and batch_per_rank % 2:
-        raise TrainError(f"--mixup/--cutmix pair images within a rank's batch: it must be even, got "
+    if batch_per_rank % args.grad_accum_steps:
+        raise TrainError(f"--grad-accum-steps {args.grad_accum_steps} must divide each rank's batch, "
                          f"{batch_per_rank} (--batch-size {args.batch_size} over {world.world_size} ranks)")
+    micro = batch_per_rank // args.grad_accum_steps
+    if (args.mixup > 0 or args.cutmix > 0) and micro % 2:
+        raise TrainError(f"--mixup/--cutmix pair images within a rank's micro-batch: it must be even, got "
+                         f"{micro} (--batch-size {args.batch_size} over {world.world_size} ranks and "
+                         f"{args.grad_accum_steps} accumulation steps)")
 
 
 def _check_resume(args: argparse.Namespace, resumed: dict, world) -> None:
@@ -175,11 +180,12 @@ def _train(args, world, resumed, on_step) -> dict:
     if resumed is not None and not args.fsdp:
         model.load_state_dict(resumed["model"])  # before DDP, which broadcasts rank 0's
     wrapped = distributed.wrap(model, world, args.fsdp)
-    batch_per_rank = args.batch_size // world.world_size
-    train_loader = datasets.train_loader(data.train, batch_per_rank, world.rank, world.world_size, args.seed,
+    micro_batch = args.batch_size // world.world_size // args.grad_accum_steps  # per rank, per backward
+    train_loader = datasets.train_loader(data.train, micro_batch, world.rank, world.world_size, args.seed,
                                          _workers(args))
-    val_loader = datasets.eval_loader(data.val, batch_per_rank, world.rank, world.world_size, _workers(args))
-    steps_per_epoch = min(len(train_loader), args.steps_per_epoch or len(train_loader))
+    val_loader = datasets.eval_loader(data.val, micro_batch, world.rank, world.world_size, _workers(args))
+    steps = len(train_loader) // args.grad_accum_steps
+    steps_per_epoch = min(steps, args.steps_per_epoch or steps)
     if steps_per_epoch == 0:
         raise TrainError(f"the training set has {len(data.train)} items, fewer than one global batch "
                          f"(--batch-size {args.batch_size})")
@@ -231,7 +237,7 @@ def _train(args, world, resumed, on_step) -> dict:
                                  epochs=args.epochs, step=step, amp=args.amp, scaler=scaler,
                                  clip_grad=args.clip_grad, mixup=mixup, channels_last=args.channels_last,
                                  show_progress=not args.no_progress, on_step=on_step,
-                                 max_steps=steps_per_epoch)
+                                 max_steps=steps_per_epoch, accum=args.grad_accum_steps)
         step += stats["steps"]
         val = loop.evaluate(eval_model, val_loader, world=world, seed=args.seed, amp=args.amp,
                             channels_last=args.channels_last, equal_batches=args.fsdp)
