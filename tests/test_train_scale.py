@@ -15,7 +15,7 @@ from rsir_kernels.train import cli, distributed, loop, recipe, run
 from rsir_kernels.train.data import digits, train_loader
 from rsir_kernels.train.model import create_model
 
-from test_train import _one_error_line
+from test_train import _one_error_line, _torchrun
 
 BASE = ["--data", "digits", "--model", "rsir_micro", "--backend", "cpp", "--no-progress", "--threads", "1"]
 SMALL = ["--batch-size", "32", "--train-items", "64", "--val-items", "32"]
@@ -107,3 +107,162 @@ def test_grad_accum_steps_counts_optimizer_steps_and_must_divide_the_rank_batch(
     line = _one_error_line(capsys, BASE + SMALL + ["--epochs", "1", "--grad-accum-steps", "32", "--mixup", "0.8",
                                                    "--output", str(tmp_path / "y")])
     assert "micro-batch: it must be even, got 1" in line, line
+
+
+def _digits_tree(root, train_per_class=8, val_per_class=2):
+    """An ImageFolder tree of scikit-learn's digits as 32x32 RGB PNGs: root/{train,val}/<digit>/*.png."""
+    from PIL import Image
+    data = digits()
+    for split, dataset, per_class in (("train", data.train, train_per_class), ("val", data.val, val_per_class)):
+        images, labels = dataset.tensors
+        for c in range(10):
+            os.makedirs(root / split / str(c), exist_ok=True)
+            for i, j in enumerate((labels == c).nonzero()[:per_class, 0].tolist()):
+                gray = ((images[j, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(gray).convert("RGB").save(root / split / str(c) / f"{i}.png")
+    return root
+
+
+def test_paper_recipe_trains_an_image_folder_under_torchrun_with_every_element_active(tmp_path):
+    _digits_tree(tmp_path / "tree")
+    proc = _torchrun("tests/train_worker.py", "paper", str(tmp_path), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["epochs"] == [1, 2]
+    saved = result["args"]
+    assert (saved["recipe"], saved["randaugment"], saved["mixup"], saved["cutmix"], saved["reprob"],
+            saved["label_smoothing"], saved["drop_path"], saved["clip_grad"], saved["model_ema"]) == (
+        "paper", "rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.25, 0.1, 0.1, 5.0, None)
+    steps, per_rank = 2 * 5, 8  # 80 images, global batch 16: 5 steps per epoch, 8 images per rank
+    for calls in result["ranks"]:
+        assert calls["randaugment"] == steps * per_rank  # every training image, in the loader
+        assert calls["erasing"] == steps * per_rank  # timm's RandomErasing: 0.25, 'pixel', one region
+        assert calls["mixup_soft_targets"] == steps  # mixup 0.8 / cutmix 1.0 on every batch
+        assert calls["clip"] == [5.0] * steps
+        assert calls["drop_path"] > 0  # the blocks' DropPath ran in training with p > 0
+        assert max(calls["drop_path_rates"]) == pytest.approx(0.1)
+
+
+def test_paper_randaugment_survives_the_posterize_magnitude_that_broke_it():
+    """rand-m9-mstd0.5-inc1 draws magnitudes around 9; at 10 'PosterizeIncreasing' keeps 0 bits,
+    which this Pillow refuses: the recipe's transform gives the black image older Pillow gave."""
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment, posterize
+    from rsir_kernels.train import augment
+    cfg = dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")
+    transform = augment.train_transform(cfg, "rand-m9-mstd0.5-inc1", 0.25)
+    rand = [t for t in transform.transforms if isinstance(t, RandAugment)]
+    op = [o for o in rand[0].ops if o.name == "PosterizeIncreasing"][0]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # the draw that broke
+    assert op.level_fn(10, op.hparams) == (0,)
+    image = Image.fromarray(torch.randint(1, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+    with pytest.raises(ValueError, match="bits"):
+        posterize(image, 0)  # timm's own, on this Pillow
+    out = op(image)
+    assert out.mode == "RGB" and out.size == image.size and not any(out.getpixel((i % 32, i // 32)) != (0, 0, 0)
+                                                                   for i in range(32 * 32))
+    assert op(image) is not image and augment.posterize(image, 8) is image
+    erasing = [t for t in transform.transforms if type(t).__name__ == "RandomErasing"]
+    assert (erasing[0].probability, erasing[0].mode, erasing[0].max_count) == (0.25, "pixel", 1)
+
+
+def test_recipe_paper_is_saved_overridable_and_names_what_it_skips_on_tensor_data(tmp_path, capsys):
+    train(tmp_path / "run", *SMALL, "--epochs", "1", "--recipe", "paper", "--mixup", "0.5", "--clip-grad", "0")
+    banner = capsys.readouterr().out
+    assert "recipe paper: randaugment rand-m9-mstd0.5-inc1, mixup 0.5, cutmix 1, random erasing 0.25" in banner
+    assert "skipped on tensor data (needs images): randaugment" in banner
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    args = saved["args"]
+    assert (args["mixup"], args["cutmix"], args["reprob"], args["label_smoothing"], args["drop_path"],
+            args["clip_grad"], args["recipe_skipped"]) == (0.5, 1.0, 0.25, 0.1, 0.1, None, ["randaugment"])
+    assert saved["model_args"]["drop_path_rate"] == 0.1
+    from rsir_kernels.train import recipe as r
+    assert r.PAPER_DROP_PATH == {"rsir_micro": 0.1, "rsir_tiny": 0.2, "rsir_base": 0.5}
+
+
+def test_random_erasing_on_tensor_batches_erases_one_region_per_chosen_image():
+    from rsir_kernels.train import augment
+    torch.manual_seed(0)
+    import random
+    random.seed(0)
+    batch = torch.zeros(64, 1, 32, 32)
+    erased = augment.batch_eraser(0.25, "cpu")(batch.clone())
+    changed = (erased != 0).flatten(1).any(1)
+    assert 5 <= changed.sum().item() <= 30  # about a quarter of 64
+    assert augment.batch_eraser(0.0, "cpu") is None
+
+
+def _manual_ema(weights, decay):
+    """timm's ModelEmaV3 with warmup, written out: update t (1-based, timm's train.py passes the
+    updates done) uses decay_t = min(decay, 1 - t ** (-2/3)) (0 at t = 1: a copy of the weights),
+    ema = decay_t * ema + (1 - decay_t) * w."""
+    ema = {k: v.double().clone() for k, v in weights[0].items()}
+    for t, w in enumerate(weights[1:], 1):
+        d = min(decay, 1 - t ** (-2 / 3))
+        for k in ema:
+            ema[k] = d * ema[k] + (1 - d) * w[k].double()
+    return ema
+
+
+def test_ema_is_timms_is_evaluated_and_resumes_bitwise_and_best_pt_follows_it(tmp_path):
+    run_args = [*SMALL, "--epochs", "3", "--model-ema", "0.9", "--checkpoint-hist", "1"]
+    weights = []
+
+    def record(step, loss, model):
+        if not weights:
+            weights.append(initial)
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()})
+    import timm
+    from rsir_kernels.train import distributed as d
+    d.seed_all(0)
+    initial = {k: v for k, v in timm.create_model("rsir_micro", num_classes=10, in_chans=1, window_size=4,
+                                                    backend="cpp").state_dict().items() if v.is_floating_point()}
+    straight = train(tmp_path / "straight", *run_args, on_step=record)
+    train(tmp_path / "resumed", *run_args, "--stop-after", "1")
+    train(tmp_path / "resumed", *run_args, "--resume", str(tmp_path / "resumed" / "last.pt"))
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    want = _manual_ema(weights, 0.9)
+    assert max((a["model_ema"][k].double() - want[k]).abs().max().item() for k in want) < 1e-6
+    assert not torch.equal(a["model_ema"]["head.fc.weight"], a["model"]["head.fc.weight"])
+    rows = straight["metrics"]
+    assert all(0 <= r["val_top1_ema"] <= 100 for r in rows)
+    best = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)
+    assert best["metrics"]["val_top1_ema"] == max(r["val_top1_ema"] for r in rows)
+    assert best["epoch"] == next(r["epoch"] for r in rows if r["val_top1_ema"] == best["metrics"]["val_top1_ema"])
+    assert sorted(f for f in os.listdir(tmp_path / "straight") if f.startswith("checkpoint-")) == ["checkpoint-3.pt"]
+    assert (tmp_path / "straight" / "checkpoint-3.pt").read_bytes() == (tmp_path / "straight" / "last.pt").read_bytes()
+
+
+def test_ema_with_fsdp_and_bad_decays_are_refused_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run, "_build", lambda *a, **k: pytest.fail("built before the arguments were checked"))
+    out = ["--output", str(tmp_path / "o"), "--epochs", "1"]
+    assert "--model-ema with --fsdp is not supported" in _one_error_line(capsys, BASE + out + ["--model-ema", "0.99",
+                                                                                             "--fsdp"])
+    assert "--model-ema must be a decay in (0, 1)" in _one_error_line(capsys, BASE + out + ["--model-ema", "1.5"])
+    assert "--reprob must be in [0, 1]" in _one_error_line(capsys, BASE + out + ["--reprob", "2"])
+
+
+def test_data_loading_wait_is_measured_per_epoch(tmp_path, monkeypatch):
+    """A loader that takes 50 ms per batch: the epoch's data_s counts those waits."""
+    import time
+    from rsir_kernels.train import data as datasets
+    make = datasets.train_loader
+
+    class Slow:
+        def __init__(self, loader):
+            self.loader, self.sampler = loader, loader.sampler
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            for batch in self.loader:
+                time.sleep(0.05)
+                yield batch
+    monkeypatch.setattr(datasets, "train_loader", lambda *a, **k: Slow(make(*a, **k)))
+    out = train(tmp_path / "run", *SMALL, "--epochs", "1", "--batch-size", "16")
+    row = out["metrics"][0]
+    assert 4 * 0.05 <= row["data_s"] <= row["epoch_s"]

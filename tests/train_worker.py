@@ -9,6 +9,9 @@ ddp: after every optimizer step each rank's parameters are gathered and compared
      states differ ("rank_rng_differ").
 uneven: FSDP2 and DDP on validation shards of 2 and 1 batches (see uneven()), then a
      divergence on one rank.
+paper: --recipe paper on the ImageFolder tree OUT/tree for 2 epochs; counts, on each rank, the
+     calls of every element of the recipe (RandAugment and random erasing in the loader, mixup
+     in the step, drop path in the model's forward, clipping at 5 in the step).
 fsdp: 5 epochs of FSDP2 on 384 training images ("val_top1" per epoch), then the saved checkpoint loaded into a plain
      timm model evaluated on the same shards ("plain_top1", "fsdp_top1").
 """
@@ -86,6 +89,56 @@ def fsdp(out):
                "fsdp_top1": result["metrics"][-1]["val_top1"]}, open(f"{out}/result.json", "w"))
 
 
+def paper(out):
+    import timm.data
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+    from rsir_kernels.modules import DropPath
+    calls = {"randaugment": 0, "erasing": 0, "mixup_soft_targets": 0, "drop_path": 0, "clip": []}
+
+    def counting(cls, key, check=None):
+        original = cls.__call__
+
+        def call(self, *a, **k):
+            result = original(self, *a, **k)
+            if check is None or check(self, result):
+                calls[key] += 1
+            return result
+        cls.__call__ = call
+    counting(RandAugment, "randaugment")
+    counting(RandomErasing, "erasing", lambda self, r: self.probability == 0.25 and self.mode == "pixel"
+             and self.max_count == 1)
+    counting(timm.data.Mixup, "mixup_soft_targets", lambda self, r: r[1].ndim == 2 and self.mixup_alpha == 0.8
+             and self.cutmix_alpha == 1.0)
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *a, **k):
+        calls["clip"].append(max_norm)
+        return clip(parameters, max_norm, *a, **k)
+    torch.nn.utils.clip_grad_norm_ = recording_clip
+
+    def count_drop_path(module, inputs, output):
+        if module.training and module.p > 0:
+            calls["drop_path"] += 1
+
+    def hook_drop_path(step, loss, model):
+        if step == 1:  # after the first step: the hooks count from the second on
+            for m in model.modules():
+                if isinstance(m, DropPath):
+                    m.register_forward_hook(count_drop_path)
+    result = run.train(cli.parser().parse_args([
+        "--data", f"{out}/tree", "--model", "rsir_micro", "--backend", "cpp", "--no-progress", "--threads", "1",
+        "--recipe", "paper", "--img-size", "32", "--window-size", "4", "--workers", "0", "--batch-size", "16",
+        "--epochs", "2", "--output", f"{out}/paper"]), on_step=hook_drop_path)
+    module = result["model"]
+    calls["drop_path_rates"] = [m.p for m in module.modules() if isinstance(m, DropPath)]
+    gathered = [None, None]
+    dist.all_gather_object(gathered, calls)
+    if int(os.environ["RANK"]) == 0:
+        json.dump({"ranks": gathered, "epochs": [r["epoch"] for r in result["metrics"]],
+                   "args": load(f"{out}/paper/last.pt")["args"]}, open(f"{out}/result.json", "w"))
+
+
 def uneven(out):
     """FSDP2, then DDP, with 33 validation items (rank 0: 17 = 2 batches of 16, rank 1: 16 = 1):
     both end; each metrics row against the saved weights evaluated here on the same shards.
@@ -123,5 +176,5 @@ def uneven(out):
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")  # one group for the several runs (train() leaves it open)
-    {"ddp": ddp, "fsdp": fsdp, "uneven": uneven}[sys.argv[1]](sys.argv[2])
+    {"ddp": ddp, "fsdp": fsdp, "uneven": uneven, "paper": paper}[sys.argv[1]](sys.argv[2])
     dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""OUTPUT/last.pt: written atomically (temporary file, fsync, rename), read with named errors.
+"""OUTPUT/last.pt (and best.pt, checkpoint-EPOCH.pt, copies of it): written atomically (temporary file, fsync, rename), read with named errors.
 
 Contents (plain types and tensors only, so torch.load(path, weights_only=True), timm's
 load_checkpoint and create_model(checkpoint_path=...) read it):
@@ -18,6 +18,9 @@ load_checkpoint and create_model(checkpoint_path=...) read it):
                  tensor, "gauss_next"})}; RS-Win draws and drop-path use torch's global RNG
   "sampler"      {"seed", "epoch"}: the epoch gives the shuffled order
   "args"         the run's arguments, defaults resolved (window_size, lr, warmup_epochs are what ran)
+  "model_ema"    with --model-ema, the state dict of timm's ModelEmaV3 copy (timm's load_checkpoint
+                 and create_model(checkpoint_path=...) then load these weights, use_ema=True being
+                 their default; from_checkpoint loads "model"); else None
   "checksum"     sha256 over every tensor above (its key path, dtype, shape and bytes)
 The learning-rate schedule is not stored: it is a function of "step" and the arguments.
 """
@@ -27,6 +30,7 @@ import hashlib
 import os
 import pickle
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -96,6 +100,16 @@ def save(path: str, checkpoint: dict) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def copy(source: str, path: str) -> None:
+    """source's bytes to path, atomically as save() (best.pt, checkpoint-EPOCH.pt)."""
+    tmp = f"{path}.tmp"
+    with open(source, "rb") as src, open(tmp, "wb") as f:
+        shutil.copyfileobj(src, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read(path: str, what: str = "checkpoint") -> dict:
