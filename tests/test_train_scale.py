@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from rsir_kernels.train import cli, distributed, loop, recipe, run
+from rsir_kernels.train import checkpoint, cli, distributed, loop, recipe, run
 from rsir_kernels.train.data import digits, train_loader
 from rsir_kernels.train.model import create_model
 
@@ -266,3 +266,92 @@ def test_data_loading_wait_is_measured_per_epoch(tmp_path, monkeypatch):
     out = train(tmp_path / "run", *SMALL, "--epochs", "1", "--batch-size", "16")
     row = out["metrics"][0]
     assert 4 * 0.05 <= row["data_s"] <= row["epoch_s"]
+
+
+def _torchrun_n(nproc, *argv, timeout=400):
+    import subprocess
+    import sys
+    from test_train import ROOT, _free_port
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(nproc),
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _equal_states(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _optimizer_by_name(state, names_from):
+    """An index-keyed optimizer state dict (optimizer.state_dict()) keyed by the parameter names
+    that names_from (a name-keyed one of the same optimizer) lists in the same group order."""
+    order = [n for g in names_from["param_groups"] for n in g["params"]]
+    index = [i for g in state["param_groups"] for i in g["params"]]
+    return {order[index.index(i)]: v for i, v in state["state"].items()}
+
+
+def _max_diff(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def test_fsdp_sharded_checkpoints_resume_at_another_world_size_and_continue_the_run(tmp_path):
+    """FSDP2 writes torch.distributed.checkpoint shards beside last.pt. In fp64 with the randomness
+    removed (tests/train_worker.py's fp64_without_randomness): a 2-process FSDP run stopped after
+    epoch 1 resumes with 1 process, and a 1-process run resumes with 2 under FSDP; right after
+    loading, weights and optimizer state equal the saved ones bitwise; the next steps equal a
+    straight 1-process run's to 1e-12 (the global batches hold the same images at any world
+    size); at the same world size the resumed FSDP run is bitwise the straight FSDP run.
+    Gradient accumulation under FSDP2 and DDP (2 ranks x 2 micro-batches) takes the same steps."""
+    for nproc, mode in ((1, "reshard-1a"), (2, "reshard-2"), (1, "reshard-1c")):
+        if mode == "reshard-1c":  # a save of epoch 2 killed midway: shards written, no .metadata, no last.pt
+            os.makedirs(tmp_path / "fsdp_copy" / "sharded" / "step-6")
+            (tmp_path / "fsdp_copy" / "sharded" / "step-6" / "__0_0.distcp").write_bytes(b"half a shard")
+        proc = _torchrun_n(nproc, "tests/train_worker.py", mode, str(tmp_path))
+        assert proc.returncode == 0, (mode, proc.stderr[-3000:])
+    result = {}
+    for mode in ("reshard-1a", "reshard-2", "reshard-1c"):
+        result |= torch.load(tmp_path / f"{mode}.pt", weights_only=True)
+    straight = result["straight"]
+    assert len(straight) == 6  # 96 items, batch 32, 2 epochs
+    for name in ("fsdp_2_to_2", "one_1_to_2", "fsdp_2_to_1"):
+        loaded, saved = result[f"loaded_{name}"], result[f"saved_{name}"]
+        assert saved["epoch"] == 1 and _equal_states(loaded["model"], saved["model"]), name
+        if saved["sharded"]:  # FSDP's: the optimizer lives in the DCP shards only
+            assert saved["optimizer"] is None and _equal_states(loaded["model"], result[f"dcp_{name}"]["model"])
+            want = result[f"dcp_{name}"]["optimizer"]["state"]
+        else:
+            want = _optimizer_by_name(saved["optimizer"], loaded["optimizer"])
+        got = loaded["optimizer"]["state"]
+        assert got.keys() == want.keys() and all(_equal_states(got[k], want[k]) for k in got), name
+        steps = result[name]
+        assert len(steps) == 3
+        if name == "fsdp_2_to_2":
+            assert all(_equal_states(a, b) for a, b in zip(steps, result["fsdp_straight"][3:]))
+        else:
+            assert max(_max_diff(a, b) for a, b in zip(steps, straight[3:])) <= 1e-12, name
+    assert max(_max_diff(a, b) for a, b in zip(result["fsdp_straight"], straight)) <= 1e-12
+    for name in ("fsdp_accum", "ddp_accum"):  # accumulation under FSDP2 and DDP: the same steps
+        assert len(result[name]) == 6 and max(_max_diff(a, b) for a, b in zip(result[name], straight)) <= 1e-12, name
+    assert sorted(os.listdir(tmp_path / "fsdp" / "sharded")) == ["step-6"]  # only last.pt's shards are kept
+    assert os.listdir(tmp_path / "fsdp_copy" / "sharded") == []  # one process writes last.pt whole: none kept
+    # FSDP's last.pt is the trust promises' weights file: checksum, weights_only, from_checkpoint, timm
+    import timm
+    from rsir_kernels.models import from_checkpoint
+    path = str(tmp_path / "fsdp" / "last.pt")
+    saved = checkpoint.read(path)
+    assert saved["checksum"] == checkpoint.checksum(saved) and _equal_states(saved["model"], result["fsdp_2_to_2"][-1])
+    rebuilt = from_checkpoint(path, backend="cpp")
+    assert all(torch.equal(v, saved["model"][k].float()) for k, v in rebuilt.state_dict().items())
+    plain = timm.create_model("rsir_micro", num_classes=10, in_chans=1, window_size=4, backend="cpp")
+    timm.models.load_checkpoint(plain, path)
+    assert _equal_states(plain.state_dict(), rebuilt.state_dict())
+
+
+def test_resume_names_a_missing_sharded_checkpoint_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(out, *SMALL, "--epochs", "1")
+    saved = torch.load(out / "last.pt", weights_only=True)
+    checkpoint.save(str(out / "last.pt"), {k: v for k, v in saved.items() if k != "checksum"} | {
+        "sharded": "sharded/step-2", "optimizer": None})
+    line = _one_error_line(capsys, BASE + SMALL + ["--epochs", "2", "--resume", str(out / "last.pt")])
+    assert f"its sharded checkpoint {out / 'sharded' / 'step-2'} is missing or incomplete" in line, line

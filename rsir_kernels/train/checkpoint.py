@@ -10,7 +10,11 @@ load_checkpoint and create_model(checkpoint_path=...) read it):
                  model_name(**model_args)
   "class_names"  the ImageFolder class names, index = label (None for digits and fake data)
   "metrics"      the metrics.jsonl row of this epoch (non-finite numbers as null)
-  "optimizer"    the optimizer's state dict (full tensors, also under FSDP2)
+  "optimizer"    the optimizer's state dict (full tensors); None under --fsdp, see "sharded"
+  "sharded"      under --fsdp, the folder (relative to this file's) of the step's
+                 torch.distributed.checkpoint (DCP) of {"model", "optimizer"}, each rank's shards
+                 in its own file: --resume reads it at any world size, FSDP2 or one process;
+                 "model" above still holds the full weights. Else None
   "scaler"       the fp16 GradScaler's state dict, or None
   "epoch", "step"  epochs and optimizer steps done
   "rng"          one entry per rank: {"torch", "cuda" (list), "numpy" ({"keys": int64 tensor,

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import time
 from typing import Callable, Optional
 
@@ -19,8 +20,9 @@ from .model import MODEL_NAMES, create_model, pretrained_cfg
 DIGITS_WINDOW = 4  # 32x32 digits: stage maps 8x8, 4x4, 2x2, 1x1; 4x4 windows tile stage 1 into 4
 # What a resumed run must share with its checkpoint (they fix the data order, the model's shape
 # or the step count); every other option takes effect from the resumed step on.
-RESUME_MUST_MATCH = ("data", "model", "batch_size", "seed", "window_size", "train_items", "fsdp", "img_size",
+RESUME_MUST_MATCH = ("data", "model", "batch_size", "seed", "window_size", "train_items", "img_size",
                      "steps_per_epoch")
+SHARDED = "sharded"  # OUTPUT/sharded/step-N: --fsdp's DCP checkpoint of that step
 MAX_WORKERS = 8  # data loader processes per rank by default, at most
 RUN_FILES = ("last.pt", report.METRICS)  # a folder holding one of these, not empty, holds a run
 
@@ -110,9 +112,9 @@ def _check_resume(args: argparse.Namespace, resumed: dict, world) -> None:
         raise TrainError(f"--resume {args.resume}: the run had different " + ", ".join(
             f"--{k.replace('_', '-')} ({saved.get(k)!r}, now {getattr(args, k)!r})" for k in mismatched)
             + "; these can't change within a run")
-    if len(resumed["rng"]) != world.world_size:
-        raise TrainError(f"--resume {args.resume}: written by {len(resumed['rng'])} ranks, this run has "
-                         f"{world.world_size} (the RNG streams are per rank)")
+    if resumed.get("sharded") and not os.path.isfile(os.path.join(_sharded_path(args.resume, resumed), ".metadata")):
+        raise TrainError(f"--resume {args.resume}: its sharded checkpoint {_sharded_path(args.resume, resumed)} "
+                         f"is missing or incomplete")
     if args.epochs < resumed["epoch"]:
         raise TrainError(f"--epochs {args.epochs}: the run has done {resumed['epoch']} epochs already")
 
@@ -165,7 +167,7 @@ def _output_folder(args) -> str:
 
 def train(args: argparse.Namespace, on_step: Optional[Callable[[int, float, nn.Module], None]] = None) -> dict:
     """Runs the whole training; returns {"output", "metrics" (rows), "model" (the unwrapped
-    module, sharded under FSDP2)}. on_step(step, loss, model) runs on every rank after each
+    module, sharded under FSDP2), "optimizer"}. on_step(step, loss, model) runs on every rank after each
     step (model: the trained, wrapped module). Every argument is checked before the data and
     the model are built; a TrainError names the bad one."""
     try:
@@ -189,7 +191,7 @@ def train(args: argparse.Namespace, on_step: Optional[Callable[[int, float, nn.M
 def _train(args, world, resumed, on_step) -> dict:
     model, data = _build(args, world)
     if resumed is not None and not args.fsdp:
-        model.load_state_dict(resumed["model"])  # before DDP, which broadcasts rank 0's
+        model.load_state_dict(resumed["model"])  # before DDP, which broadcasts rank 0's (the full weights)
     ema = None
     if args.model_ema is not None:  # timm's train.py: a copy of the unwrapped model, timm's decay warmup
         from timm.utils import ModelEmaV3
@@ -221,7 +223,9 @@ def _train(args, world, resumed, on_step) -> dict:
     start_epoch, step = 0, 0
     if resumed is not None:
         chosen = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        if args.fsdp:  # the model too: its parameters are sharded now
+        if resumed.get("sharded"):  # DCP reshards to this world size, FSDP2 or not
+            distributed.load_sharded(model, optimizer, _sharded_path(args.resume, resumed))
+        elif args.fsdp:  # the model too: its parameters are sharded now
             distributed.load_full_state(model, optimizer, resumed["model"], resumed["optimizer"], fsdp=True)
         else:
             optimizer.load_state_dict(resumed["optimizer"])
@@ -230,7 +234,10 @@ def _train(args, world, resumed, on_step) -> dict:
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         start_epoch, step = resumed["epoch"], resumed["step"]
-        checkpoint.set_rng_state(resumed["rng"][world.rank])
+        if len(resumed["rng"]) == world.world_size:
+            checkpoint.set_rng_state(resumed["rng"][world.rank])
+        else:  # another world size: no rank's stream continues; each starts from (seed, rank, step)
+            distributed.seed_all(distributed.rank_seed(args.seed, world.rank, step))
     else:
         distributed.seed_all(distributed.rank_seed(args.seed, world.rank))
     forward = torch.compile(wrapped) if args.compile else wrapped
@@ -243,6 +250,7 @@ def _train(args, world, resumed, on_step) -> dict:
             for name in (*RUN_FILES, report.CURVES):
                 if os.path.exists(os.path.join(output, name)):
                     os.remove(os.path.join(output, name))
+            shutil.rmtree(os.path.join(output, SHARDED), ignore_errors=True)
         # the rows before the checkpoint's epoch, then its own row (a crash may have lost it from
         # the file, or left rows of epochs after it): the file then matches last.pt
         rows = [r for r in report.read_metrics(output) if r["epoch"] < start_epoch]
@@ -287,7 +295,8 @@ def _train(args, world, resumed, on_step) -> dict:
         curves = report.plot_curves(output)
         print(f"metrics: {os.path.join(output, report.METRICS)}" + (f", curves: {curves}" if curves else ""),
               flush=True)
-    return {"output": output, "metrics": report.read_metrics(output) if world.is_main else [], "model": model}
+    return {"output": output, "metrics": report.read_metrics(output) if world.is_main else [], "model": model,
+            "optimizer": optimizer}
 
 
 def _best_key(args) -> str:
@@ -308,10 +317,27 @@ def _workers(args) -> int:
     return 0 if args.data in ("digits", "fake") else args.workers  # in-memory tensors need no workers
 
 
+def _sharded_path(resume: str, resumed: dict) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(resume)), resumed["sharded"])
+
+
 def _save(path, args, world, model, data, optimizer, scaler, epoch, step, row, ema=None) -> None:
     """Every rank takes part (FSDP2 gathers, RNG states are per rank); rank 0 writes. The
-    contents are checkpoint.py's."""
-    model_state, optimizer_state = distributed.full_state(model, optimizer, args.fsdp)
+    contents are checkpoint.py's. --fsdp: model and optimizer sharded by DCP into
+    OUTPUT/sharded/step-N first, then last.pt (full weights, no optimizer) names that folder;
+    a crash before last.pt's rename leaves the previous last.pt and its folder, which are
+    deleted only after."""
+    output, sharded = os.path.dirname(path), None
+    if args.fsdp:
+        sharded = os.path.join(SHARDED, f"step-{step}")
+        if world.is_main and os.path.exists(os.path.join(output, sharded)):
+            shutil.rmtree(os.path.join(output, sharded))  # a save of this step cut short before
+        if world.distributed:
+            torch.distributed.barrier()
+        distributed.save_sharded(model, optimizer, os.path.join(output, sharded))
+        model_state, optimizer_state = distributed.full_model_state(model, True), None
+    else:
+        model_state, optimizer_state = distributed.full_state(model, optimizer, False)
     rng = distributed.gather_objects(checkpoint.rng_state(), world)
     if world.is_main:
         model_args = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "backend"}
@@ -320,6 +346,9 @@ def _save(path, args, world, model, data, optimizer, scaler, epoch, step, row, e
                                "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "step": step,
                                "rng": rng, "sampler": {"seed": args.seed, "epoch": epoch}, "args": vars(args),
                                "model_ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
-                               if ema is not None else None})
+                               if ema is not None else None, "sharded": sharded})
+        for old in os.listdir(os.path.join(output, SHARDED)) if os.path.isdir(os.path.join(output, SHARDED)) else []:
+            if os.path.join(SHARDED, old) != sharded:  # only last.pt's folder is kept
+                shutil.rmtree(os.path.join(output, SHARDED, old), ignore_errors=True)
     if world.distributed:
         torch.distributed.barrier()  # last.pt is complete on return, on every rank
