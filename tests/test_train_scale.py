@@ -355,3 +355,15 @@ def test_resume_names_a_missing_sharded_checkpoint_in_one_line(tmp_path, capsys)
         "sharded": "sharded/step-2", "optimizer": None})
     line = _one_error_line(capsys, BASE + SMALL + ["--epochs", "2", "--resume", str(out / "last.pt")])
     assert f"its sharded checkpoint {out / 'sharded' / 'step-2'} is missing or incomplete" in line, line
+
+
+def test_workers_default_to_the_nodes_cores_shared_out_among_its_ranks(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "_build", lambda *a, **k: pytest.fail("not needed"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    from rsir_kernels.train.distributed import World
+    world = World(0, 1, 0, torch.device("cpu"))
+    for ranks, data, want in (("2", "tree", 8), ("8", "tree", 4), ("64", "tree", 1), ("2", "digits", 0)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        args = cli.parser().parse_args(BASE + ["--data", data, "--output", str(tmp_path / "o")])
+        run._resolve(args, world)
+        assert args.workers == want, (ranks, data)
