@@ -3,9 +3,10 @@
     python -m rsir_kernels.train --data digits --model rsir_micro --epochs 30 --batch-size 64
     torchrun --standalone --nproc_per_node 2 -m rsir_kernels.train --data digits --epochs 30 --batch-size 64
 
-Modules: cli (arguments), data (digits / ImageFolder / fake, sharded loaders), model (timm
-names), recipe (optimizer, schedule, loss), distributed (process group, DDP / FSDP2, seeds),
-checkpoint (atomic last.pt), loop (one epoch, sharded eval), report (metrics.jsonl, curves.png),
+Modules: cli (arguments), data (digits / ImageFolder / fake, sharded loaders), augment
+(RandAugment, random erasing), model (timm names), recipe (optimizer, schedule, loss, --recipe
+paper), distributed (process group, DDP / FSDP2, seeds, DCP shards), checkpoint (atomic
+last.pt), loop (one epoch with accumulation, sharded eval), report (metrics.jsonl, curves.png),
 run (the whole run).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""OUTPUT/last.pt: written atomically (temporary file, fsync, rename), read with named errors.
+"""OUTPUT/last.pt (and best.pt, checkpoint-EPOCH.pt, copies of it): written atomically (temporary file, fsync, rename), read with named errors.
 
 Contents (plain types and tensors only, so torch.load(path, weights_only=True), timm's
 load_checkpoint and create_model(checkpoint_path=...) read it):
@@ -10,7 +10,11 @@ load_checkpoint and create_model(checkpoint_path=...) read it):
                  model_name(**model_args)
   "class_names"  the ImageFolder class names, index = label (None for digits and fake data)
   "metrics"      the metrics.jsonl row of this epoch (non-finite numbers as null)
-  "optimizer"    the optimizer's state dict (full tensors, also under FSDP2)
+  "optimizer"    the optimizer's state dict (full tensors); None under --fsdp, see "sharded"
+  "sharded"      under --fsdp, the folder (relative to this file's) of the step's
+                 torch.distributed.checkpoint (DCP) of {"model", "optimizer"}, each rank's shards
+                 in its own file: --resume reads it at any world size, FSDP2 or one process;
+                 "model" above still holds the full weights. Else None
   "scaler"       the fp16 GradScaler's state dict, or None
   "epoch", "step"  epochs and optimizer steps done
   "rng"          one entry per rank: {"torch", "cuda" (list), "numpy" ({"keys": int64 tensor,
@@ -18,6 +22,9 @@ load_checkpoint and create_model(checkpoint_path=...) read it):
                  tensor, "gauss_next"})}; RS-Win draws and drop-path use torch's global RNG
   "sampler"      {"seed", "epoch"}: the epoch gives the shuffled order
   "args"         the run's arguments, defaults resolved (window_size, lr, warmup_epochs are what ran)
+  "model_ema"    with --model-ema, the state dict of timm's ModelEmaV3 copy (timm's load_checkpoint
+                 and create_model(checkpoint_path=...) then load these weights, use_ema=True being
+                 their default; from_checkpoint loads "model"); else None
   "checksum"     sha256 over every tensor above (its key path, dtype, shape and bytes)
 The learning-rate schedule is not stored: it is a function of "step" and the arguments.
 """
@@ -27,6 +34,7 @@ import hashlib
 import os
 import pickle
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -96,6 +104,16 @@ def save(path: str, checkpoint: dict) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def copy(source: str, path: str) -> None:
+    """source's bytes to path, atomically as save() (best.pt, checkpoint-EPOCH.pt)."""
+    tmp = f"{path}.tmp"
+    with open(source, "rb") as src, open(tmp, "wb") as f:
+        shutil.copyfileobj(src, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read(path: str, what: str = "checkpoint") -> dict:

@@ -68,17 +68,20 @@ def _load_image(path: str):
         raise TrainError(f"cannot read image {path}: {e}") from e
 
 
-def image_folder(root: str, pretrained_cfg: dict, *, auto_augment: str | None = None) -> Data:
+def image_folder(root: str, pretrained_cfg: dict, *, auto_augment: str | None = None, reprob: float = 0.0) -> Data:
     """ImageNet's layout: root/train/<class>/*, root/val/<class>/*. Training: random resized crop
-    and flip (RandAugment with auto_augment, e.g. "rand-m9-mstd0.5-inc1"); eval: resize and center
-    crop, both at pretrained_cfg's input_size, mean, std, crop_pct and interpolation."""
+    and flip (RandAugment with auto_augment, e.g. "rand-m9-mstd0.5-inc1"; random erasing with
+    probability reprob: augment.train_transform); eval: resize and center crop, both at
+    pretrained_cfg's input_size, mean, std, crop_pct and interpolation."""
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
+
+    from .augment import train_transform
 
     image_folder_classes(root)
     common = dict(input_size=pretrained_cfg["input_size"], mean=pretrained_cfg["mean"],
                   std=pretrained_cfg["std"], interpolation=pretrained_cfg.get("interpolation", "bicubic"))
-    train_tf = create_transform(is_training=True, auto_augment=auto_augment, **common)
+    train_tf = train_transform(pretrained_cfg, auto_augment, reprob)
     val_tf = create_transform(is_training=False, crop_pct=pretrained_cfg.get("crop_pct", 0.875), **common)
     sets = {}
     for split, tf in (("train", train_tf), ("val", val_tf)):

@@ -77,10 +77,11 @@ def seed_all(seed: int) -> None:
     random_seed(seed % 2 ** 32)
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """A seed for (seed, rank): ranks draw different RS-Win windows, dropout and drop-path masks,
-    and a run with the same seed draws the same ones again."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] % 2 ** 63)
+def rank_seed(seed: int, rank: int, *more: int) -> int:
+    """A seed for (seed, rank, *more): ranks draw different RS-Win windows, dropout and drop-path
+    masks, and a run with the same seed draws the same ones again. A run resumed at another
+    world size seeds every rank from (seed, rank, step)."""
+    return int(np.random.SeedSequence([seed, rank, *more]).generate_state(1, dtype=np.uint64)[0] % 2 ** 63)
 
 
 def wrap(model: nn.Module, world: World, fsdp: bool) -> nn.Module:
@@ -140,6 +141,46 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, optimizer.state_dict()
 
 
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """torch.distributed.checkpoint of {"model", "optimizer"} into the folder path, each rank
+    writing its own shards (a collective under FSDP2; one process writes everything)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Inverse of save_sharded at any world size, FSDP2 or a plain module: DCP reads the slices
+    of each saved tensor this rank's shards (or full tensors) need."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_model_state(model: nn.Module, fsdp: bool) -> dict:
+    """The model's state dict of full CPU tensors (under FSDP2 a gathering collective, valid on rank 0)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """An optimizer state dict keyed by parameter index (optimizer.state_dict(), a one-process or
+    DDP run's) keyed by parameter name instead, as set_optimizer_state_dict takes it; the
+    indices follow the param groups, which this optimizer was built in the same order."""
+    if all(isinstance(i, str) for g in state["param_groups"] for i in g["params"]):
+        return state
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in state["param_groups"]]}
+
+
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                     optimizer_state: dict, fsdp: bool) -> None:
     """Inverse of full_state, on every rank, before training resumes."""
@@ -148,7 +189,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
                                                              set_optimizer_state_dict)
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, model_state, options=options)
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+        set_optimizer_state_dict(model, optimizer, _by_name(model, optimizer, optimizer_state), options=options)
         return
     model.load_state_dict(model_state)
     optimizer.load_state_dict(optimizer_state)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from typing import Callable, Optional
 
@@ -46,59 +45,99 @@ def _check_finite(value: Optional[torch.Tensor], what: str, world, epoch: int, s
                        f"(last.pt keeps the last finite epoch; try a lower --lr or --clip-grad)")
 
 
+def _gradient_sync(model: nn.Module, on: bool):
+    """Gradient all-reduce on or off for the next backward: DDP's no_sync(), FSDP2's
+    set_requires_gradient_sync (reduce-scatter), nothing in one process."""
+    if hasattr(model, "no_sync"):  # DDP
+        return contextlib.nullcontext() if on else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2's module
+        model.set_requires_gradient_sync(on)
+    return contextlib.nullcontext()
+
+
+def _micro_batches(loader, steps: int, accum: int, stats: dict):
+    """Yields lists of `accum` micro-batches, `steps` times; stats["data_s"] sums the time spent
+    waiting for the loader (the input pipeline's share of the epoch)."""
+    batches = iter(loader)
+    for _ in range(steps):
+        group = []
+        for _ in range(accum):
+            waited = time.perf_counter()
+            group.append(next(batches))
+            stats["data_s"] += time.perf_counter() - waited
+        yield group
+
+
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, *, world, epoch: int, epochs: int,
                 step: int, amp: str = "fp32", scaler=None, clip_grad: Optional[float] = None, mixup=None,
-                channels_last: bool = False, show_progress: bool = True,
+                channels_last: bool = False, show_progress: bool = True, accum: int = 1, erase=None, ema=None,
                 on_step: Optional[Callable[[int, float, nn.Module], None]] = None, max_steps: Optional[int] = None) -> dict:
     """Trains one epoch from optimizer step `step`; returns {"loss" (mean over the ranks and
-    steps), "steps", "images_per_s" (global), "train_s", "lr" (last)}. on_step(step, loss of
-    this rank) runs after each optimizer step; max_steps ends the epoch early.
+    steps), "steps", "images_per_s" (global), "train_s", "data_s" (waiting for the loader),
+    "lr" (last)}. Each optimizer step takes `accum` micro-batches from the loader, each loss
+    divided by accum (equal micro-batches: the sum of their gradients is the whole batch's
+    mean), gradients synchronised on the last one only. erase: timm's RandomErasing on the
+    batch (tensor data; ImageFolder erases in its transform); ema: timm's ModelEmaV3, updated
+    after each optimizer step. on_step(step, loss of this rank) runs after each optimizer step;
+    max_steps ends the epoch early.
 
     Diverged (on every rank, before the optimizer steps) when a loss is not finite, or, with
     clip_grad and no scaler, the gradient norm. scaler: timm's NativeScaler for fp16, whose
     skipped steps (inf gradients at too high a scale) are not divergence."""
     model.train()
     loader.sampler.set_epoch(epoch)
-    steps = min(len(loader), max_steps or len(loader))
+    steps = min(len(loader) // accum, max_steps or len(loader))
     loss_sum, images_seen = torch.zeros((), dtype=torch.float64), 0
     bar = progress(steps, epoch, epochs, show_progress and world.is_main)
+    stats = {"data_s": 0.0}
     start = time.perf_counter()
-    for images, labels in itertools.islice(loader, steps):
-        images, labels = to_device(images, labels, world.device, channels_last)
-        if mixup is not None:
-            images, labels = mixup(images, labels)
+    for group in _micro_batches(loader, steps, accum, stats):
         scheduler.step_update(step)
-        with autocast(world.device, amp):
-            loss = loss_fn(model(images), labels)
-        loss_value = loss.detach().float().cpu()
-        _check_finite(loss_value, "loss", world, epoch, step)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler(loss, optimizer, clip_grad=clip_grad, parameters=model.parameters())
-        else:
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for i, (images, labels) in enumerate(group):
+            images, labels = to_device(images, labels, world.device, channels_last)
+            if erase is not None:
+                images = erase(images)
+            if mixup is not None:
+                images, labels = mixup(images, labels)
+            last = i == accum - 1
+            with _gradient_sync(model, last):
+                with autocast(world.device, amp):
+                    loss = loss_fn(model(images), labels)
+                loss_value = loss.detach().float().cpu()
+                _check_finite(loss_value, "loss", world, epoch, step)
+                if scaler is not None:
+                    scaler(loss / accum, optimizer, clip_grad=clip_grad, parameters=model.parameters(),
+                           need_update=last)
+                else:
+                    (loss / accum).backward()
+            step_loss += loss_value.double() / accum
+            images_seen += images.shape[0] * world.world_size
+        if scaler is None:
             # our own step, not NativeScaler's: the gradient norm is checked before the step
-            loss.backward()
             if clip_grad is not None:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
                 _check_finite(norm.detach().float().cpu(), "gradient norm", world, epoch, step)
             optimizer.step()
         step += 1
-        loss_sum += loss_value.double()
-        images_seen += images.shape[0] * world.world_size
+        if ema is not None:
+            ema.update(getattr(model, "module", model), step=step)  # timm's train.py: the updates done
+        loss_sum += step_loss
         if on_step is not None:
-            on_step(step, loss_value.item(), model)
+            on_step(step, step_loss.item(), model)
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss_value.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
+        bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
                         img_s=f"{images_seen / elapsed:.1f}", refresh=False)
         bar.update()
     bar.close()
     if world.device.type == "cuda":
         torch.cuda.synchronize(world.device)
     train_s = time.perf_counter() - start
-    total_loss, = distributed.all_reduce_sum([loss_sum.item()], world)
+    total_loss, data_s = distributed.all_reduce_sum([loss_sum.item(), stats["data_s"]], world)
     return {"loss": total_loss / max(steps * world.world_size, 1), "steps": steps,
             "images_per_s": images_seen / train_s if train_s else 0.0, "train_s": train_s,
-            "lr": optimizer.param_groups[0]["lr"]}
+            "data_s": data_s / world.world_size, "lr": optimizer.param_groups[0]["lr"]}
 
 
 @torch.no_grad()

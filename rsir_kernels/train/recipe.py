@@ -1,6 +1,7 @@
 """The paper's recipe (section 4.1, following Swin): AdamW, lr 1e-3 per 256 images, weight
 decay 0.05 (none on biases, norms and no_weight_decay() parameters), cosine schedule after a
-linear warmup (20 of 300 epochs), label smoothing 0.1; mixup/cutmix as options."""
+linear warmup (20 of 300 epochs), label smoothing 0.1; with --recipe paper also Swin's
+augmentation and regularization (PAPER)."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +9,45 @@ from torch import nn
 
 BASE_LR, BASE_BATCH = 1e-3, 256
 WARMUP_FRACTION = 20 / 300  # the paper's 20 warmup epochs of 300
+
+# Without --recipe: the optimizer's recipe only (label smoothing as the paper), no augmentation.
+PLAIN = {"randaugment": None, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "label_smoothing": 0.1, "drop_path": 0.0,
+         "clip_grad": None, "model_ema": None}
+# --recipe paper: "mostly follows Swin" (section 4.1), i.e. Swin's config (mixup and cutmix
+# switched per batch with probability 0.5: timm Mixup's defaults); Swin has EMA off.
+PAPER = {"randaugment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25, "label_smoothing": 0.1,
+         "clip_grad": 5.0, "model_ema": None}
+# Stochastic depth: Swin-T's 0.2 for RSIR-T, Swin-B's 0.5 for RSIR-B (the paper sets them beside
+# each other); rsir_micro (not in the paper, 5 blocks) takes 0.1, as DeiT-S and smaller models do.
+PAPER_DROP_PATH = {"rsir_micro": 0.1, "rsir_tiny": 0.2, "rsir_base": 0.5}
+TENSOR_SKIPPED = ("randaugment",)  # needs PIL images: not applied to digits or fake data
+
+
+def resolve(args) -> list[str]:
+    """Fills args' recipe options left at None from --recipe (or PLAIN); returns the options
+    given but not applied (RandAugment on tensor data). --clip-grad 0 and --randaugment none
+    turn those off under --recipe paper."""
+    chosen = dict(PAPER, drop_path=PAPER_DROP_PATH[args.model]) if args.recipe == "paper" else PLAIN
+    for name, value in chosen.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.clip_grad == 0:
+        args.clip_grad = None
+    if args.randaugment in ("none", ""):
+        args.randaugment = None
+    return [n for n in TENSOR_SKIPPED if getattr(args, n) and args.data in ("digits", "fake")]
+
+
+def summary(args, skipped: list[str]) -> str:
+    """The banner's line of augmentation and regularization, as resolved."""
+    parts = [f"randaugment {args.randaugment or 'off'}", f"mixup {args.mixup:g}", f"cutmix {args.cutmix:g}",
+             f"random erasing {args.reprob:g}", f"label smoothing {args.label_smoothing:g}",
+             f"drop path {args.drop_path:g}", f"clip-grad {args.clip_grad or 'off'}",
+             f"EMA {args.model_ema or 'off'}"]
+    line = f"recipe {args.recipe or 'default'}: " + ", ".join(parts)
+    if skipped:
+        line += f"; skipped on tensor data (needs images): {', '.join(skipped)}"
+    return line
 
 
 def scaled_lr(lr: float | None, global_batch: int) -> float:

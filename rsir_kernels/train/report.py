@@ -28,7 +28,8 @@ def epoch_line(row: dict, epochs: int) -> str:
     return (f"epoch {row['epoch']}/{epochs}  train_loss {_num(row['train_loss'], '.4f')}  "
             f"val_loss {_num(row['val_loss'], '.4f')}  val_top1 {_num(row['val_top1'], '.2f')}%  "
             f"val_top5 {_num(row['val_top5'], '.2f')}%  lr {row['lr']:.3g}  "
-            f"{row['images_per_s']:.1f} images/s  {row['epoch_s']:.1f} s")
+            + (f"val_top1_ema {_num(row['val_top1_ema'], '.2f')}%  " if "val_top1_ema" in row else "")
+            + f"{row['images_per_s']:.1f} images/s  {row['epoch_s']:.1f} s (data wait {row.get('data_s', 0):.1f} s)")
 
 
 def strict_row(row: dict) -> dict:

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import time
 from typing import Callable, Optional
 
@@ -12,15 +13,17 @@ import torch
 import torch.distributed
 from torch import nn
 
-from . import checkpoint, data as datasets, distributed, loop, recipe, report
+from . import augment, checkpoint, data as datasets, distributed, loop, recipe, report
 from .errors import TrainError
 from .model import MODEL_NAMES, create_model, pretrained_cfg
 
 DIGITS_WINDOW = 4  # 32x32 digits: stage maps 8x8, 4x4, 2x2, 1x1; 4x4 windows tile stage 1 into 4
 # What a resumed run must share with its checkpoint (they fix the data order, the model's shape
 # or the step count); every other option takes effect from the resumed step on.
-RESUME_MUST_MATCH = ("data", "model", "batch_size", "seed", "window_size", "train_items", "fsdp", "img_size",
+RESUME_MUST_MATCH = ("data", "model", "batch_size", "seed", "window_size", "train_items", "img_size",
                      "steps_per_epoch")
+SHARDED = "sharded"  # OUTPUT/sharded/step-N: --fsdp's DCP checkpoint of that step
+MAX_WORKERS = 8  # data loader processes per rank by default, at most
 RUN_FILES = ("last.pt", report.METRICS)  # a folder holding one of these, not empty, holds a run
 
 
@@ -30,18 +33,24 @@ def _check_args(args: argparse.Namespace) -> None:
         import timm  # noqa: F401  (importing it registers the RSIR models)
     except ImportError as e:
         raise TrainError(f"the trainer needs timm (models, optimizer, schedule): pip install 'timm>=1.0' ({e})") from e
-    at_least = {"epochs": 1, "batch_size": 1, "steps_per_epoch": 1, "stop_after": 1, "window_size": 1,
-                "threads": 1, "train_items": 1, "val_items": 1, "workers": 0, "img_size": 32}
+    at_least = {"epochs": 1, "batch_size": 1, "grad_accum_steps": 1, "steps_per_epoch": 1, "stop_after": 1, "window_size": 1,
+                "threads": 1, "train_items": 1, "val_items": 1, "workers": 0, "img_size": 32, "checkpoint_hist": 0}
     for name, low in at_least.items():
         value = getattr(args, name)
         if value is not None and value < low:
             raise TrainError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     for name, low, high in (("drop_path", 0, 1), ("label_smoothing", 0, 1), ("weight_decay", 0, math.inf),
-                            ("mixup", 0, math.inf), ("cutmix", 0, math.inf), ("warmup_epochs", 0, math.inf)):
+                            ("mixup", 0, math.inf), ("cutmix", 0, math.inf), ("warmup_epochs", 0, math.inf),
+                            ("reprob", 0, 1), ("clip_grad", 0, math.inf)):
         value = getattr(args, name)
         if value is not None and not low <= value <= high:
             raise TrainError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
-    for name in ("lr", "clip_grad"):
+    if args.model_ema is not None and not 0 < args.model_ema < 1:
+        raise TrainError(f"--model-ema must be a decay in (0, 1), e.g. 0.9998, got {args.model_ema}")
+    if args.model_ema is not None and args.fsdp:
+        raise TrainError("--model-ema with --fsdp is not supported (the EMA copy would be a full model on every "
+                         "rank); use DDP, or leave EMA off as the paper does")
+    for name in ("lr",):
         value = getattr(args, name)
         if value is not None and not 0 < value < math.inf:
             raise TrainError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
@@ -76,15 +85,24 @@ def _check_backend(backend: str, device: torch.device) -> None:
 
 def _resolve(args: argparse.Namespace, world) -> None:
     """Fills the defaults that depend on other arguments, so that the saved args say what ran."""
+    args.recipe_skipped = recipe.resolve(args)
+    if args.workers is None:
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        args.workers = max(1, min(MAX_WORKERS, (os.cpu_count() or 1) // ranks)) if args.data not in ("digits", "fake") else 0
     if args.window_size is None:
         from ..models.timm_registry import CONFIGS
         args.window_size = DIGITS_WINDOW if args.data == "digits" else CONFIGS[args.model].window_size
     args.lr = recipe.scaled_lr(args.lr, args.batch_size)
     args.warmup_epochs = recipe.warmup_epochs(args.warmup_epochs, args.epochs)
     batch_per_rank = args.batch_size // world.world_size
-    if (args.mixup > 0 or args.cutmix > 0) and batch_per_rank % 2:
-        raise TrainError(f"--mixup/--cutmix pair images within a rank's batch: it must be even, got "
+    if batch_per_rank % args.grad_accum_steps:
+        raise TrainError(f"--grad-accum-steps {args.grad_accum_steps} must divide each rank's batch, "
                          f"{batch_per_rank} (--batch-size {args.batch_size} over {world.world_size} ranks)")
+    micro = batch_per_rank // args.grad_accum_steps
+    if (args.mixup > 0 or args.cutmix > 0) and micro % 2:
+        raise TrainError(f"--mixup/--cutmix pair images within a rank's micro-batch: it must be even, got "
+                         f"{micro} (--batch-size {args.batch_size} over {world.world_size} ranks and "
+                         f"{args.grad_accum_steps} accumulation steps)")
 
 
 def _check_resume(args: argparse.Namespace, resumed: dict, world) -> None:
@@ -94,9 +112,9 @@ def _check_resume(args: argparse.Namespace, resumed: dict, world) -> None:
         raise TrainError(f"--resume {args.resume}: the run had different " + ", ".join(
             f"--{k.replace('_', '-')} ({saved.get(k)!r}, now {getattr(args, k)!r})" for k in mismatched)
             + "; these can't change within a run")
-    if len(resumed["rng"]) != world.world_size:
-        raise TrainError(f"--resume {args.resume}: written by {len(resumed['rng'])} ranks, this run has "
-                         f"{world.world_size} (the RNG streams are per rank)")
+    if resumed.get("sharded") and not os.path.isfile(os.path.join(_sharded_path(args.resume, resumed), ".metadata")):
+        raise TrainError(f"--resume {args.resume}: its sharded checkpoint {_sharded_path(args.resume, resumed)} "
+                         f"is missing or incomplete")
     if args.epochs < resumed["epoch"]:
         raise TrainError(f"--epochs {args.epochs}: the run has done {resumed['epoch']} epochs already")
 
@@ -120,7 +138,7 @@ def _build(args, world) -> tuple:
         if args.img_size is not None:
             cfg["input_size"] = (3, args.img_size, args.img_size)
         data = (datasets.fake(cfg["input_size"], num_classes) if args.data == "fake"
-                else datasets.image_folder(args.data, cfg, auto_augment=args.randaugment))
+                else datasets.image_folder(args.data, cfg, auto_augment=args.randaugment, reprob=args.reprob))
     data.train = datasets.subset(data.train, args.train_items)
     data.val = datasets.subset(data.val, args.val_items)
     if len(data.val) < world.world_size:
@@ -149,7 +167,7 @@ def _output_folder(args) -> str:
 
 def train(args: argparse.Namespace, on_step: Optional[Callable[[int, float, nn.Module], None]] = None) -> dict:
     """Runs the whole training; returns {"output", "metrics" (rows), "model" (the unwrapped
-    module, sharded under FSDP2)}. on_step(step, loss, model) runs on every rank after each
+    module, sharded under FSDP2), "optimizer"}. on_step(step, loss, model) runs on every rank after each
     step (model: the trained, wrapped module). Every argument is checked before the data and
     the model are built; a TrainError names the bad one."""
     try:
@@ -173,13 +191,20 @@ def train(args: argparse.Namespace, on_step: Optional[Callable[[int, float, nn.M
 def _train(args, world, resumed, on_step) -> dict:
     model, data = _build(args, world)
     if resumed is not None and not args.fsdp:
-        model.load_state_dict(resumed["model"])  # before DDP, which broadcasts rank 0's
+        model.load_state_dict(resumed["model"])  # before DDP, which broadcasts rank 0's (the full weights)
+    ema = None
+    if args.model_ema is not None:  # timm's train.py: a copy of the unwrapped model, timm's decay warmup
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=args.model_ema, use_warmup=True)
+        if resumed is not None and resumed.get("model_ema") is not None:
+            ema.module.load_state_dict(resumed["model_ema"])
     wrapped = distributed.wrap(model, world, args.fsdp)
-    batch_per_rank = args.batch_size // world.world_size
-    train_loader = datasets.train_loader(data.train, batch_per_rank, world.rank, world.world_size, args.seed,
+    micro_batch = args.batch_size // world.world_size // args.grad_accum_steps  # per rank, per backward
+    train_loader = datasets.train_loader(data.train, micro_batch, world.rank, world.world_size, args.seed,
                                          _workers(args))
-    val_loader = datasets.eval_loader(data.val, batch_per_rank, world.rank, world.world_size, _workers(args))
-    steps_per_epoch = min(len(train_loader), args.steps_per_epoch or len(train_loader))
+    val_loader = datasets.eval_loader(data.val, micro_batch, world.rank, world.world_size, _workers(args))
+    steps = len(train_loader) // args.grad_accum_steps
+    steps_per_epoch = min(steps, args.steps_per_epoch or steps)
     if steps_per_epoch == 0:
         raise TrainError(f"the training set has {len(data.train)} items, fewer than one global batch "
                          f"(--batch-size {args.batch_size})")
@@ -192,11 +217,15 @@ def _train(args, world, resumed, on_step) -> dict:
     scaler = NativeScaler(world.device.type) if args.amp == "fp16" else None
     mixup = recipe.mixup(args.mixup, args.cutmix, args.label_smoothing, data.num_classes)
     loss_fn = recipe.train_loss(args.label_smoothing, soft_targets=mixup is not None)
+    # ImageFolder erases in its transform (per image, in the loader); tensor data on the batch
+    erase = augment.batch_eraser(args.reprob, world.device) if args.data in ("digits", "fake") else None
 
     start_epoch, step = 0, 0
     if resumed is not None:
         chosen = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        if args.fsdp:  # the model too: its parameters are sharded now
+        if resumed.get("sharded"):  # DCP reshards to this world size, FSDP2 or not
+            distributed.load_sharded(model, optimizer, _sharded_path(args.resume, resumed))
+        elif args.fsdp:  # the model too: its parameters are sharded now
             distributed.load_full_state(model, optimizer, resumed["model"], resumed["optimizer"], fsdp=True)
         else:
             optimizer.load_state_dict(resumed["optimizer"])
@@ -205,7 +234,10 @@ def _train(args, world, resumed, on_step) -> dict:
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         start_epoch, step = resumed["epoch"], resumed["step"]
-        checkpoint.set_rng_state(resumed["rng"][world.rank])
+        if len(resumed["rng"]) == world.world_size:
+            checkpoint.set_rng_state(resumed["rng"][world.rank])
+        else:  # another world size: no rank's stream continues; each starts from (seed, rank, step)
+            distributed.seed_all(distributed.rank_seed(args.seed, world.rank, step))
     else:
         distributed.seed_all(distributed.rank_seed(args.seed, world.rank))
     forward = torch.compile(wrapped) if args.compile else wrapped
@@ -218,52 +250,105 @@ def _train(args, world, resumed, on_step) -> dict:
             for name in (*RUN_FILES, report.CURVES):
                 if os.path.exists(os.path.join(output, name)):
                     os.remove(os.path.join(output, name))
+            shutil.rmtree(os.path.join(output, SHARDED), ignore_errors=True)
         # the rows before the checkpoint's epoch, then its own row (a crash may have lost it from
         # the file, or left rows of epochs after it): the file then matches last.pt
         rows = [r for r in report.read_metrics(output) if r["epoch"] < start_epoch]
         report.write_metrics(output, rows + ([resumed["metrics"]] if resumed and resumed.get("metrics") else []))
         print(f"{args.model} on {args.data}: {len(data.train)} train / {len(data.val)} val items, "
               f"{world.world_size} rank(s) on {world.device.type}, global batch {args.batch_size}, lr {args.lr:.3g}, "
-              f"{steps_per_epoch} steps/epoch, output {output}", flush=True)
+              f"{steps_per_epoch} steps/epoch" + (f" of {args.grad_accum_steps} micro-batches" if args.grad_accum_steps > 1
+                                                  else "") + f", output {output}", flush=True)
+        print(recipe.summary(args, args.recipe_skipped), flush=True)
+    best = max((r[_best_key(args)] for r in report.read_metrics(output) if r["epoch"] <= start_epoch
+                and r.get(_best_key(args)) is not None), default=None) if world.is_main else None
     for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
         started = time.perf_counter()
         stats = loop.train_epoch(forward, train_loader, optimizer, scheduler, loss_fn, world=world, epoch=epoch,
                                  epochs=args.epochs, step=step, amp=args.amp, scaler=scaler,
                                  clip_grad=args.clip_grad, mixup=mixup, channels_last=args.channels_last,
                                  show_progress=not args.no_progress, on_step=on_step,
-                                 max_steps=steps_per_epoch)
+                                 max_steps=steps_per_epoch, accum=args.grad_accum_steps, erase=erase, ema=ema)
         step += stats["steps"]
         val = loop.evaluate(eval_model, val_loader, world=world, seed=args.seed, amp=args.amp,
                             channels_last=args.channels_last, equal_batches=args.fsdp)
-        row = report.strict_row({
+        row = {
             "epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"], "val_top1": val["top1"],
             "val_top5": val["top5"], "lr": stats["lr"], "images_per_s": stats["images_per_s"],
-            "epoch_s": time.perf_counter() - started})
-        _save(os.path.join(output, "last.pt"), args, world, model, data, optimizer, scaler, epoch + 1, step, row)
+            "data_s": stats["data_s"], "epoch_s": time.perf_counter() - started}
+        if ema is not None:
+            row["val_top1_ema"] = loop.evaluate(ema.module, val_loader, world=world, seed=args.seed, amp=args.amp,
+                                                channels_last=args.channels_last)["top1"]
+        row = report.strict_row(row)
+        last = os.path.join(output, "last.pt")
+        _save(last, args, world, model, data, optimizer, scaler, epoch + 1, step, row, ema)
         if world.is_main:
+            score = row[_best_key(args)]
+            if score is not None and (best is None or score > best):
+                best = score
+                checkpoint.copy(last, os.path.join(output, "best.pt"))
+            if args.checkpoint_hist:
+                _keep_history(output, last, epoch + 1, args.checkpoint_hist)
             report.append_metrics(output, row)
             print(report.epoch_line(row, args.epochs), flush=True)
     if world.is_main and report.read_metrics(output):
         curves = report.plot_curves(output)
         print(f"metrics: {os.path.join(output, report.METRICS)}" + (f", curves: {curves}" if curves else ""),
               flush=True)
-    return {"output": output, "metrics": report.read_metrics(output) if world.is_main else [], "model": model}
+    return {"output": output, "metrics": report.read_metrics(output) if world.is_main else [], "model": model,
+            "optimizer": optimizer}
+
+
+def _best_key(args) -> str:
+    """best.pt is chosen by this metrics column: the EMA's top-1 when it is kept."""
+    return "val_top1_ema" if args.model_ema is not None else "val_top1"
+
+
+def _keep_history(output: str, last: str, epoch: int, keep: int) -> None:
+    """OUTPUT/checkpoint-EPOCH.pt for the last `keep` epochs (copies of last.pt)."""
+    checkpoint.copy(last, os.path.join(output, f"checkpoint-{epoch}.pt"))
+    for name in os.listdir(output):
+        if name.startswith("checkpoint-") and name.endswith(".pt") and name[11:-3].isdigit():
+            if int(name[11:-3]) <= epoch - keep:
+                os.remove(os.path.join(output, name))
 
 
 def _workers(args) -> int:
     return 0 if args.data in ("digits", "fake") else args.workers  # in-memory tensors need no workers
 
 
-def _save(path, args, world, model, data, optimizer, scaler, epoch, step, row) -> None:
+def _sharded_path(resume: str, resumed: dict) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(resume)), resumed["sharded"])
+
+
+def _save(path, args, world, model, data, optimizer, scaler, epoch, step, row, ema=None) -> None:
     """Every rank takes part (FSDP2 gathers, RNG states are per rank); rank 0 writes. The
-    contents are checkpoint.py's."""
-    model_state, optimizer_state = distributed.full_state(model, optimizer, args.fsdp)
+    contents are checkpoint.py's. --fsdp: model and optimizer sharded by DCP into
+    OUTPUT/sharded/step-N first, then last.pt (full weights, no optimizer) names that folder;
+    a crash before last.pt's rename leaves the previous last.pt and its folder, which are
+    deleted only after."""
+    output, sharded = os.path.dirname(path), None
+    if args.fsdp:
+        sharded = os.path.join(SHARDED, f"step-{step}")
+        if world.is_main and os.path.exists(os.path.join(output, sharded)):
+            shutil.rmtree(os.path.join(output, sharded))  # a save of this step cut short before
+        if world.distributed:
+            torch.distributed.barrier()
+        distributed.save_sharded(model, optimizer, os.path.join(output, sharded))
+        model_state, optimizer_state = distributed.full_model_state(model, True), None
+    else:
+        model_state, optimizer_state = distributed.full_state(model, optimizer, False)
     rng = distributed.gather_objects(checkpoint.rng_state(), world)
     if world.is_main:
         model_args = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "backend"}
         checkpoint.save(path, {"model": model_state, "model_name": args.model, "model_args": model_args,
                                "class_names": data.class_names, "metrics": row, "optimizer": optimizer_state,
                                "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "step": step,
-                               "rng": rng, "sampler": {"seed": args.seed, "epoch": epoch}, "args": vars(args)})
+                               "rng": rng, "sampler": {"seed": args.seed, "epoch": epoch}, "args": vars(args),
+                               "model_ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
+                               if ema is not None else None, "sharded": sharded})
+        for old in os.listdir(os.path.join(output, SHARDED)) if os.path.isdir(os.path.join(output, SHARDED)) else []:
+            if os.path.join(SHARDED, old) != sharded:  # only last.pt's folder is kept
+                shutil.rmtree(os.path.join(output, SHARDED, old), ignore_errors=True)
     if world.distributed:
         torch.distributed.barrier()  # last.pt is complete on return, on every rank
