@@ -151,8 +151,9 @@ class RSIRTransformer(nn.Module):
             (RSIRTransformer(RSIR_T, num_classes=10) == RSIRTransformer(replace(RSIR_T, num_classes=10))).
         generator: seeds RS-Win's training draws (RSIRAttention's `generator`).
     config.rs_heads gives each layer's RS-Win heads, the others IR-Win (None: half of each
-    stage's, as Table 2). Eval mode uses each layer's fixed RS-Win order, derived from config.rs_seed and the layer's
-    position (RSIRAttention's rs_eval="fixed"), unless config.rs_eval == "random".
+    stage's, as Table 2). Eval mode uses each layer's fixed RS-Win order, derived from
+    config.rs_seed and the layer's position (RSIRAttention's rs_eval="fixed"), unless
+    config.rs_eval == "random".
     """
 
     output_fmt = "NHWC"
