@@ -6,9 +6,10 @@ from typing import Optional
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import has_static_value  # dynamo reads it too
 
 from .ops import window_attention_qkvpacked
-from .samplers import fixed_rs_index, ir_index, rs_index
+from .samplers import fixed_rs_index, fixed_rs_values, ir_index, rs_index
 
 RS_EVAL_MODES = ("fixed", "random")
 
@@ -25,9 +26,9 @@ class RSIRAttention(nn.Module):
     per resolution, derived from `seed` (samplers.fixed_rs_index): the same for every image
     of a batch and on every device, so an image's output depends on that image alone, call
     after call. The orders are cached per (seed, H, W, device) in eager mode (not in the
-    state dict); under torch.compile / torch.export they are computed in the graph, equal to
-    the cached ones. rs_eval="random" keeps fresh draws in eval (the paper's Algorithm 1 has
-    no eval branch).
+    state dict); a graph of torch.compile / torch.export holds them as constants where H and W
+    are static, and computes them where they are symbolic (dynamic shapes), equal either way.
+    rs_eval="random" keeps fresh draws in eval (the paper's Algorithm 1 has no eval branch).
 
     Pass a seeded `generator` (on any device) to make the random draws reproducible: two
     modules with equal weights and equally seeded generators give equal outputs, call after
@@ -93,8 +94,11 @@ class RSIRAttention(nn.Module):
         if self.training or self.rs_eval == "random":
             return rs_index(batch, height, width, self.window_size, generator=self.generator,
                             device=device)
-        if torch.compiler.is_compiling():  # a graph computes it: no Python-side cache to guard on
-            return fixed_rs_index(height, width, self.window_size, self.seed, device)
+        if torch.compiler.is_compiling():  # no Python-side cache to guard on
+            if has_static_value(height) and has_static_value(width):  # a static size: a constant
+                values = fixed_rs_values(int(height), int(width), self.window_size, self.seed)
+                return torch.tensor(values, dtype=torch.int64, device=device).view(1, 1, -1)
+            return fixed_rs_index(height, width, self.window_size, self.seed, device)  # symbolic: in-graph
         key = (self.seed, height, width, torch.device(device))
         order = self._fixed_orders.get(key)
         if order is None:

@@ -86,6 +86,21 @@ def fixed_rs_index(height: int, width: int, window: int, seed: int,
     return window_order(keys.argsort(dim=-1), height, width, window)[None, None]
 
 
+@torch.compiler.assume_constant_result
+def fixed_rs_values(height: int, width: int, window: int, seed: int) -> tuple:
+    """fixed_rs_index(height, width, window, seed) as a tuple of Python ints, computed in plain
+    Python: torch.compile and torch.export call it once, at trace time, and keep the result, so
+    that a graph for a static height and width holds the order as a constant."""
+    salt = _mix32(seed & _MASK32)
+    keys = [_mix32((p + salt) & _MASK32) for p in range(height * width)]
+    order = sorted(range(height * width), key=keys.__getitem__)  # distinct keys: argsort's order
+    if height % window or width % window:
+        return tuple(order)
+    return tuple(order[(r * window + i) * width + c * window + j]  # window_order's squares
+                 for r in range(height // window) for c in range(width // window)
+                 for i in range(window) for j in range(window))
+
+
 def ir_index(x: torch.Tensor, height: int, width: int, window: int) -> torch.Tensor:
     """IR-Win order: tokens sorted by their channel mean -> (B, 1, L), no gradient.
 

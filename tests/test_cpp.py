@@ -1,4 +1,4 @@
-"""Backend `cpp` (the compiled extension rsir_kernels._C): forward and the three gradients
+"""Backend `cpp` (the ops library rsir_kernels/librsir_ops.so): forward and the three gradients
 against the reference, gradcheck, opcheck, determinism, thread-count independence, bad
 indices. CPU here; the CUDA kernels in tests marked gpu (skipped without a GPU).
 

@@ -158,6 +158,74 @@ def test_export_equals_eager(backend):
         assert torch.equal(exported.module()(fresh), model(fresh))
 
 
+def _sorts(program) -> int:
+    """Sort ops in an exported program, its nested graphs (IR-Win's no_grad region) included."""
+    return sum(isinstance(node.target, torch._ops.OpOverload) and "sort" in node.target.name()
+               for gm in program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+               for node in gm.graph.nodes)
+
+
+def _attention_layers(model):
+    return [m for m in model.modules() if isinstance(m, rk.RSIRAttention)]
+
+
+def test_export_at_a_static_size_holds_the_rs_orders_as_constants():
+    """32x32: each layer's fixed RS-Win order is a constant of the program, equal to
+    samplers.fixed_rs_index; the only sorts left are IR-Win's (one per layer); the outputs are
+    eager's bits, and export leaves the eager cache empty."""
+    from rsir_kernels.samplers import fixed_rs_index
+    torch.manual_seed(0)
+    model = models.rsir_micro(num_classes=10, backend="cpp").eval()
+    exported = torch.export.export(model, (torch.randn(2, 3, 32, 32),))
+    layers = _attention_layers(model)
+    assert not any(m._fixed_orders for m in layers)
+    assert _sorts(exported) == len(layers)
+    sides = [8, 4, 2, 2, 1]  # each layer's stage map at 32x32
+    expected = [fixed_rs_index(n, n, m.window_size, m.seed).flatten() for m, n in zip(layers, sides)]
+    constants = [c for c in exported.constants.values() if c.dtype == torch.int64]
+    assert len(constants) == len(expected)
+    assert all(torch.equal(c, e) for c, e in zip(constants, expected))
+    fresh = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(exported.module()(fresh), model(fresh))
+
+
+def test_export_with_dynamic_height_and_width_computes_the_rs_orders_across_resolutions():
+    """Symbolic H and W: the orders are computed in the graph (an RS-Win and an IR-Win sort per
+    layer), equal to eager's bits at two resolutions. Window 2 and sizes in multiples of 64 keep
+    every stage map a whole number of windows, as the exported graph requires."""
+    torch.manual_seed(0)
+    model = models.rsir_micro(num_classes=10, backend="cpp", window_size=2).eval()
+    height, width = torch.export.Dim("height", min=1, max=4), torch.export.Dim("width", min=1, max=4)
+    exported = torch.export.export(model, (torch.randn(2, 3, 128, 128),),
+                                   dynamic_shapes=({2: 64 * height, 3: 64 * width},))
+    assert _sorts(exported) == 2 * len(_attention_layers(model))
+    for size in [(128, 128), (256, 128)]:
+        images = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert torch.equal(exported.module()(images), model(images)), size
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_graph_holds_rs_orders_as_constants_only_at_static_sizes(dynamic):
+    """torch.compile: argsorts in dynamo's graph are IR-Win's alone at a static size, one more
+    per layer (the RS-Win order) with dynamic shapes; either graph gives eager's bits."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = models.rsir_micro(num_classes=10).eval()
+    compiled = torch.compile(model, backend=capture, fullgraph=True, dynamic=dynamic)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(compiled(images), model(images))
+    sorts = sum("argsort" in str(node.target) for node in graphs[0].graph.nodes)
+    assert sorts == len(_attention_layers(model)) * (2 if dynamic else 1)
+
+
 def test_eval_model_compiles_without_graph_breaks():
     model = models.rsir_micro(num_classes=10).eval()
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
@@ -237,3 +305,55 @@ def test_every_gradient_has_its_parameters_strides(channels_last, device):
     model(images).sum().backward()
     assert [(n, p.stride(), p.grad.stride()) for n, p in model.named_parameters()
             if p.grad.stride() != p.stride()] == []
+
+
+def test_rs_heads_sets_every_layer_per_stage_or_for_all():
+    """rs_heads: None = half of each stage's heads (the default model, the same bits), an int
+    for every layer, a tuple per stage; timm's create_model takes it too."""
+    import timm
+    heads = lambda model: [m.rs_heads for m in _attention_layers(model)]
+    torch.manual_seed(0)
+    default = models.rsir_micro(num_classes=10).eval()
+    torch.manual_seed(0)
+    explicit = models.rsir_micro(num_classes=10, rs_heads=(1, 1, 2, 4)).eval()
+    assert heads(default) == heads(explicit) == [1, 1, 2, 2, 4]
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(default(images), explicit(images))
+    assert heads(models.rsir_micro(rs_heads=2)) == [2] * 5
+    assert heads(models.rsir_micro(rs_heads=(0, 2, 4, 8))) == [0, 2, 4, 4, 8]
+    assert heads(timm.create_model("rsir_micro", rs_heads=(2, 2, 4, 8))) == [2, 2, 4, 4, 8]
+    assert models.rsir_micro(rs_heads=[0, 2, 4, 8]).config.rs_heads == (0, 2, 4, 8)
+
+
+@pytest.mark.parametrize("rs_heads,message", [
+    (3, r"rs_heads=3: stage 0 has 2 heads, so its RS-Win heads must be in 0..2, got 3"),
+    ((1, 1, 5, 4), r"rs_heads=\(1, 1, 5, 4\): stage 2 has 4 heads, so its RS-Win heads must be in 0..4, got 5"),
+    (-1, r"stage 0 has 2 heads, so its RS-Win heads must be in 0..2, got -1"),
+    ((1, 1, 2), r"rs_heads=\(1, 1, 2\) must be an int or have one entry per stage \(4\)"),
+])
+def test_rs_heads_out_of_range_is_a_one_line_error(rs_heads, message):
+    with pytest.raises(ValueError, match=message) as error:
+        models.rsir_micro(rs_heads=rs_heads)
+    assert "\n" not in str(error.value)
+
+
+def test_checkpoint_rebuilds_rs_heads_and_one_without_it_the_default(tmp_path):
+    """model_args as the trainer writes them (the config's fields but the backend): rs_heads
+    comes back; a file from before the field (no rs_heads) rebuilds the default split."""
+    import dataclasses
+    from rsir_kernels.train import checkpoint
+    images = torch.randn(2, 3, 32, 32)
+    for name, rs_heads, record in [("with", (2, 0, 4, 8), True), ("without", None, False)]:
+        torch.manual_seed(0)
+        model = models.rsir_micro(num_classes=10, rs_heads=rs_heads).eval()
+        args = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "backend"}
+        if not record:
+            del args["rs_heads"]
+        path = str(tmp_path / f"{name}.pt")
+        checkpoint.save(path, {"model": model.state_dict(), "model_name": "rsir_micro", "model_args": args})
+        rebuilt = models.from_checkpoint(path)
+        assert rebuilt.config.rs_heads == rs_heads
+        assert [m.rs_heads for m in _attention_layers(rebuilt)] == [m.rs_heads for m in _attention_layers(model)]
+        with torch.no_grad():
+            assert torch.equal(rebuilt(images), model(images)), name

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rsir_kernels import baselines, ir_index, rs_index, window_order
-from rsir_kernels.samplers import fixed_rs_index, layer_seed
+from rsir_kernels.samplers import fixed_rs_index, fixed_rs_values, layer_seed
 
 
 @pytest.mark.parametrize("height,width,window", [(14, 14, 7), (14, 21, 7), (8, 12, 4)])
@@ -99,6 +99,15 @@ def test_fixed_rs_index_is_the_hash_order_computed_independently(height, width, 
     assert index.shape == (1, 1, length) and index.dtype == torch.int64
     assert torch.equal(index[0, 0], expected) and _is_permutation(index)
     assert torch.equal(fixed_rs_index(height, width, window, seed), index)
+
+
+@pytest.mark.parametrize("height,width,window,seed", [(8, 8, 7, 0), (14, 21, 7, 5), (8, 12, 4, 2 ** 40 + 3),
+                                                     (56, 56, 7, 123), (1, 1, 7, 9)])
+def test_fixed_rs_values_are_fixed_rs_index_in_python_ints(height, width, window, seed):
+    """The plain-Python order that traced graphs hold as a constant is fixed_rs_index's."""
+    values = fixed_rs_values(height, width, window, seed)
+    assert all(type(v) is int for v in values)
+    assert torch.equal(torch.tensor(values), fixed_rs_index(height, width, window, seed).flatten())
 
 
 def test_fixed_orders_differ_by_seed_and_layer_seeds_are_distinct():

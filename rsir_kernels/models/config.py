@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional, Union
 
 
 @dataclasses.dataclass(frozen=True)
 class RSIRConfig:
     embed_dim: int = 64                      # channels of stage 1; doubled at each stage
     depths: tuple = (2, 2, 16, 2)            # blocks per stage
-    num_heads: tuple = (4, 4, 8, 16)         # heads per stage (half RS-Win, half IR-Win)
+    num_heads: tuple = (4, 4, 8, 16)         # heads per stage
+    rs_heads: Optional[Union[int, tuple]] = None  # RS-Win heads (the rest IR-Win): None = half of
+                                             # each stage's (Table 2), an int for every layer, or one per stage
     window_size: int = 7                     # windows of 7 x 7 = 49 tokens
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
@@ -24,6 +27,20 @@ class RSIRConfig:
 
     def stage_dims(self) -> list[int]:
         return [self.embed_dim * 2 ** i for i in range(len(self.depths))]
+
+    def stage_rs_heads(self) -> list[int]:
+        """RS-Win heads of each stage's layers; ValueError naming rs_heads if one is out of range."""
+        if self.rs_heads is None:
+            return [heads // 2 for heads in self.num_heads]
+        per_stage = [self.rs_heads] * len(self.num_heads) if isinstance(self.rs_heads, int) else list(self.rs_heads)
+        if len(per_stage) != len(self.num_heads):
+            raise ValueError(f"rs_heads={self.rs_heads!r} must be an int or have one entry per stage "
+                             f"({len(self.num_heads)})")
+        for stage, (rs, heads) in enumerate(zip(per_stage, self.num_heads)):
+            if isinstance(rs, bool) or not isinstance(rs, int) or not 0 <= rs <= heads:
+                raise ValueError(f"rs_heads={self.rs_heads!r}: stage {stage} has {heads} heads, so its RS-Win "
+                                 f"heads must be in 0..{heads}, got {rs!r}")
+        return per_stage
 
 
 RSIR_T = RSIRConfig()

@@ -85,12 +85,12 @@ class RSIRStage(nn.Module):
 
     def __init__(self, in_dim: Optional[int], dim: int, depth: int, num_heads: int, config: RSIRConfig,
                  drop_path: Sequence[float], seeds: Sequence[int],
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, rs_heads: Optional[int] = None):
         super().__init__()
         self.downsample = nn.Identity() if in_dim is None else PatchMerging(in_dim, dim, 3, 2)
         self.blocks = nn.Sequential(*(
             RSIRBlock(dim, num_heads, config.window_size, config.mlp_ratio, config.qkv_bias,
-                      drop_path=drop_path[j], backend=config.backend, generator=generator,
+                      drop_path=drop_path[j], rs_heads=rs_heads, backend=config.backend, generator=generator,
                       recompute_qkv=config.recompute_qkv, rs_eval=config.rs_eval, seed=seeds[j])
             for j in range(depth)))
         self.grad_checkpointing = False
@@ -150,8 +150,10 @@ class RSIRTransformer(nn.Module):
         config: the RSIRConfig; keyword overrides replace its fields
             (RSIRTransformer(RSIR_T, num_classes=10) == RSIRTransformer(replace(RSIR_T, num_classes=10))).
         generator: seeds RS-Win's training draws (RSIRAttention's `generator`).
-    Eval mode uses each layer's fixed RS-Win order, derived from config.rs_seed and the layer's
-    position (RSIRAttention's rs_eval="fixed"), unless config.rs_eval == "random".
+    config.rs_heads gives each layer's RS-Win heads, the others IR-Win (None: half of each
+    stage's, as Table 2). Eval mode uses each layer's fixed RS-Win order, derived from
+    config.rs_seed and the layer's position (RSIRAttention's rs_eval="fixed"), unless
+    config.rs_eval == "random".
     """
 
     output_fmt = "NHWC"
@@ -165,6 +167,9 @@ class RSIRTransformer(nn.Module):
         if len(config.depths) != len(config.num_heads):
             raise ValueError(f"depths {config.depths} and num_heads {config.num_heads} must have one "
                              "entry per stage")
+        if isinstance(config.rs_heads, list):  # e.g. from a JSON file: a tuple, as the other fields
+            config = dataclasses.replace(config, rs_heads=tuple(config.rs_heads))
+        config.stage_rs_heads()  # validates rs_heads before anything is built
         self.config = config
         dims = config.stage_dims()
         blocks = sum(config.depths)
@@ -172,11 +177,12 @@ class RSIRTransformer(nn.Module):
         rates = [config.drop_path_rate * i / max(blocks - 1, 1) for i in range(blocks)]
         self.stem = PatchMerging(config.in_chans, dims[0], 7, 4, channels_last=False)
         stages, first = [], 0
-        for i, (dim, depth, heads) in enumerate(zip(dims, config.depths, config.num_heads)):
+        for i, (dim, depth, heads, rs_heads) in enumerate(zip(dims, config.depths, config.num_heads,
+                                                              config.stage_rs_heads())):
             positions = range(first, first + depth)
             stages.append(RSIRStage(dims[i - 1] if i else None, dim, depth, heads, config,
                                     rates[first:first + depth],
-                                    [layer_seed(config.rs_seed, p) for p in positions], generator))
+                                    [layer_seed(config.rs_seed, p) for p in positions], generator, rs_heads))
             first += depth
         self.stages = nn.Sequential(*stages)
         self.num_classes = config.num_classes
@@ -331,8 +337,9 @@ def _build(config: RSIRConfig, name: str, overrides: dict) -> RSIRTransformer:
 
 
 def rsir_tiny(**overrides) -> RSIRTransformer:
-    """RSIR-T: 64 channels, depths 2, 2, 16, 2, heads 4, 4, 8, 16 (Table 2).
-    Keyword arguments override RSIRConfig fields; `generator` seeds RS-Win."""
+    """RSIR-T: 64 channels, depths 2, 2, 16, 2, heads 4, 4, 8, 16 (Table 2), half of them RS-Win.
+    Keyword arguments override RSIRConfig fields (e.g. rs_heads=(4, 4, 8, 16): every head
+    RS-Win); `generator` seeds RS-Win."""
     return _build(RSIR_T, "rsir_tiny", overrides)
 
 
