@@ -17,19 +17,10 @@ import torch
 from rsir_kernels.train import checkpoint, cli, main, report, run
 from rsir_kernels.train.data import digits
 
-from test_train import _image_tree, _one_error_line, _torchrun
+from test_train import _image_tree, _one_error_line, _torchrun, single_process  # noqa: F401 (autouse)
 
 BASE = ["--data", "digits", "--model", "rsir_micro", "--backend", "cpp", "--no-progress", "--threads", "1"]
 SMALL = ["--batch-size", "32", "--train-items", "64", "--val-items", "32"]
-
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(output, *extra, on_step=None):

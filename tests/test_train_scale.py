@@ -15,23 +15,8 @@ from rsir_kernels.train import checkpoint, cli, distributed, loop, recipe, run
 from rsir_kernels.train.data import digits, train_loader
 from rsir_kernels.train.model import create_model
 
-from test_train import _one_error_line, _torchrun
-
-BASE = ["--data", "digits", "--model", "rsir_micro", "--backend", "cpp", "--no-progress", "--threads", "1"]
-SMALL = ["--batch-size", "32", "--train-items", "64", "--val-items", "32"]
-
-
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def train(output, *extra, on_step=None):
-    return run.train(cli.parser().parse_args(BASE + ["--output", str(output), *extra]), on_step=on_step)
+from test_train import _one_error_line, _torchrun, single_process  # noqa: F401 (autouse)
+from test_train_safety import BASE, SMALL, train
 
 
 class FixedOrders(nn.Module):
