@@ -55,7 +55,9 @@ def routes(model, x, folder, runner, repeats):
     path = os.path.join(folder, "model.onnx")
     torch.onnx.export(model, (x,), path, dynamo=True, verbose=False,
                       custom_translation_table=rsir_kernels.onnx.translation_table())
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as the other routes
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     yield "ONNX Runtime", lambda images: session.run(None, {name: images.numpy()})
 
