@@ -27,8 +27,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ISAS = ("avx512", "avx2", "generic")
-ISA_NAMES = {"avx512": "avx512", "avx2": "avx2+fma", "generic": "generic"}
+ISAS = ("avx512amx", "avx512", "avx2", "generic")
+ISA_NAMES = {"avx512amx": "avx512+amx", "avx512": "avx512", "avx2": "avx2+fma", "generic": "generic"}
 
 
 def draw_case(seed: int) -> dict:
@@ -235,7 +235,9 @@ def _isa_runs(isa: str) -> bool:
         flags = open("/proc/cpuinfo").read()
     except OSError:
         return False
-    need = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl"), "avx2": ("avx2", "fma")}[isa]
+    avx512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
+    need = {"avx512amx": avx512 + ("avx512_bf16", "amx_tile", "amx_bf16"), "avx512": avx512,
+            "avx2": ("avx2", "fma")}[isa]
     return all(f in flags for f in need)
 
 

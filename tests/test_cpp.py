@@ -39,7 +39,7 @@ def cpp_attention(q, k, v, idx, n, scale=None):
 
 def test_extension_loaded():
     assert AVAILABLE.available, AVAILABLE.reason
-    assert cpp.CPU_ISA in ("avx512", "avx2+fma", "generic")
+    assert cpp.CPU_ISA in ("avx512+amx", "avx512", "avx2+fma", "generic")
 
 
 # (B, L, H, D, G, N): full windows, a partial last window, G = H, a window longer than L,

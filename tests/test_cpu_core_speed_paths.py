@@ -52,7 +52,7 @@ print(json.dumps([cpp.CPU_ISA, len(checked)]))
 """
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["avx512amx", "avx512", "avx2", "generic"])
 def test_transposed_softmax_paths(isa):
     env = dict(os.environ, RSIR_CPU_ISA=isa, RSIR_POISON="1")
     proc = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=ROOT, capture_output=True, text=True,

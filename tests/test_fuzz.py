@@ -57,17 +57,22 @@ def test_fuzz_reference():
     assert not failures, _failures_text(failures, "reference:")
 
 
+def _own_isa():
+    """This process's ISA build by its RSIR_CPU_ISA name (scripts/fuzz.py ISAS)."""
+    return {name: isa for isa, name in fuzz.ISA_NAMES.items()}.get(rk.backends.cpp.CPU_ISA, rk.backends.cpp.CPU_ISA)
+
+
 @pytest.mark.skipif(not CPP, reason="backend 'cpp' unavailable")
 def test_fuzz_cpp():
     failures = fuzz.run_cases("cpp", range(20_000, 20_000 + COUNTS["cpp"]))
-    isa = {"avx2+fma": "avx2"}.get(rk.backends.cpp.CPU_ISA, rk.backends.cpp.CPU_ISA)
+    isa = _own_isa()
     assert not failures, _failures_text(failures, f"cpp:{isa}")
 
 
 @pytest.mark.skipif(not CPP, reason="backend 'cpp' unavailable")
 @pytest.mark.parametrize("isa", fuzz.ISAS)
 def test_fuzz_cpp_every_isa(isa):
-    if isa == {"avx2+fma": "avx2"}.get(rk.backends.cpp.CPU_ISA, rk.backends.cpp.CPU_ISA):
+    if isa == _own_isa():
         pytest.skip("this process's own build: test_fuzz_cpp")
     if not fuzz._isa_runs(isa):
         pytest.skip(f"this CPU does not run the {isa} build")

@@ -3,6 +3,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#if defined(__linux__) && defined(__GNUC__) && defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "rsir/params.h"
 #include "window_attention_cpu.h"
@@ -25,6 +30,10 @@ namespace avx512 {
 void forward(const WindowAttentionParams& p, int64_t begin, int64_t end);
 void backward(const WindowAttentionParams& p, int64_t begin, int64_t end);
 }  // namespace avx512
+namespace avx512amx {
+void forward(const WindowAttentionParams& p, int64_t begin, int64_t end);
+void backward(const WindowAttentionParams& p, int64_t begin, int64_t end);
+}  // namespace avx512amx
 #else
 #define RSIR_X86_DISPATCH 0
 #endif
@@ -33,6 +42,21 @@ namespace {
 
 using Kernel = void (*)(const WindowAttentionParams&, int64_t, int64_t);
 
+// AMX: CPUID.(7, 0).EDX bits 22 (AMX-BF16) and 24 (AMX-TILE), and Linux's permission for this
+// process to use the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+; refused on
+// older kernels and where the hypervisor hides the state): without it the first tile
+// instruction raises SIGILL.
+bool amx_usable() {
+#if defined(__linux__) && defined(__GNUC__) && defined(__x86_64__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 struct Table {
   Kernel forward, backward;
   const char* name;
@@ -40,15 +64,20 @@ struct Table {
 
 Table pick() {
 #if RSIR_X86_DISPATCH
-  // RSIR_CPU_ISA: "generic" forces the baseline build, "avx2" caps the choice at AVX2 + FMA
+  // RSIR_CPU_ISA: "generic" forces the baseline build, "avx2" caps the choice at AVX2 + FMA,
+  // "avx512" at AVX-512 without AMX
   const char* force = std::getenv("RSIR_CPU_ISA");
   const bool generic_only = force && force[0] == 'g';
   const bool avx2_at_most = force && std::strncmp(force, "avx2", 4) == 0;
+  const bool avx512_at_most = force && std::strcmp(force, "avx512") == 0;
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (!generic_only && !avx2_at_most && has_avx2 && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl"))
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (!generic_only && !avx2_at_most && !avx512_at_most && has_avx512 && __builtin_cpu_supports("avx512bf16") &&
+      amx_usable())
+    return {avx512amx::forward, avx512amx::backward, "avx512+amx"};
+  if (!generic_only && !avx2_at_most && has_avx512)
     return {avx512::forward, avx512::backward, "avx512"};
   if (!generic_only && has_avx2)
     return {avx2::forward, avx2::backward, "avx2+fma"};

@@ -1,5 +1,6 @@
 // The CPU kernels, written once and compiled once per instruction set: each translation unit
-// (kernel_generic.cpp, kernel_avx2.cpp, kernel_avx512.cpp) includes the standard headers first,
+// (kernel_generic.cpp, kernel_avx2.cpp, kernel_avx512.cpp, kernel_avx512amx.cpp) includes the
+// standard headers first,
 // then (optionally) switches the target with `#pragma GCC target`, then includes this file
 // inside a namespace of its own, so no inline function is shared between instruction sets (no
 // ODR mix-ups at link time). Do not include standard headers from here.
@@ -23,6 +24,9 @@
 
 #if !defined(RSIR_WIDE_VECTORS)
 #error "define RSIR_WIDE_VECTORS before including kernel_impl.h"
+#endif
+#if !defined(RSIR_AMX_BF16)
+#define RSIR_AMX_BF16 0  // 1: the bf16 forward on AMX tiles (kernel_bf16_amx.h)
 #endif
 
 // ---------------------------------------------------------------- scalar helpers
@@ -843,6 +847,10 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   }
 }
 
+#if RSIR_AMX_BF16
+#include "kernel_bf16_amx.h"
+#endif
+
 // ---------------------------------------------------------------- entry points
 
 static void forward_entry(const WindowAttentionParams& p, int64_t begin, int64_t end) {
@@ -850,7 +858,15 @@ static void forward_entry(const WindowAttentionParams& p, int64_t begin, int64_t
     case DType::kFloat32: forward_impl<float>(p, begin, end); break;
     case DType::kFloat64: forward_impl<double>(p, begin, end); break;
     case DType::kFloat16: forward_impl<Half>(p, begin, end); break;
-    case DType::kBFloat16: forward_impl<BF16>(p, begin, end); break;
+    case DType::kBFloat16:
+#if RSIR_AMX_BF16
+      if (p.D <= kAmxMaxDim && imin(p.N, p.L) <= kAmxMaxWindow) {
+        forward_bf16_amx(p, begin, end);
+        break;
+      }
+#endif
+      forward_impl<BF16>(p, begin, end);
+      break;
   }
 }
 
