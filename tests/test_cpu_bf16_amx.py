@@ -3,7 +3,8 @@ and where Linux grants the tile state: S^T = K Q^T and O^T = V^T P^T as TDPBF16P
 to bf16 for P V. Against the float64 reference by the bf16 rule (2x the error of the bf16
 reference, which rounds P to bf16 too), over the shapes the tile code pads: every head dim up
 to the tile limit of 32 and past it (the widened path), windows up to 64 tokens and past it,
-odd and even window fills, a partial last window, int32 indices, a non-unit dim stride; bitwise equal on 1 and 2 threads; and the error against
+odd and even window fills, a partial last window, int32 indices, a non-unit dim stride, an output large enough for streaming stores; bitwise
+equal on 1 and 2 threads; and the error against
 the widened path's (RSIR_CPU_ISA=avx512: P not rounded) on the RSIR-T stage shapes.
 
 One process per ISA build (the core picks its build once per process)."""
@@ -61,14 +62,18 @@ assert q.stride(-1) != 1
 forward_errors(q, k, v, make_index(2, 60, 1, device="cpu", seed=6), 17)
 checked += 1
 
-# bitwise equal on 1 and 2 threads
-q, k, v = make_qkv(4, 98, 4, 16, dtype=torch.bfloat16, device="cpu", requires_grad=False, seed=8)
-index = make_index(4, 98, 2, device="cpu", seed=9)
-runs = []
-for threads in (1, 2):
-    torch.set_num_threads(threads)
-    runs.append(rk.window_attention(q, k, v, index, 49, backend="cpp"))
-assert torch.equal(*runs)
+# bitwise equal on 1 and 2 threads; the second shape's out (3.2 MB) exceeds a core's L2: its rows
+# are staged and written with streaming stores (kernel_bf16_amx.h: streams_bf16)
+for batch, length in ((4, 98), (8, 3136)):
+    q, k, v = make_qkv(batch, length, 4, 16, dtype=torch.bfloat16, device="cpu", requires_grad=False, seed=8)
+    index = make_index(batch, length, 2, device="cpu", seed=9)
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs.append(rk.window_attention(q, k, v, index, 49, backend="cpp"))
+    assert torch.equal(*runs)
+forward_errors(q, k, v, index, 49)
+checked += 1
 
 # the RSIR-T stage shapes: errors against float64, for the table in docs/performance.md
 stages = {}
@@ -91,7 +96,7 @@ def test_amx_bf16_forward_within_the_bf16_rule():
     ran, checked, amx = run_check("avx512amx")
     if ran != "avx512+amx":
         pytest.skip(f"this CPU or kernel does not run the AMX build ({ran} ran)")
-    assert checked == 20
+    assert checked == 21
     ran, _, widened = run_check("avx512")
     # P rounded to bf16 costs accuracy, but stays within half the rule's 2x on RSIR-T's shapes
     for stage, (err, ref_err) in amx.items():

@@ -107,6 +107,16 @@ static inline void scatter_bf16(BF16* x, const int64_t* s, int64_t b, int64_t h,
   }
 }
 
+// Whether the group's output rows x[b, t, g * hpg .. (g + 1) * hpg - 1, :] are whole, aligned
+// cache lines (heads back to back, hpg * D a multiple of 32) and out exceeds a core's L2 (as
+// streams() for fp32): then all heads of an item are converted into a staging block first and
+// each token's lines written with streaming stores, no read of the line and no prefetch.
+static inline bool streams_bf16(const void* x, const int64_t* s, const WindowAttentionParams& p, int64_t hpg) {
+  constexpr int64_t kCachedBytes = int64_t(2) << 20;
+  return s[3] == 1 && s[2] == p.D && (hpg * p.D) % 32 == 0 && (uintptr_t)x % 64 == 0 && s[0] % 32 == 0 &&
+         s[1] % 32 == 0 && p.B * p.L * p.H * p.D * 2 > kCachedBytes;
+}
+
 static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int64_t end) {
   const int64_t D = p.D, hpg = p.heads_per_group();
   const int64_t Dk = round_up(D, 2), D2 = Dk / 2, nd = (D + 15) / 16, dv = 16 * nd;
@@ -121,7 +131,8 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
   const int64_t bytes = 64 * 9 + ring_bytes<BF16>(wp, hpg, D, 4) + round_up(wp * Dk * 2, 64) +
                         round_up(wp * 16 * 4, 64) + round_up(D2 * wp * 4, 64) + round_up(wp * wp * 4, 64) +
                         round_up(wk / 2 * wp * 4, 64) + round_up(wk * dv * 2, 64) + round_up(wk / 2 * dv * 4, 64) +
-                        round_up(dv * wk * 2, 64) + 2 * round_up(wp * dv * 4, 64) + round_up(wp * 4, 64);
+                        round_up(dv * wk * 2, 64) + 2 * round_up(wp * dv * 4, 64) + round_up(wp * 4, 64) +
+                        round_up(wp * 8, 64) + round_up(wp * hpg * D * 2, 64);
   char* cursor = static_cast<char*>(thread_scratch(bytes));
   TileConfig* config = carve<TileConfig>(cursor, 1);
   uint16_t* Kb = carve<uint16_t>(cursor, wp * Dk);
@@ -135,6 +146,11 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
   float* OT = carve<float>(cursor, dv * wp);
   float* O = carve<float>(cursor, wp * dv);
   float* inv = carve<float>(cursor, wp);
+  const bool stream_out = streams_bf16(out, p.out_stride, p, hpg);
+  int64_t* rows = carve<int64_t>(cursor, wp);                            // 0, 1, ..., m - 1
+  BF16* block = carve<BF16>(cursor, wp * hpg * D);                      // [i][hh][d]: the staging block
+  const int64_t block_stride[4] = {0, hpg * D, D, 1};
+  for (int64_t i = 0; i < wp; ++i) rows[i] = i;
   *config = amx_config(Dk);
   memory_barrier();
   _tile_loadconfig(config);
@@ -144,7 +160,7 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
     prefetch_rows(q, p.q_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     prefetch_rows(k, p.k_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     prefetch_rows(v, p.v_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
-    prefetch_rows(out, p.out_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
+    if (!stream_out) prefetch_rows(out, p.out_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
   });
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
@@ -202,8 +218,18 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
         }
       memory_barrier();
       transpose(O, dv, OT, mp, dv, m);  // O rows i, cols d
-      scatter_bf16(out, p.out_stride, b, h, O, dv, tok, m, D, inv);  // out rows = O / column sum
+      if (stream_out)  // out rows = O / column sum
+        scatter_bf16(block, block_stride, 0, hh, O, dv, rows, m, D, inv);
+      else
+        scatter_bf16(out, p.out_stride, b, h, O, dv, tok, m, D, inv);
     }
+    if (stream_out)
+      for (int64_t i = 0; i < m; ++i) {
+        BF16* dst = out + offset4(p.out_stride, b, tok[i], g * hpg);
+        for (int64_t c = 0; c < hpg * D; c += 32)
+          _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + c), _mm512_loadu_si512(block + i * hpg * D + c));
+      }
   }
+  if (stream_out) _mm_sfence();  // streaming stores are weakly ordered: visible before we return
   _tile_release();
 }

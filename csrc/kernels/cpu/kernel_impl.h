@@ -541,7 +541,7 @@ static inline void scatter_rows(T* x, const int64_t* s, int64_t b, int64_t h, co
 // stay cached for their reader). A streaming store needs no read of the line first: no
 // prefetch of the rows, a quarter less traffic in the forward at D = 16.
 static inline bool streams(const void* x, const int64_t* s, const WindowAttentionParams& p) {
-  constexpr int64_t kCachedBytes = int64_t(4) << 20;
+  constexpr int64_t kCachedBytes = int64_t(2) << 20;
   return s[3] == 1 && p.D % 16 == 0 && (uintptr_t)x % 64 == 0 && s[0] % 16 == 0 && s[1] % 16 == 0 &&
          s[2] % 16 == 0 && p.B * p.L * p.H * p.D * 4 > kCachedBytes;
 }
