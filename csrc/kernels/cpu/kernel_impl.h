@@ -1,9 +1,8 @@
 // The CPU kernels, written once and compiled once per instruction set: each translation unit
 // (kernel_generic.cpp, kernel_avx2.cpp, kernel_avx512.cpp, kernel_avx512amx.cpp) includes the
-// standard headers first,
-// then (optionally) switches the target with `#pragma GCC target`, then includes this file
-// inside a namespace of its own, so no inline function is shared between instruction sets (no
-// ODR mix-ups at link time). Do not include standard headers from here.
+// standard headers first, then (optionally) switches the target with `#pragma GCC target`, then
+// includes this file inside a namespace of its own, so no inline function is shared between
+// instruction sets (no ODR mix-ups at link time). Do not include standard headers from here.
 //
 // Needs before inclusion: <cstdint>, <cstring>, <cmath> (and <immintrin.h> for
 // RSIR_WIDE_VECTORS == 2), rsir/params.h, kernels/cpu/window_attention_cpu.h; macro
