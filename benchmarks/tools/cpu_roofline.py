@@ -23,7 +23,7 @@ import time
 import torch
 
 import rsir_kernels as rk
-from rsir_kernels import baselines
+from rsir_kernels import baselines, flops
 from rsir_kernels.samplers import rs_index
 
 
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     t = interleaved_medians(fns, args.rounds, clock)
     gemm = 2 * 2048 ** 3
     peak32, peak16 = gemm / t["mm fp32"] / 1e9, gemm / t["mm bf16"] / 1e9
-    useful = 2 * 2 * window * window * dim * (length // window) * heads * args.batch  # QK^T and PV
+    useful = 2 * flops.attention_macs(args.batch, length, heads, dim, window)  # q k^T and P v
     fwd32 = useful / t["cpp fwd fp32"] / 1e9
     ms = {name: 1e3 * s for name, s in t.items()}
     print(f"cpu_roofline: {torch.ops.rsir_ext.cpu_isa()} build, {args.threads} thread(s), batch {args.batch}, "
