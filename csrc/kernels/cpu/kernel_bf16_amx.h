@@ -5,7 +5,8 @@
 //   the softmax down the columns in fp32 (softmax_cols, as the float path),
 //   O^T = V^T P^T on tiles, with e = exp(...) rounded to bf16 (P V in bf16 is what the bf16
 //   reference does too; the column sums, lse and 1 / sum stay fp32 of the unrounded e),
-//   O^T transposed back to rows, divided by the sums and written to the tokens.
+//   O^T transposed back to rows, divided by the sums and written to the tokens (where the
+//   output is large and its rows whole lines: staged per group, then streaming stores).
 // TDPBF16PS adds each pair of products to the fp32 accumulator in a fixed order, treats bf16
 // subnormals as zero and flushes fp32 subnormal results (|x| < 2^-126) to zero: invisible next
 // to the output's bf16 rounding unless a whole row is that small. Sums in a fixed order,
@@ -56,7 +57,8 @@ static inline __m512i interleave_halves(__m512i x) {
 }
 
 // rows[i * ld + d] = x[b, tok[i], h, d] (bf16 bits) for i < m, d < D; d in [D, pad) set to 0.
-// Unit dim stride: 32 elements a masked vector move (a memcpy call per row costs more than the row).
+// D = 16 and 32 (RSIR's) as one unmasked vector move per row: a memcpy call per row costs more
+// than the row, and masked stores defeat store forwarding into the tile loads.
 static inline void gather_bf16(uint16_t* rows, int64_t ld, int64_t pad, const BF16* x, const int64_t* s,
                                int64_t b, int64_t h, const int64_t* tok, int64_t m, int64_t D) {
   const int64_t sd = s[3];
