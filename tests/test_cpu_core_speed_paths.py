@@ -62,12 +62,15 @@ def test_transposed_softmax_paths(isa):
     assert count == 21, (ran, count)
 
 
-def test_streaming_stores_of_large_outputs():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_streaming_stores_of_large_outputs(dtype):
     """Where out (forward) and dq, dk, dv (backward) exceed a core's L2 and their rows are whole
-    aligned cache lines (fp32, D % 16 == 0), the AVX-512 builds write them with streaming
-    stores and do not prefetch them (kernel_impl.h: streams, stream_rows). At such a size
-    (B x L x H x D x 4 bytes = 6.4 MB), forward and gradients against the float64 reference,
-    packed and separate gradient buffers, and bitwise equal on 1 and 2 threads."""
+    aligned cache lines, the AVX-512 builds write them with streaming stores and do not prefetch
+    them (kernel_impl.h: streams / stream_rows for fp32 rows of D % 16 == 0; streams_grouped /
+    stream_lines for 2-byte rows, a group's heads staged first). At such a size (B x L x H x D
+    = 1.6 M elements: 6.4 MB in fp32, 3.2 MB in bf16 / fp16), forward and gradients against the
+    float64 reference (the rule of tests/util.py), packed and separate gradient buffers, and
+    bitwise equal on 1 and 2 threads."""
     import torch
 
     from util import assert_matches_reference, make_index, make_qkv
@@ -75,7 +78,7 @@ def test_streaming_stores_of_large_outputs():
     def attend(q, k, v, index, n, scale=None):
         return rk.window_attention(q, k, v, index, n, scale=scale, backend="cpp")
 
-    q, k, v = make_qkv(4, 3136, 4, 32, device="cpu", seed=11)
+    q, k, v = make_qkv(4, 3136, 4, 32, dtype=getattr(torch, dtype), device="cpu", seed=11)
     index = make_index(4, 3136, 2, device="cpu", seed=12)
     assert_matches_reference(attend, q, k, v, index, 49)
     runs = []

@@ -109,16 +109,6 @@ static inline void scatter_bf16(BF16* x, const int64_t* s, int64_t b, int64_t h,
   }
 }
 
-// Whether the group's output rows x[b, t, g * hpg .. (g + 1) * hpg - 1, :] are whole, aligned
-// cache lines (heads back to back, hpg * D a multiple of 32) and out exceeds a core's L2 (as
-// streams() for fp32): then all heads of an item are converted into a staging block first and
-// each token's lines written with streaming stores, no read of the line and no prefetch.
-static inline bool streams_bf16(const void* x, const int64_t* s, const WindowAttentionParams& p, int64_t hpg) {
-  constexpr int64_t kCachedBytes = int64_t(2) << 20;
-  return s[3] == 1 && s[2] == p.D && (hpg * p.D) % 32 == 0 && (uintptr_t)x % 64 == 0 && s[0] % 32 == 0 &&
-         s[1] % 32 == 0 && p.B * p.L * p.H * p.D * 2 > kCachedBytes;
-}
-
 static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int64_t end) {
   const int64_t D = p.D, hpg = p.heads_per_group();
   const int64_t Dk = round_up(D, 2), D2 = Dk / 2, nd = (D + 15) / 16, dv = 16 * nd;
@@ -148,7 +138,7 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
   float* OT = carve<float>(cursor, dv * wp);
   float* O = carve<float>(cursor, wp * dv);
   float* inv = carve<float>(cursor, wp);
-  const bool stream_out = streams_bf16(out, p.out_stride, p, hpg);
+  const bool stream_out = streams_grouped(out, p.out_stride, p, hpg);  // staged per group, streamed
   int64_t* rows = carve<int64_t>(cursor, wp);                            // 0, 1, ..., m - 1
   BF16* block = carve<BF16>(cursor, wp * hpg * D);                      // [i][hh][d]: the staging block
   const int64_t block_stride[4] = {0, hpg * D, D, 1};
@@ -225,12 +215,7 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
       else
         scatter_bf16(out, p.out_stride, b, h, O, dv, tok, m, D, inv);
     }
-    if (stream_out)
-      for (int64_t i = 0; i < m; ++i) {
-        BF16* dst = out + offset4(p.out_stride, b, tok[i], g * hpg);
-        for (int64_t c = 0; c < hpg * D; c += 32)
-          _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + c), _mm512_loadu_si512(block + i * hpg * D + c));
-      }
+    if (stream_out) stream_lines(out, p.out_stride, b, g * hpg, block, hpg * D, tok, m);
   }
   if (stream_out) _mm_sfence();  // streaming stores are weakly ordered: visible before we return
   _tile_release();

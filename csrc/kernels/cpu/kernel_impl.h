@@ -545,6 +545,26 @@ static inline bool streams(const void* x, const int64_t* s, const WindowAttentio
          s[2] % 16 == 0 && p.B * p.L * p.H * p.D * 4 > kCachedBytes;
 }
 
+// The same for 2-byte rows (bf16, fp16), a group's heads together: x[b, t, g * hpg .. (g + 1) *
+// hpg - 1, :] are whole aligned lines (heads back to back, hpg * D a multiple of 32). The kernels
+// convert all heads of an item into a staging block first, then stream_lines writes it.
+static inline bool streams_grouped(const void* x, const int64_t* s, const WindowAttentionParams& p, int64_t hpg) {
+  constexpr int64_t kCachedBytes = int64_t(2) << 20;
+  return s[3] == 1 && s[2] == p.D && (hpg * p.D) % 32 == 0 && (uintptr_t)x % 64 == 0 && s[0] % 32 == 0 &&
+         s[1] % 32 == 0 && p.B * p.L * p.H * p.D * 2 > kCachedBytes;
+}
+
+// x[b, tok[i], h0 .. h0 + hpg - 1, :] = block[i] (hpg * D 2-byte elements, whole lines) for i < m.
+template <class T>
+static inline void stream_lines(T* x, const int64_t* s, int64_t b, int64_t h0, const T* block, int64_t width,
+                                const int64_t* tok, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* dst = x + offset4(s, b, tok[i], h0);
+    for (int64_t c = 0; c < width; c += 32)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + c), _mm512_loadu_si512(block + i * width + c));
+  }
+}
+
 // x[b, tok[i], h, :] = rows[i * ld + :] * (per_row ? per_row[i] : a), streaming stores (streams()).
 static inline void stream_rows(float* x, const int64_t* s, int64_t b, int64_t h, const float* rows, int64_t ld,
                                const int64_t* tok, int64_t m, int64_t D, const float* per_row, float a) {
@@ -812,9 +832,10 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
 
   const int64_t mat = round_up(wp * dp * (int64_t)sizeof(A), 64);
   const int64_t qcap = prefetch_queue_cap<T>(wp, hpg, D, 7);
+  const int64_t staging = round_up(wp * hpg * D * (int64_t)sizeof(T), 64);
   const int64_t bytes = 64 * 8 + ring_bytes<T>(wp, hpg, D, 7) + 11 * mat +
                         2 * round_up(wp * wp * (int64_t)sizeof(A), 64) +
-                        round_up(wp * (int64_t)sizeof(A), 64);
+                        round_up(wp * (int64_t)sizeof(A), 64) + round_up(wp * 8, 64) + 3 * staging;
   char* cursor = static_cast<char*>(thread_scratch(bytes));
   A* Q = carve<A>(cursor, wp * dp);     // rows i, cols d
   A* K = carve<A>(cursor, wp * dp);     // rows j, cols d
@@ -827,12 +848,23 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   A* P = carve<A>(cursor, wp * wp);     // rows i, cols j
   A* dS = carve<A>(cursor, wp * wp);    // dP, then dS
   A* Vr = carve<A>(cursor, wp * dp);    // rows j, cols d (float path)
+  // Large outputs whose rows are whole lines: fp32 rows streamed per head; 2-byte rows of a
+  // group's heads staged in dQs, dKs, dVs ([i][hh][d]), then streamed per token.
+  int64_t* rows = carve<int64_t>(cursor, wp);  // 0, 1, ..., m - 1: the staging blocks' tokens
+  T* dQs = carve<T>(cursor, wp * hpg * D);
+  T* dKs = carve<T>(cursor, wp * hpg * D);
+  T* dVs = carve<T>(cursor, wp * hpg * D);
+  const int64_t staged_stride[4] = {0, hpg * D, D, 1};
+  for (int64_t i = 0; i < wp; ++i) rows[i] = i;
 #if RSIR_WIDE_VECTORS == 2
-  bool stream_grads = false;
+  bool stream_grads = false, stage_grads = false;
   if constexpr (sizeof(T) == 4 && sizeof(A) == 4)
     stream_grads = streams(dq, p.dq_stride, p) && streams(dk, p.dk_stride, p) && streams(dv, p.dv_stride, p);
+  if constexpr (sizeof(T) == 2)
+    stage_grads = streams_grouped(dq, p.dq_stride, p, hpg) && streams_grouped(dk, p.dk_stride, p, hpg) &&
+                  streams_grouped(dv, p.dv_stride, p, hpg);
 #else
-  const bool stream_grads = false;
+  const bool stream_grads = false, stage_grads = false;
 #endif
 
   auto ring = make_ring(p, cursor, wp, qcap, begin, end, [&](const ItemTokens& t, PrefetchQueue& pq) {
@@ -843,7 +875,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
     prefetch_rows(dout, p.dout_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     // the rows that scatter_rows writes: without this, their stores miss the cache (and, with
     // 4 KiB pages, the TLB) at the scatter (prefetcht0 measured as fast as prefetchw or faster)
-    if (!stream_grads) {
+    if (!stream_grads && !stage_grads) {
       prefetch_rows(dq, p.dq_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
       prefetch_rows(dk, p.dk_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
       prefetch_rows(dv, p.dv_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
@@ -888,10 +920,23 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
           continue;
         }
 #endif
+        if (stage_grads) {
+          scatter_rows(dQs, staged_stride, 0, hh, dQ, dp, rows, m, D, scale);
+          scatter_rows(dKs, staged_stride, 0, hh, dK, dp, rows, m, D, scale);
+          scatter_rows(dVs, staged_stride, 0, hh, dV, dp, rows, m, D, (A)1);
+          continue;
+        }
         scatter_rows(dq, p.dq_stride, b, h, dQ, dp, tok, m, D, scale);
         scatter_rows(dk, p.dk_stride, b, h, dK, dp, tok, m, D, scale);
         scatter_rows(dv, p.dv_stride, b, h, dV, dp, tok, m, D, (A)1);
       }
+#if RSIR_WIDE_VECTORS == 2
+      if (stage_grads) {
+        stream_lines(dq, p.dq_stride, b, g * hpg, dQs, hpg * D, tok, m);
+        stream_lines(dk, p.dk_stride, b, g * hpg, dKs, hpg * D, tok, m);
+        stream_lines(dv, p.dv_stride, b, g * hpg, dVs, hpg * D, tok, m);
+      }
+#endif
     } else {  // double: rows of scores, grad_rows
       const int64_t pk = ring.per_step(hpg * m);  // prefetches per softmax row
       std::memset(Q, 0, sizeof(A) * mp * dp);
@@ -923,7 +968,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
     }
   }
 #if RSIR_WIDE_VECTORS == 2
-  if (stream_grads) _mm_sfence();  // streaming stores are weakly ordered: visible before we return
+  if (stream_grads || stage_grads) _mm_sfence();  // streaming stores are weakly ordered: visible before we return
 #endif
 }
 
