@@ -62,33 +62,55 @@ def test_transposed_softmax_paths(isa):
     assert count == 21, (ran, count)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_streaming_stores_of_large_outputs(dtype):
+STREAM_CHECK = r"""
+import json, sys
+sys.path.insert(0, 'tests')
+import torch
+import rsir_kernels as rk
+from rsir_kernels.backends import cpp
+from util import assert_matches_reference, make_index, make_qkv
+
+def attend(q, k, v, index, n, scale=None):
+    return rk.window_attention(q, k, v, index, n, scale=scale, backend="cpp")
+
+q, k, v = make_qkv(4, 3136, 4, 32, dtype=getattr(torch, sys.argv[1]), device="cpu", seed=11)
+index = make_index(4, 3136, 2, device="cpu", seed=12)
+assert_matches_reference(attend, q, k, v, index, 49)
+runs = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    qkv = torch.stack([q.detach(), k.detach(), v.detach()], 2).requires_grad_()
+    out = rk.window_attention_qkvpacked(qkv, index, 49, backend="cpp")
+    runs.append([out.detach(), *torch.autograd.grad(out, qkv, torch.ones_like(out))])
+assert all(torch.equal(a, b) for a, b in zip(*runs))
+print(json.dumps(cpp.CPU_ISA))
+"""
+
+
+@pytest.mark.parametrize("isa,dtype", [("avx512amx", "float32"), ("avx512amx", "bfloat16"), ("avx512amx", "float16"),
+                                       ("avx512", "bfloat16"), ("avx512", "float16")])
+def test_streaming_stores_of_large_outputs(isa, dtype):
     """Where out (forward) and dq, dk, dv (backward) exceed a core's L2 and their rows are whole
     aligned cache lines, the AVX-512 builds write them with streaming stores and do not prefetch
     them (kernel_impl.h: streams / stream_rows for fp32 rows of D % 16 == 0; streams_grouped /
-    stream_lines for 2-byte rows, a group's heads staged first). At such a size (B x L x H x D
-    = 1.6 M elements: 6.4 MB in fp32, 3.2 MB in bf16 / fp16), forward and gradients against the
-    float64 reference (the rule of tests/util.py), packed and separate gradient buffers, and
-    bitwise equal on 1 and 2 threads."""
-    import torch
+    stream_lines for 2-byte rows, a group's heads staged first; the AMX build's bf16 forward the
+    same in kernel_bf16_amx.h). At such a size (B x L x H x D = 1.6 M elements: 6.4 MB in fp32,
+    3.2 MB in bf16 / fp16), forward and gradients against the float64 reference (the rule of
+    tests/util.py), packed and separate gradient buffers, and bitwise equal on 1 and 2 threads;
+    in the AMX build and in the plain AVX-512 build (one process each)."""
+    if not fuzz_isa_runs(isa):
+        pytest.skip(f"this CPU does not run the {isa} build")
+    env = dict(os.environ, RSIR_CPU_ISA=isa, RSIR_POISON="1")
+    proc = subprocess.run([sys.executable, "-c", STREAM_CHECK, dtype], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
-    from util import assert_matches_reference, make_index, make_qkv
 
-    def attend(q, k, v, index, n, scale=None):
-        return rk.window_attention(q, k, v, index, n, scale=scale, backend="cpp")
+def fuzz_isa_runs(isa):
+    """scripts/fuzz.py's answer: whether this CPU runs the ISA build."""
+    import importlib.util
 
-    q, k, v = make_qkv(4, 3136, 4, 32, dtype=getattr(torch, dtype), device="cpu", seed=11)
-    index = make_index(4, 3136, 2, device="cpu", seed=12)
-    assert_matches_reference(attend, q, k, v, index, 49)
-    runs = []
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            qkv = torch.stack([q.detach(), k.detach(), v.detach()], 2).requires_grad_()
-            out = rk.window_attention_qkvpacked(qkv, index, 49, backend="cpp")
-            runs.append([out.detach(), *torch.autograd.grad(out, qkv, torch.ones_like(out))])
-    finally:
-        torch.set_num_threads(previous)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    spec = importlib.util.spec_from_file_location("rsir_fuzz", os.path.join(ROOT, "scripts", "fuzz.py"))
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    return fuzz._isa_runs(isa)

@@ -720,7 +720,8 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
   const int64_t qcap = prefetch_queue_cap<T>(wp, hpg, D, 4);
   const int64_t bytes = 64 * 8 + ring_bytes<T>(wp, hpg, D, 4) +
                         5 * round_up(wp * dp * (int64_t)sizeof(A), 64) +
-                        round_up(wp * wp * (int64_t)sizeof(A), 64) + 2 * round_up(wp * (int64_t)sizeof(A), 64);
+                        round_up(wp * wp * (int64_t)sizeof(A), 64) + 2 * round_up(wp * (int64_t)sizeof(A), 64) +
+                        round_up(wp * 8, 64) + round_up(wp * hpg * D * (int64_t)sizeof(T), 64);
   char* cursor = static_cast<char*>(thread_scratch(bytes));
   A* Q = carve<A>(cursor, wp * dp);   // rows i, cols d
   A* KT = carve<A>(cursor, dp * wp);  // rows d, cols j
@@ -729,11 +730,18 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
   A* S = carve<A>(cursor, wp * wp);   // scores, then probabilities
   A* inv = carve<A>(cursor, wp);
   A* rmax = carve<A>(cursor, wp);
+  // Large outputs whose rows are whole lines: fp32 rows streamed per head; 2-byte rows of a
+  // group's heads staged in `block` ([i][hh][d]), then streamed per token.
+  int64_t* rows = carve<int64_t>(cursor, wp);  // 0, 1, ..., m - 1: the staging block's tokens
+  T* block = carve<T>(cursor, wp * hpg * D);
+  const int64_t block_stride[4] = {0, hpg * D, D, 1};
+  for (int64_t i = 0; i < wp; ++i) rows[i] = i;
 #if RSIR_WIDE_VECTORS == 2
-  bool stream_out = false;
+  bool stream_out = false, stage_out = false;
   if constexpr (sizeof(T) == 4 && sizeof(A) == 4) stream_out = streams(out, p.out_stride, p);
+  if constexpr (sizeof(T) == 2) stage_out = streams_grouped(out, p.out_stride, p, hpg);
 #else
-  const bool stream_out = false;
+  const bool stream_out = false, stage_out = false;
 #endif
 
   auto ring = make_ring(p, cursor, wp, qcap, begin, end, [&](const ItemTokens& t, PrefetchQueue& pq) {
@@ -741,7 +749,7 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
     prefetch_rows(q, p.q_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     prefetch_rows(k, p.k_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     prefetch_rows(v, p.v_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
-    if (!stream_out) prefetch_rows(out, p.out_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
+    if (!stream_out && !stage_out) prefetch_rows(out, p.out_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
   });
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
@@ -778,8 +786,14 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
           const A a = inv[i];
           for (int64_t d = 0; d < D; ++d) src[d] *= a;
         }
-        scatter_rows(out, p.out_stride, b, h, O, dp, tok, m, D, (A)1);
+        if (stage_out)
+          scatter_rows(block, block_stride, 0, hh, O, dp, rows, m, D, (A)1);
+        else
+          scatter_rows(out, p.out_stride, b, h, O, dp, tok, m, D, (A)1);
       }
+#if RSIR_WIDE_VECTORS == 2
+      if (stage_out) stream_lines(out, p.out_stride, b, g * hpg, block, hpg * D, tok, m);
+#endif
     } else {  // double: rows of scores, softmax_rows
       const int64_t pk = ring.per_step(hpg * m);  // prefetches per softmax row
       // zero padding (identical for every head of the item; the gathers below overwrite the rest)
@@ -810,7 +824,7 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
     }
   }
 #if RSIR_WIDE_VECTORS == 2
-  if (stream_out) _mm_sfence();  // streaming stores are weakly ordered: visible before we return
+  if (stream_out || stage_out) _mm_sfence();  // streaming stores are weakly ordered: visible before we return
 #endif
 }
 
