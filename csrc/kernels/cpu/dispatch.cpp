@@ -31,6 +31,7 @@ void forward(const WindowAttentionParams& p, int64_t begin, int64_t end);
 void backward(const WindowAttentionParams& p, int64_t begin, int64_t end);
 }  // namespace avx512
 namespace avx512amx {
+extern const bool kCompiled;  // false where the compiler has no AMX support (GCC < 11, Clang < 12)
 void forward(const WindowAttentionParams& p, int64_t begin, int64_t end);
 void backward(const WindowAttentionParams& p, int64_t begin, int64_t end);
 }  // namespace avx512amx
@@ -42,13 +43,15 @@ namespace {
 
 using Kernel = void (*)(const WindowAttentionParams&, int64_t, int64_t);
 
-// AMX: CPUID.(7, 0).EDX bits 22 (AMX-BF16) and 24 (AMX-TILE), and Linux's permission for this
-// process to use the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+; refused on
-// older kernels and where the hypervisor hides the state): without it the first tile
-// instruction raises SIGILL.
+// The AMX build: compiled in, CPUID.(7, 1).EAX bit 5 (AVX512-BF16) and CPUID.(7, 0).EDX bits 22
+// (AMX-BF16) and 24 (AMX-TILE), and Linux's permission for this process to use the tile data
+// state (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+; refused on older kernels and where the
+// hypervisor hides the state): without it the first tile instruction raises SIGILL.
 bool amx_usable() {
 #if defined(__linux__) && defined(__GNUC__) && defined(__x86_64__)
   unsigned a, b, c, d;
+  if (!avx512amx::kCompiled) return false;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
@@ -74,8 +77,7 @@ Table pick() {
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  if (!generic_only && !avx2_at_most && !avx512_at_most && has_avx512 && __builtin_cpu_supports("avx512bf16") &&
-      amx_usable())
+  if (!generic_only && !avx2_at_most && !avx512_at_most && has_avx512 && amx_usable())
     return {avx512amx::forward, avx512amx::backward, "avx512+amx"};
   if (!generic_only && !avx2_at_most && has_avx512)
     return {avx512::forward, avx512::backward, "avx512"};

@@ -21,6 +21,7 @@
 #endif
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,amx-bf16")
 #define RSIR_WIDE_VECTORS 2  // 32 registers of 512 bits: 8 x 32 tiles
@@ -32,6 +33,7 @@ namespace avx512amx {
 
 #include "kernel_impl.h"
 
+extern const bool kCompiled = true;
 void forward(const WindowAttentionParams& p, int64_t begin, int64_t end) { forward_entry(p, begin, end); }
 void backward(const WindowAttentionParams& p, int64_t begin, int64_t end) { backward_entry(p, begin, end); }
 
@@ -40,4 +42,15 @@ void backward(const WindowAttentionParams& p, int64_t begin, int64_t end) { back
 }  // namespace rsir
 
 #pragma GCC pop_options
+#else  // a compiler without AMX intrinsics: the build is never picked (dispatch.cpp reads kCompiled)
+namespace rsir {
+namespace cpu {
+namespace avx512amx {
+extern const bool kCompiled = false;
+void forward(const WindowAttentionParams&, int64_t, int64_t) {}
+void backward(const WindowAttentionParams&, int64_t, int64_t) {}
+}  // namespace avx512amx
+}  // namespace cpu
+}  // namespace rsir
+#endif
 #endif
