@@ -8,19 +8,14 @@ equal on 1 and 2 threads; and the error against
 the widened path's (RSIR_CPU_ISA=avx512: P not rounded) on the RSIR-T stage shapes.
 
 One process per ISA build (the core picks its build once per process)."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 import rsir_kernels as rk
 
+from util import run_in_cpu_build
+
 AVAILABLE = rk.available_backends()["cpp"]
 pytestmark = pytest.mark.skipif(not AVAILABLE.available, reason=f"backend 'cpp' unavailable: {AVAILABLE.reason}")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHECK = r"""
 import json, sys
@@ -84,20 +79,12 @@ print(json.dumps([cpp.CPU_ISA, checked, stages]))
 """
 
 
-def run_check(isa):
-    env = dict(os.environ, RSIR_CPU_ISA=isa, RSIR_POISON="1")
-    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_amx_bf16_forward_within_the_bf16_rule():
-    ran, checked, amx = run_check("avx512amx")
+    ran, checked, amx = run_in_cpu_build(CHECK, "avx512amx")
     if ran != "avx512+amx":
         pytest.skip(f"this CPU or kernel does not run the AMX build ({ran} ran)")
     assert checked == 21
-    ran, _, widened = run_check("avx512")
+    ran, _, widened = run_in_cpu_build(CHECK, "avx512")
     # P rounded to bf16 costs accuracy, but stays within half the rule's 2x on RSIR-T's shapes
     for stage, (err, ref_err) in amx.items():
         assert err <= ref_err, (stage, err, ref_err, widened[stage])

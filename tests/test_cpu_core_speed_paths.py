@@ -4,19 +4,14 @@
 (AVX2) and 4 (generic) lanes and a partial last window, in every ISA build (one process each:
 the core picks its build once per process), forward and the three gradients against the float64
 reference (the rule of tests/util.py), and bitwise equal on 1 and 2 threads."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 import rsir_kernels as rk
 
+from util import fuzz_script, run_in_cpu_build
+
 AVAILABLE = rk.available_backends()["cpp"]
 pytestmark = pytest.mark.skipif(not AVAILABLE.available, reason=f"backend 'cpp' unavailable: {AVAILABLE.reason}")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHECK = r"""
 import json, sys
@@ -54,11 +49,7 @@ print(json.dumps([cpp.CPU_ISA, len(checked)]))
 
 @pytest.mark.parametrize("isa", ["avx512amx", "avx512", "avx2", "generic"])
 def test_transposed_softmax_paths(isa):
-    env = dict(os.environ, RSIR_CPU_ISA=isa, RSIR_POISON="1")
-    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ran, count = json.loads(proc.stdout.strip().splitlines()[-1])
+    ran, count = run_in_cpu_build(CHECK, isa)
     assert count == 21, (ran, count)
 
 
@@ -92,25 +83,11 @@ print(json.dumps(cpp.CPU_ISA))
 def test_streaming_stores_of_large_outputs(isa, dtype):
     """Where out (forward) and dq, dk, dv (backward) exceed a core's L2 and their rows are whole
     aligned cache lines, the AVX-512 builds write them with streaming stores and do not prefetch
-    them (kernel_impl.h: streams / stream_rows for fp32 rows of D % 16 == 0; streams_grouped /
-    stream_lines for 2-byte rows, a group's heads staged first; the AMX build's bf16 forward the
-    same in kernel_bf16_amx.h). At such a size (B x L x H x D = 1.6 M elements: 6.4 MB in fp32,
+    them (kernel_impl.h: streams; stream_rows for fp32 rows of D % 16 == 0; Staged for 2-byte
+    rows, a group's heads staged first, also in kernel_bf16_amx.h's forward). At such a size (B x L x H x D = 1.6 M elements: 6.4 MB in fp32,
     3.2 MB in bf16 / fp16), forward and gradients against the float64 reference (the rule of
     tests/util.py), packed and separate gradient buffers, and bitwise equal on 1 and 2 threads;
     in the AMX build and in the plain AVX-512 build (one process each)."""
-    if not fuzz_isa_runs(isa):
+    if not fuzz_script()._isa_runs(isa):
         pytest.skip(f"this CPU does not run the {isa} build")
-    env = dict(os.environ, RSIR_CPU_ISA=isa, RSIR_POISON="1")
-    proc = subprocess.run([sys.executable, "-c", STREAM_CHECK, dtype], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def fuzz_isa_runs(isa):
-    """scripts/fuzz.py's answer: whether this CPU runs the ISA build."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rsir_fuzz", os.path.join(ROOT, "scripts", "fuzz.py"))
-    fuzz = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fuzz)
-    return fuzz._isa_runs(isa)
+    run_in_cpu_build(STREAM_CHECK, isa, dtype)

@@ -14,7 +14,6 @@ subprocess of its own (`python tests/test_magnitudes.py` runs the cases and prin
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -27,12 +26,9 @@ import torch
 import rsir_kernels as rk
 from rsir_kernels import reference
 
-from util import max_rel_error
+from util import fuzz_script, max_rel_error
 
-_spec = importlib.util.spec_from_file_location(
-    "rsir_fuzz", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "fuzz.py"))
-fuzz = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fuzz)
+fuzz = fuzz_script()
 
 # (magnitude of q and k, scale or None for D ** -0.5); plus random draws (seeded) in the same range
 GRID = [(1.0, None), (10.0, None), (100.0, None), (1e3, None), (1e4, None), (1.0, 1e2), (1.0, 1e4), (30.0, 30.0)]

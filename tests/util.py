@@ -7,12 +7,41 @@ within 2x the error of the same-precision reference against float64 plus 1e-3; f
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
 import torch
 
 from rsir_kernels import reference
 from rsir_kernels.samplers import rs_index
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def fuzz_script():
+    """scripts/fuzz.py as a module (a script, not part of the package): its cases, ISA names and
+    `_isa_runs` (whether this CPU runs an ISA build)."""
+    spec = importlib.util.spec_from_file_location("rsir_fuzz", os.path.join(ROOT, "scripts", "fuzz.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_in_cpu_build(code: str, isa: str, *args: str, timeout: float = 600):
+    """`python -c code *args` from the repository root with the CPU core capped at RSIR_CPU_ISA=isa
+    (the core picks its build once per process, so one process per build) and outputs poisoned
+    (RSIR_POISON=1); asserts it exits 0 and returns the JSON its last line prints."""
+    env = dict(os.environ, RSIR_CPU_ISA=isa, RSIR_POISON="1")
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def make_qkv(batch, length, heads, dim, dtype=torch.float32, device=DEVICE, packed=True, seed=0,

@@ -79,36 +79,6 @@ static inline void gather_bf16(uint16_t* rows, int64_t ld, int64_t pad, const BF
   }
 }
 
-// x[b, tok[i], h, d] = bf16(rows[i * ld + d] * a[i]) for i < m, d < D, rounded to nearest even
-// as float_to_bf16 (bit for bit: integer arithmetic, NaN quieted the same way).
-static inline void scatter_bf16(BF16* x, const int64_t* s, int64_t b, int64_t h, const float* rows, int64_t ld,
-                                const int64_t* tok, int64_t m, int64_t D, const float* a) {
-  const int64_t sd = s[3];
-  for (int64_t i = 0; i < m; ++i) {
-    BF16* dst = x + offset4(s, b, tok[i], h);
-    const float* src = rows + i * ld;
-    const __m512 ai = _mm512_set1_ps(a[i]);
-    for (int64_t d = 0; d < D; d += 16) {
-      const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(src + d), ai));
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                    _mm512_set1_epi32(0x7f800000));
-      r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-      const __m256i h16 = _mm512_cvtepi32_epi16(r);
-      if (sd == 1 && D - d >= 16) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), h16);
-      } else if (sd == 1) {
-        _mm256_mask_storeu_epi16(dst + d, (__mmask16)((1u << (D - d)) - 1), h16);
-      } else {
-        alignas(32) uint16_t tmp[16];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), h16);
-        for (int64_t e = d; e < imin(D, d + 16); ++e) dst[e * sd].x = tmp[e - d];
-      }
-    }
-  }
-}
-
 static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int64_t end) {
   const int64_t D = p.D, hpg = p.heads_per_group();
   const int64_t Dk = round_up(D, 2), D2 = Dk / 2, nd = (D + 15) / 16, dv = 16 * nd;
@@ -124,7 +94,7 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
                         round_up(wp * 16 * 4, 64) + round_up(D2 * wp * 4, 64) + round_up(wp * wp * 4, 64) +
                         round_up(wk / 2 * wp * 4, 64) + round_up(wk * dv * 2, 64) + round_up(wk / 2 * dv * 4, 64) +
                         round_up(dv * wk * 2, 64) + 2 * round_up(wp * dv * 4, 64) + round_up(wp * 4, 64) +
-                        round_up(wp * 8, 64) + round_up(wp * hpg * D * 2, 64);
+                        round_up(wp * 8, 64) + Staged<BF16>::bytes(wp, hpg, D);
   char* cursor = static_cast<char*>(thread_scratch(bytes));
   TileConfig* config = carve<TileConfig>(cursor, 1);
   uint16_t* Kb = carve<uint16_t>(cursor, wp * Dk);
@@ -138,22 +108,13 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
   float* OT = carve<float>(cursor, dv * wp);
   float* O = carve<float>(cursor, wp * dv);
   float* inv = carve<float>(cursor, wp);
-  const bool stream_out = streams_grouped(out, p.out_stride, p, hpg);  // staged per group, streamed
-  int64_t* rows = carve<int64_t>(cursor, wp);                            // 0, 1, ..., m - 1
-  BF16* block = carve<BF16>(cursor, wp * hpg * D);                      // [i][hh][d]: the staging block
-  const int64_t block_stride[4] = {0, hpg * D, D, 1};
-  for (int64_t i = 0; i < wp; ++i) rows[i] = i;
+  const bool stream_out = streams(out, p.out_stride, p, hpg, 2);  // staged per group, streamed
+  Staged<BF16> staged(cursor, identity_rows(cursor, wp), wp, hpg, D);
   *config = amx_config(Dk);
   memory_barrier();
   _tile_loadconfig(config);
 
-  auto ring = make_ring(p, cursor, wp, qcap, begin, end, [&](const ItemTokens& t, PrefetchQueue& pq) {
-    const int64_t h0 = t.g * hpg;
-    prefetch_rows(q, p.q_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
-    prefetch_rows(k, p.k_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
-    prefetch_rows(v, p.v_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
-    if (!stream_out) prefetch_rows(out, p.out_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
-  });
+  auto ring = make_ring(p, cursor, wp, qcap, begin, end, forward_prefetch<BF16>(p, !stream_out));
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
     const int64_t* tok = it.tok;
@@ -210,12 +171,17 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
         }
       memory_barrier();
       transpose(O, dv, OT, mp, dv, m);  // O rows i, cols d
-      if (stream_out)  // out rows = O / column sum
-        scatter_bf16(block, block_stride, 0, hh, O, dv, rows, m, D, inv);
+      for (int64_t i = 0; i < m; ++i) {  // out rows = O / column sum
+        float* src = O + i * dv;
+        const float a = inv[i];
+        for (int64_t d = 0; d < D; ++d) src[d] *= a;
+      }
+      if (stream_out)
+        staged.put(hh, O, dv, m, D, 1.0f);
       else
-        scatter_bf16(out, p.out_stride, b, h, O, dv, tok, m, D, inv);
+        scatter_rows(out, p.out_stride, b, h, O, dv, tok, m, D, 1.0f);
     }
-    if (stream_out) stream_lines(out, p.out_stride, b, g * hpg, block, hpg * D, tok, m);
+    if (stream_out) staged.flush(out, p.out_stride, b, g * hpg, tok, m);
   }
   if (stream_out) _mm_sfence();  // streaming stores are weakly ordered: visible before we return
   _tile_release();

@@ -517,6 +517,32 @@ static inline void gather_rows(A* rows, int64_t ld, const T* x, const int64_t* s
   }
 }
 
+// dst[d] = src[d] * a for d < D (contiguous), in T.
+template <class T, class A>
+static inline void store_row(T* dst, const A* src, int64_t D, A a) {
+  for (int64_t d = 0; d < D; ++d) Elem<T>::store(dst + d, src[d] * a);
+}
+#if RSIR_WIDE_VECTORS == 2
+// bf16: 16 at a time, rounded to nearest even by integer arithmetic as float_to_bf16 (the same
+// bits, NaN quieted the same way; what GCC makes of the loop above is 8 at a time, slower).
+static inline void store_row(BF16* dst, const float* src, int64_t D, float a) {
+  const __m512 av = _mm512_set1_ps(a);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(src + d), av));
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    const __m256i h16 = _mm512_cvtepi32_epi16(r);
+    if (D - d >= 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), h16);
+    else  // src is read up to the vector's end: rows of the kernels' scratch are padded to 16
+      _mm256_mask_storeu_epi16(dst + d, (__mmask16)((1u << (D - d)) - 1), h16);
+  }
+}
+#endif
+
 // x[b, tok[i], h, d] = rows[i * ld + d] * a
 template <class T, class A>
 static inline void scatter_rows(T* x, const int64_t* s, int64_t b, int64_t h, const A* rows, int64_t ld,
@@ -526,7 +552,7 @@ static inline void scatter_rows(T* x, const int64_t* s, int64_t b, int64_t h, co
     T* dst = x + offset4(s, b, tok[i], h);
     const A* src = rows + i * ld;
     if (sd == 1) {
-      for (int64_t d = 0; d < D; ++d) Elem<T>::store(dst + d, src[d] * a);
+      store_row(dst, src, D, a);
     } else {
       for (int64_t d = 0; d < D; ++d) Elem<T>::store(dst + d * sd, src[d] * a);
     }
@@ -534,38 +560,23 @@ static inline void scatter_rows(T* x, const int64_t* s, int64_t b, int64_t h, co
 }
 
 #if RSIR_WIDE_VECTORS == 2
-// Whether the kernel writes the float rows x[b, t, h, :] (B x L x H of them) with streaming
-// stores: they are whole, aligned cache lines for every b, t, h (unit dim stride, D a multiple
-// of 16, 64-byte aligned base and strides), and more than a core's L2 holds (smaller outputs
-// stay cached for their reader). A streaming store needs no read of the line first: no
-// prefetch of the rows, a quarter less traffic in the forward at D = 16.
-static inline bool streams(const void* x, const int64_t* s, const WindowAttentionParams& p) {
+// Whether the kernel writes an output with streaming stores: its rows of `heads` heads
+// x[b, t, g * heads .. (g + 1) * heads - 1, :] (heads back to back where heads > 1) are whole,
+// aligned cache lines for every b, t, g (unit dim stride, 64-byte aligned base and offsets), and
+// it is larger than a core's L2 (smaller outputs stay cached for their reader). A streaming store
+// needs no read of the line first: no prefetch of the rows, a quarter less traffic in the forward
+// at D = 16. fp32 rows of D % 16 == 0 stream per head (heads = 1, stream_rows); 2-byte rows of D
+// = 16 are half a line, so the kernels stage a group's heads (heads = hpg, Staged).
+static inline bool streams(const void* x, const int64_t* s, const WindowAttentionParams& p, int64_t heads,
+                           int64_t elem_bytes) {
   constexpr int64_t kCachedBytes = int64_t(2) << 20;
-  return s[3] == 1 && p.D % 16 == 0 && (uintptr_t)x % 64 == 0 && s[0] % 16 == 0 && s[1] % 16 == 0 &&
-         s[2] % 16 == 0 && p.B * p.L * p.H * p.D * 4 > kCachedBytes;
+  const int64_t line = 64 / elem_bytes;  // elements per cache line
+  return s[3] == 1 && (heads == 1 || s[2] == p.D) && (heads * p.D) % line == 0 && (heads * s[2]) % line == 0 &&
+         (uintptr_t)x % 64 == 0 && s[0] % line == 0 && s[1] % line == 0 &&
+         p.B * p.L * p.H * p.D * elem_bytes > kCachedBytes;
 }
 
-// The same for 2-byte rows (bf16, fp16), a group's heads together: x[b, t, g * hpg .. (g + 1) *
-// hpg - 1, :] are whole aligned lines (heads back to back, hpg * D a multiple of 32). The kernels
-// convert all heads of an item into a staging block first, then stream_lines writes it.
-static inline bool streams_grouped(const void* x, const int64_t* s, const WindowAttentionParams& p, int64_t hpg) {
-  constexpr int64_t kCachedBytes = int64_t(2) << 20;
-  return s[3] == 1 && s[2] == p.D && (hpg * p.D) % 32 == 0 && (uintptr_t)x % 64 == 0 && s[0] % 32 == 0 &&
-         s[1] % 32 == 0 && p.B * p.L * p.H * p.D * 2 > kCachedBytes;
-}
-
-// x[b, tok[i], h0 .. h0 + hpg - 1, :] = block[i] (hpg * D 2-byte elements, whole lines) for i < m.
-template <class T>
-static inline void stream_lines(T* x, const int64_t* s, int64_t b, int64_t h0, const T* block, int64_t width,
-                                const int64_t* tok, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) {
-    T* dst = x + offset4(s, b, tok[i], h0);
-    for (int64_t c = 0; c < width; c += 32)
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + c), _mm512_loadu_si512(block + i * width + c));
-  }
-}
-
-// x[b, tok[i], h, :] = rows[i * ld + :] * (per_row ? per_row[i] : a), streaming stores (streams()).
+// x[b, tok[i], h, :] = rows[i * ld + :] * (per_row ? per_row[i] : a), streaming stores (streams(.., 1, 4)).
 static inline void stream_rows(float* x, const int64_t* s, int64_t b, int64_t h, const float* rows, int64_t ld,
                                const int64_t* tok, int64_t m, int64_t D, const float* per_row, float a) {
   for (int64_t i = 0; i < m; ++i) {
@@ -641,6 +652,40 @@ static inline A* carve(char*& cursor, int64_t count) {
   return p;
 }
 
+// 0, 1, ..., wp - 1: the rows of a staging block, as the token list of scatter_rows.
+static inline const int64_t* identity_rows(char*& cursor, int64_t wp) {
+  int64_t* rows = carve<int64_t>(cursor, wp);
+  for (int64_t i = 0; i < wp; ++i) rows[i] = i;
+  return rows;
+}
+
+// One output's rows for a group's heads, staged per work item ([i][hh][d]) and then written to the
+// tokens as whole lines with streaming stores (2-byte outputs that streams(x, s, p, hpg, 2)).
+template <class T>
+struct Staged {
+  T* block;
+  const int64_t* rows;  // identity_rows
+  int64_t stride[4];
+  static int64_t bytes(int64_t wp, int64_t hpg, int64_t D) { return round_up(wp * hpg * D * (int64_t)sizeof(T), 64); }
+  Staged(char*& cursor, const int64_t* rows_, int64_t wp, int64_t hpg, int64_t D)
+      : block(carve<T>(cursor, wp * hpg * D)), rows(rows_), stride{0, hpg * D, D, 1} {}
+  // head hh's rows (rows[i * ld + d] * a for i < m, d < D) into the block
+  template <class A>
+  void put(int64_t hh, const A* src, int64_t ld, int64_t m, int64_t D, A a) {
+    scatter_rows(block, stride, 0, hh, src, ld, rows, m, D, a);
+  }
+#if RSIR_WIDE_VECTORS == 2
+  // x[b, tok[i], h0 .. h0 + hpg - 1, :] = block row i for i < m
+  void flush(T* x, const int64_t* s, int64_t b, int64_t h0, const int64_t* tok, int64_t m) const {
+    for (int64_t i = 0; i < m; ++i) {
+      T* dst = x + offset4(s, b, tok[i], h0);
+      for (int64_t c = 0; c < stride[1]; c += 32)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + c), _mm512_loadu_si512(block + i * stride[1] + c));
+    }
+  }
+#endif
+};
+
 // The work items' token lists, read kLookahead items ahead of their use, with their rows
 // prefetched then: the gathers are random accesses over the whole sequence, and without
 // this each item would wait on its cache misses one row at a time.
@@ -706,6 +751,19 @@ static inline TokenRing<Prefetch> make_ring(const WindowAttentionParams& p, char
 
 // ---------------------------------------------------------------- forward
 
+// The forward's prefetches for a work item: its rows of q, k, v, and of out unless out is
+// written with streaming stores.
+template <class T>
+static inline auto forward_prefetch(const WindowAttentionParams& p, bool out_rows) {
+  return [&p, out_rows](const ItemTokens& t, PrefetchQueue& pq) {
+    const int64_t hpg = p.heads_per_group(), h0 = t.g * hpg;
+    prefetch_rows(static_cast<const T*>(p.q), p.q_stride, t.b, h0, hpg, t.tok, t.m, p.D, pq);
+    prefetch_rows(static_cast<const T*>(p.k), p.k_stride, t.b, h0, hpg, t.tok, t.m, p.D, pq);
+    prefetch_rows(static_cast<const T*>(p.v), p.v_stride, t.b, h0, hpg, t.tok, t.m, p.D, pq);
+    if (out_rows) prefetch_rows(static_cast<const T*>(p.out), p.out_stride, t.b, h0, hpg, t.tok, t.m, p.D, pq);
+  };
+}
+
 template <class T>
 static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t end) {
   using A = typename Elem<T>::acc;  // compute type, also the lse type
@@ -721,7 +779,7 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
   const int64_t bytes = 64 * 8 + ring_bytes<T>(wp, hpg, D, 4) +
                         5 * round_up(wp * dp * (int64_t)sizeof(A), 64) +
                         round_up(wp * wp * (int64_t)sizeof(A), 64) + 2 * round_up(wp * (int64_t)sizeof(A), 64) +
-                        round_up(wp * 8, 64) + round_up(wp * hpg * D * (int64_t)sizeof(T), 64);
+                        round_up(wp * 8, 64) + Staged<T>::bytes(wp, hpg, D);
   char* cursor = static_cast<char*>(thread_scratch(bytes));
   A* Q = carve<A>(cursor, wp * dp);   // rows i, cols d
   A* KT = carve<A>(cursor, dp * wp);  // rows d, cols j
@@ -730,27 +788,17 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
   A* S = carve<A>(cursor, wp * wp);   // scores, then probabilities
   A* inv = carve<A>(cursor, wp);
   A* rmax = carve<A>(cursor, wp);
-  // Large outputs whose rows are whole lines: fp32 rows streamed per head; 2-byte rows of a
-  // group's heads staged in `block` ([i][hh][d]), then streamed per token.
-  int64_t* rows = carve<int64_t>(cursor, wp);  // 0, 1, ..., m - 1: the staging block's tokens
-  T* block = carve<T>(cursor, wp * hpg * D);
-  const int64_t block_stride[4] = {0, hpg * D, D, 1};
-  for (int64_t i = 0; i < wp; ++i) rows[i] = i;
+  // Large outputs whose rows are whole lines: fp32 rows streamed per head, 2-byte rows staged.
+  Staged<T> staged(cursor, identity_rows(cursor, wp), wp, hpg, D);
 #if RSIR_WIDE_VECTORS == 2
   bool stream_out = false, stage_out = false;
-  if constexpr (sizeof(T) == 4 && sizeof(A) == 4) stream_out = streams(out, p.out_stride, p);
-  if constexpr (sizeof(T) == 2) stage_out = streams_grouped(out, p.out_stride, p, hpg);
+  if constexpr (sizeof(T) == 4 && sizeof(A) == 4) stream_out = streams(out, p.out_stride, p, 1, 4);
+  if constexpr (sizeof(T) == 2) stage_out = streams(out, p.out_stride, p, hpg, 2);
 #else
   const bool stream_out = false, stage_out = false;
 #endif
 
-  auto ring = make_ring(p, cursor, wp, qcap, begin, end, [&](const ItemTokens& t, PrefetchQueue& pq) {
-    const int64_t h0 = t.g * hpg;
-    prefetch_rows(q, p.q_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
-    prefetch_rows(k, p.k_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
-    prefetch_rows(v, p.v_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
-    if (!stream_out && !stage_out) prefetch_rows(out, p.out_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
-  });
+  auto ring = make_ring(p, cursor, wp, qcap, begin, end, forward_prefetch<T>(p, !stream_out && !stage_out));
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
     const int64_t* tok = it.tok;
@@ -787,12 +835,12 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
           for (int64_t d = 0; d < D; ++d) src[d] *= a;
         }
         if (stage_out)
-          scatter_rows(block, block_stride, 0, hh, O, dp, rows, m, D, (A)1);
+          staged.put(hh, O, dp, m, D, (A)1);
         else
           scatter_rows(out, p.out_stride, b, h, O, dp, tok, m, D, (A)1);
       }
 #if RSIR_WIDE_VECTORS == 2
-      if (stage_out) stream_lines(out, p.out_stride, b, g * hpg, block, hpg * D, tok, m);
+      if (stage_out) staged.flush(out, p.out_stride, b, g * hpg, tok, m);
 #endif
     } else {  // double: rows of scores, softmax_rows
       const int64_t pk = ring.per_step(hpg * m);  // prefetches per softmax row
@@ -846,7 +894,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
 
   const int64_t mat = round_up(wp * dp * (int64_t)sizeof(A), 64);
   const int64_t qcap = prefetch_queue_cap<T>(wp, hpg, D, 7);
-  const int64_t staging = round_up(wp * hpg * D * (int64_t)sizeof(T), 64);
+  const int64_t staging = Staged<T>::bytes(wp, hpg, D);
   const int64_t bytes = 64 * 8 + ring_bytes<T>(wp, hpg, D, 7) + 11 * mat +
                         2 * round_up(wp * wp * (int64_t)sizeof(A), 64) +
                         round_up(wp * (int64_t)sizeof(A), 64) + round_up(wp * 8, 64) + 3 * staging;
@@ -862,21 +910,17 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   A* P = carve<A>(cursor, wp * wp);     // rows i, cols j
   A* dS = carve<A>(cursor, wp * wp);    // dP, then dS
   A* Vr = carve<A>(cursor, wp * dp);    // rows j, cols d (float path)
-  // Large outputs whose rows are whole lines: fp32 rows streamed per head; 2-byte rows of a
-  // group's heads staged in dQs, dKs, dVs ([i][hh][d]), then streamed per token.
-  int64_t* rows = carve<int64_t>(cursor, wp);  // 0, 1, ..., m - 1: the staging blocks' tokens
-  T* dQs = carve<T>(cursor, wp * hpg * D);
-  T* dKs = carve<T>(cursor, wp * hpg * D);
-  T* dVs = carve<T>(cursor, wp * hpg * D);
-  const int64_t staged_stride[4] = {0, hpg * D, D, 1};
-  for (int64_t i = 0; i < wp; ++i) rows[i] = i;
+  // Large outputs whose rows are whole lines: fp32 rows streamed per head, 2-byte rows staged.
+  const int64_t* rows = identity_rows(cursor, wp);
+  Staged<T> dQs(cursor, rows, wp, hpg, D), dKs(cursor, rows, wp, hpg, D), dVs(cursor, rows, wp, hpg, D);
 #if RSIR_WIDE_VECTORS == 2
   bool stream_grads = false, stage_grads = false;
-  if constexpr (sizeof(T) == 4 && sizeof(A) == 4)
-    stream_grads = streams(dq, p.dq_stride, p) && streams(dk, p.dk_stride, p) && streams(dv, p.dv_stride, p);
-  if constexpr (sizeof(T) == 2)
-    stage_grads = streams_grouped(dq, p.dq_stride, p, hpg) && streams_grouped(dk, p.dk_stride, p, hpg) &&
-                  streams_grouped(dv, p.dv_stride, p, hpg);
+  auto all_stream = [&](int64_t heads, int64_t elem_bytes) {
+    return streams(dq, p.dq_stride, p, heads, elem_bytes) && streams(dk, p.dk_stride, p, heads, elem_bytes) &&
+           streams(dv, p.dv_stride, p, heads, elem_bytes);
+  };
+  if constexpr (sizeof(T) == 4 && sizeof(A) == 4) stream_grads = all_stream(1, 4);
+  if constexpr (sizeof(T) == 2) stage_grads = all_stream(hpg, 2);
 #else
   const bool stream_grads = false, stage_grads = false;
 #endif
@@ -935,9 +979,9 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
         }
 #endif
         if (stage_grads) {
-          scatter_rows(dQs, staged_stride, 0, hh, dQ, dp, rows, m, D, scale);
-          scatter_rows(dKs, staged_stride, 0, hh, dK, dp, rows, m, D, scale);
-          scatter_rows(dVs, staged_stride, 0, hh, dV, dp, rows, m, D, (A)1);
+          dQs.put(hh, dQ, dp, m, D, scale);
+          dKs.put(hh, dK, dp, m, D, scale);
+          dVs.put(hh, dV, dp, m, D, (A)1);
           continue;
         }
         scatter_rows(dq, p.dq_stride, b, h, dQ, dp, tok, m, D, scale);
@@ -946,9 +990,9 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
       }
 #if RSIR_WIDE_VECTORS == 2
       if (stage_grads) {
-        stream_lines(dq, p.dq_stride, b, g * hpg, dQs, hpg * D, tok, m);
-        stream_lines(dk, p.dk_stride, b, g * hpg, dKs, hpg * D, tok, m);
-        stream_lines(dv, p.dv_stride, b, g * hpg, dVs, hpg * D, tok, m);
+        dQs.flush(dq, p.dq_stride, b, g * hpg, tok, m);
+        dKs.flush(dk, p.dk_stride, b, g * hpg, tok, m);
+        dVs.flush(dv, p.dv_stride, b, g * hpg, tok, m);
       }
 #endif
     } else {  // double: rows of scores, grad_rows
