@@ -142,13 +142,24 @@ static inline void gemm_tile(A* __restrict c, int64_t ldc, const A* __restrict a
     for (int v = 0; v < NV; ++v) vstore(c + r * ldc + VL * v, acc[r][v]);
 }
 
-// C[M x Nc] = A[M x K] * B[K x Nc]; M % 4 == 0, Nc % PAD == 0; row-major with leading
+// C[M x Nc] = A[M x K] * B[K x Nc]; Nc % PAD == 0, any M; row-major with leading
 // dimensions lda, ldb, ldc. Tiles of kRows x (VL * kWide) with 2 * 4 = 8 (AVX2: 4 x 16
 // floats, enough independent FMA chains to cover the FMA latency) or 8 * 2 = 16 (AVX-512:
-// 8 x 32 floats; 32 registers) accumulators, narrower tiles for the last column block and a
-// 4-row tile for the last rows. Doubles: 4 x 8 tiles (two registers per row already).
+// 8 x 32 floats; 32 registers) accumulators, narrower tiles for the last column block. No
+// padding rows: M = 49 runs as 5 tiles of 8 rows and one of 9 (a lone 1-row tile would be one
+// latency-bound FMA chain per vector; measured slower). Doubles: 4 x 8 tiles (two registers
+// per row already).
 // gemm_t: the same with A given transposed (stored [K x M], leading dimension lda): C = A^T B.
 template <int N> struct IntC { static constexpr int value = N; };
+
+// f(IntC<n>{}) for a run-time n in 1 .. Max (nothing for n = 0)
+template <int Max, class F>
+static inline void with_rows(int64_t n, F&& f) {
+  if constexpr (Max > 0) {
+    if (n == Max) return f(IntC<Max>{});
+    with_rows<Max - 1>(n, f);
+  }
+}
 
 template <bool TA, class A>
 static void gemm_any(A* __restrict C, int64_t ldc, const A* __restrict Am, int64_t lda,
@@ -164,9 +175,11 @@ static void gemm_any(A* __restrict C, int64_t ldc, const A* __restrict Am, int64
     for (; j + VL * kWide <= Nc; j += VL * kWide) gemm_tile<R, kWide, TA>(C + i * ldc + j, ldc, a, lda, Bm + j, ldb, K);
     for (; j < Nc; j += VL * kNarrow) gemm_tile<R, kNarrow, TA>(C + i * ldc + j, ldc, a, lda, Bm + j, ldb, K);
   };
-  int64_t i = 0;
-  for (; i + kRows <= M; i += kRows) row_block(IntC<kRows>{}, i);
-  for (; i < M; i += 4) row_block(IntC<4>{}, i);
+  // the last r = M % kRows rows: r < kRows / 2 join the last full tile, else a tile of their own
+  const int64_t r = M % kRows, full = M / kRows - (r > 0 && 2 * r < kRows && M > kRows);
+  for (int64_t i = 0; i < full * kRows; i += kRows) row_block(IntC<kRows>{}, i);
+  const int64_t rest = M - full * kRows;  // < 1.5 kRows
+  with_rows<kRows + kRows / 2 - 1>(rest, [&](auto rows_tag) { row_block(rows_tag, full * kRows); });
 }
 template <class A>
 static void gemm(A* C, int64_t ldc, const A* Am, int64_t lda, const A* Bm, int64_t ldb, int64_t M, int64_t Nc,
@@ -799,30 +812,35 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
 #endif
 
   auto ring = make_ring(p, cursor, wp, qcap, begin, end, forward_prefetch<T>(p, !stream_out && !stage_out));
+  if constexpr (sizeof(A) == 4) {
+    // Once per call, not per item: what is padding for an item (rows past m, columns past D,
+    // queries past m) only ever reaches padding outputs, so it need only be finite: zero, or
+    // what an earlier item left there.
+    std::memset(KT, 0, sizeof(A) * dp * wp);
+    std::memset(V, 0, sizeof(A) * wp * dp);
+  }
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
     const int64_t* tok = it.tok;
     const int64_t b = it.b, g = it.g, m = it.m;
     if (m == 0) continue;
-    const int64_t mp = round_up(m, PAD), mr = round_up(m, 4);
+    const int64_t mp = round_up(m, PAD);
     if constexpr (sizeof(A) == 4) {
       // float: scores transposed (ST = K Q^T: keys down, queries across), the softmax's max and
       // sum run down the columns (softmax_cols), then O = (P^T)^T V.
       const int64_t pk = ring.per_step(hpg * (mp / VL) * m);  // prefetches per exp vector
-      std::memset(KT, 0, sizeof(A) * dp * mp);  // Q^T (padding queries: zero)
-      std::memset(V, 0, sizeof(A) * mp * dp);   // K rows, then V rows
       for (int64_t hh = 0; hh < hpg; ++hh) {
         const int64_t h = g * hpg + hh;
         gather_rows(Q, dp, q, p.q_stride, b, h, tok, m, D);
         transpose(KT, mp, Q, dp, m, D);             // Q^T: rows d, cols i
         gather_rows(V, dp, k, p.k_stride, b, h, tok, m, D);  // K rows
-        gemm(S, mp, V, dp, KT, mp, mr, mp, D);      // ST = K Q^T: rows j, cols i
+        gemm(S, mp, V, dp, KT, mp, m, mp, D);       // ST = K Q^T: rows j, cols i
         gather_rows(V, dp, v, p.v_stride, b, h, tok, m, D);
         A* lse_bh = lse + b * p.lse_stride[0] + h * p.lse_stride[1];
         softmax_cols(
             S, m, mp, p.scale, inv, [&](int64_t i) { return lse_bh + tok[i] * p.lse_stride[2]; },
             [&] { ring.pump(pk); });
-        gemm_t(O, dp, S, mp, V, dp, mr, dp, m);  // O = P V with P^T stored
+        gemm_t(O, dp, S, mp, V, dp, m, dp, m);  // O = P V with P^T stored
 #if RSIR_WIDE_VECTORS == 2
         if (stream_out) {
           stream_rows(reinterpret_cast<float*>(out), p.out_stride, b, h, O, dp, tok, m, D, inv, 1.0f);
@@ -843,6 +861,7 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
       if (stage_out) staged.flush(out, p.out_stride, b, g * hpg, tok, m);
 #endif
     } else {  // double: rows of scores, softmax_rows
+      const int64_t mr = round_up(m, 4);
       const int64_t pk = ring.per_step(hpg * m);  // prefetches per softmax row
       // zero padding (identical for every head of the item; the gathers below overwrite the rest)
       std::memset(Q, 0, sizeof(A) * mp * dp);
@@ -939,23 +958,25 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
       prefetch_rows(dv, p.dv_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     }
   });
+  if constexpr (sizeof(A) == 4) {  // once per call, as in forward_impl: padding need only be finite
+    std::memset(Q, 0, sizeof(A) * wp * dp);
+    std::memset(K, 0, sizeof(A) * wp * dp);
+    std::memset(Vr, 0, sizeof(A) * wp * dp);
+    std::memset(dO, 0, sizeof(A) * wp * dp);
+    std::memset(KT, 0, sizeof(A) * dp * wp);  // Q^T
+    std::memset(VT, 0, sizeof(A) * dp * wp);  // dO^T
+  }
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
     const int64_t* tok = it.tok;
     const int64_t b = it.b, g = it.g, m = it.m;
     if (m == 0) continue;
-    const int64_t mp = round_up(m, PAD), mr = round_up(m, 4);
+    const int64_t mp = round_up(m, PAD);
     if constexpr (sizeof(A) == 4) {
       // float: scores and dP transposed (keys down, queries across), grad_cols down the columns.
       A* QT = KT;   // rows d, cols i
       A* dOT = VT;  // rows d, cols i
       const int64_t pk = ring.per_step(hpg * (mp / VL) * m);  // prefetches per exp vector
-      std::memset(Q, 0, sizeof(A) * mp * dp);
-      std::memset(K, 0, sizeof(A) * mp * dp);
-      std::memset(Vr, 0, sizeof(A) * mp * dp);
-      std::memset(dO, 0, sizeof(A) * mp * dp);
-      std::memset(QT, 0, sizeof(A) * dp * mp);
-      std::memset(dOT, 0, sizeof(A) * dp * mp);
       for (int64_t hh = 0; hh < hpg; ++hh) {
         const int64_t h = g * hpg + hh;
         gather_rows(Q, dp, q, p.q_stride, b, h, tok, m, D);
@@ -964,12 +985,12 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
         gather_rows(Vr, dp, v, p.v_stride, b, h, tok, m, D);
         gather_rows(dO, dp, dout, p.dout_stride, b, h, tok, m, D);
         transpose(dOT, mp, dO, dp, m, D);
-        gemm(P, mp, K, dp, QT, mp, mr, mp, D);     // S^T = K Q^T
-        gemm(dS, mp, Vr, dp, dOT, mp, mr, mp, D);  // dP^T = V dO^T
+        gemm(P, mp, K, dp, QT, mp, m, mp, D);     // S^T = K Q^T
+        gemm(dS, mp, Vr, dp, dOT, mp, m, mp, D);  // dP^T = V dO^T
         grad_cols(P, dS, m, mp, p.scale, [&] { ring.pump(pk); });  // P^T, dS^T
-        gemm_t(dQ, dp, dS, mp, K, dp, mr, dp, m);  // dQ = dS K
-        gemm(dK, dp, dS, mp, Q, dp, mr, dp, m);    // dK = dS^T Q
-        gemm(dV, dp, P, mp, dO, dp, mr, dp, m);    // dV = P^T dO
+        gemm_t(dQ, dp, dS, mp, K, dp, m, dp, m);  // dQ = dS K
+        gemm(dK, dp, dS, mp, Q, dp, m, dp, m);    // dK = dS^T Q
+        gemm(dV, dp, P, mp, dO, dp, m, dp, m);    // dV = P^T dO
 #if RSIR_WIDE_VECTORS == 2
         if (stream_grads) {
           stream_rows(reinterpret_cast<float*>(dq), p.dq_stride, b, h, dQ, dp, tok, m, D, nullptr, scale);
@@ -996,6 +1017,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
       }
 #endif
     } else {  // double: rows of scores, grad_rows
+      const int64_t mr = round_up(m, 4);
       const int64_t pk = ring.per_step(hpg * m);  // prefetches per softmax row
       std::memset(Q, 0, sizeof(A) * mp * dp);
       std::memset(K, 0, sizeof(A) * mp * dp);
