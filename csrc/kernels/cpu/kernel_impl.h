@@ -242,11 +242,12 @@ static inline void transpose(float* __restrict cols, int64_t ldc, const float* _
 
 // 2^y on VL lanes: y = n + f with n = round(y) and f in [-1/2, 1/2] exact, 2^f by its
 // degree-6 Taylor polynomial (relative error ~1.2e-7), 2^n into the exponent bits. Exactly 0
-// below -126 (and for -inf); NaN in, NaN out; y <= 126. The softmax folds log2(e) into the
-// scale, so no range reduction by ln 2 is needed (about 5 % faster forward than Cephes expf).
+// below -126 (and for -inf); NaN in, NaN out; y <= 0 (every caller passes a softmax exponent,
+// score - column max, rounded: never above 0). The softmax folds log2(e) into the scale, so no
+// range reduction by ln 2 is needed (about 5 % faster forward than Cephes expf).
 static inline VF exp2_approx_v(VF y) {
-  const VF lo = VF{} - 126.0f, hi = VF{} + 126.0f;
-  VF yc = y > hi ? hi : y;
+  const VF lo = VF{} - 126.0f;
+  VF yc = y;
 #if RSIR_WIDE_VECTORS == 2
   // AVX-512: n by one rounding instruction, 2^n applied by vscalefps (poly * 2^n, rounded once:
   // the same bits as the multiply below); y < -126 is selected to 0 at the end either way.
@@ -291,12 +292,12 @@ static inline VF exp2_approx_v(VF y) {
 // the forward's P to the bit: no rebuild from the stored lse, whose rounding (an ulp of a
 // number as large as the scores) would be a relative error of P at large scores.
 struct ScaleSplit {
-  float sigma, scale2;  // sign, |scale| * log2(e)
+  float scale2;  // |scale| * log2(e)
   double abs_scale;
 };
 static inline ScaleSplit split_scale(double scale) {
   const double a = scale < 0 ? -scale : scale;
-  return {scale < 0 ? -1.0f : 1.0f, (float)(a * 1.4426950408889634), a};
+  return {(float)(a * 1.4426950408889634), a};
 }
 
 #if RSIR_WIDE_VECTORS == 2
@@ -339,28 +340,36 @@ static inline VF log_v(VF x) {
 //   lse_i = |scale| * M_i + ln(sum) stored through lse_at(i) for i < m.
 // The sum over j runs in order (one accumulator per lane): deterministic. The max needs no
 // order (exact), so two accumulators halve its dependency chain.
-template <class LseAt, class Pump>
-static inline void softmax_cols(float* ST, int64_t m, int64_t mp, double scale, float* inv, LseAt lse_at,
-                                Pump pump) {
+// sigma * x with sigma = -1 (kNeg) or 1 known at compile time: a negation or nothing, the
+// same bits as the multiply (the softmaxes below are compiled for both signs of the scale).
+template <bool kNeg>
+static inline VF signed_load(const float* p) {
+  const VF x = vload<VF>(p);
+  return kNeg ? -x : x;
+}
+
+template <bool kNeg, class LseAt, class Pump>
+static inline void softmax_cols_signed(float* ST, int64_t m, int64_t mp, double scale, float* inv, LseAt lse_at,
+                                       Pump pump) {
   const ScaleSplit sc = split_scale(scale);
   for (int64_t c = 0; c < mp; c += VL) {
     float* col = ST + c;
     VF mx0 = VF{} - __builtin_inff(), mx1 = mx0;
     int64_t j = 0;
     for (; j + 1 < m; j += 2) {
-      const VF x0 = vload<VF>(col + j * mp) * sc.sigma, x1 = vload<VF>(col + (j + 1) * mp) * sc.sigma;
+      const VF x0 = signed_load<kNeg>(col + j * mp), x1 = signed_load<kNeg>(col + (j + 1) * mp);
       mx0 = mx0 > x0 ? mx0 : x0;
       mx1 = mx1 > x1 ? mx1 : x1;
     }
     if (j < m) {
-      const VF x0 = vload<VF>(col + j * mp) * sc.sigma;
+      const VF x0 = signed_load<kNeg>(col + j * mp);
       mx0 = mx0 > x0 ? mx0 : x0;
     }
     const VF mxn = mx0 > mx1 ? mx0 : mx1;  // a NaN score poisons its column's sum anyway
     VF vsum = VF{};
     for (j = 0; j < m; ++j) {
       pump();
-      const VF e = exp2_approx_v((vload<VF>(col + j * mp) * sc.sigma - mxn) * sc.scale2);
+      const VF e = exp2_approx_v((signed_load<kNeg>(col + j * mp) - mxn) * sc.scale2);
       vstore(col + j * mp, e);
       vsum += e;
     }
@@ -373,6 +382,14 @@ static inline void softmax_cols(float* ST, int64_t m, int64_t mp, double scale, 
     vstore(inv + c, 1.0f / vsum);
     for (int64_t i = c; i < imin(m, c + VL); ++i) *lse_at(i) = l[i - c];
   }
+}
+template <class LseAt, class Pump>
+static inline void softmax_cols(float* ST, int64_t m, int64_t mp, double scale, float* inv, LseAt lse_at,
+                                Pump pump) {
+  if (scale < 0)
+    softmax_cols_signed<true>(ST, m, mp, scale, inv, lse_at, pump);
+  else
+    softmax_cols_signed<false>(ST, m, mp, scale, inv, lse_at, pump);
 }
 
 template <class LseAt, class Pump>
@@ -416,8 +433,8 @@ static inline void softmax_rows(double* S, int64_t m, int64_t mp, double scale, 
 // dST[j * mp + i] = dO_i . v_j for keys j < m (rows), queries i < mp (columns); per query
 // (one lane), down its column, the steps above: e_j, sum e, sum e dP, delta refined
 // once; PT <- P^T, dST <- dS^T. Sums over j in order: deterministic.
-template <class Pump>
-static inline void grad_cols(float* PT, float* dST, int64_t m, int64_t mp, double scale, Pump pump) {
+template <bool kNeg, class Pump>
+static inline void grad_cols_signed(float* PT, float* dST, int64_t m, int64_t mp, double scale, Pump pump) {
   const ScaleSplit sc = split_scale(scale);
   for (int64_t c = 0; c < mp; c += VL) {
     float* pc = PT + c;
@@ -425,19 +442,19 @@ static inline void grad_cols(float* PT, float* dST, int64_t m, int64_t mp, doubl
     VF mx0 = VF{} - __builtin_inff(), mx1 = mx0;
     int64_t j = 0;
     for (; j + 1 < m; j += 2) {
-      const VF x0 = vload<VF>(pc + j * mp) * sc.sigma, x1 = vload<VF>(pc + (j + 1) * mp) * sc.sigma;
+      const VF x0 = signed_load<kNeg>(pc + j * mp), x1 = signed_load<kNeg>(pc + (j + 1) * mp);
       mx0 = mx0 > x0 ? mx0 : x0;
       mx1 = mx1 > x1 ? mx1 : x1;
     }
     if (j < m) {
-      const VF x0 = vload<VF>(pc + j * mp) * sc.sigma;
+      const VF x0 = signed_load<kNeg>(pc + j * mp);
       mx0 = mx0 > x0 ? mx0 : x0;
     }
     const VF mx = mx0 > mx1 ? mx0 : mx1;
     VF acc = VF{}, esum = VF{};
     for (j = 0; j < m; ++j) {
       pump();
-      const VF e = exp2_approx_v((vload<VF>(pc + j * mp) * sc.sigma - mx) * sc.scale2);
+      const VF e = exp2_approx_v((signed_load<kNeg>(pc + j * mp) - mx) * sc.scale2);
       vstore(pc + j * mp, e);
       acc += e * vload<VF>(dc + j * mp);
       esum += e;
@@ -452,6 +469,13 @@ static inline void grad_cols(float* PT, float* dST, int64_t m, int64_t mp, doubl
       vstore(dc + j * mp, pv * ((vload<VF>(dc + j * mp) - d0) - corr));
     }
   }
+}
+template <class Pump>
+static inline void grad_cols(float* PT, float* dST, int64_t m, int64_t mp, double scale, Pump pump) {
+  if (scale < 0)
+    grad_cols_signed<true>(PT, dST, m, mp, scale, pump);
+  else
+    grad_cols_signed<false>(PT, dST, m, mp, scale, pump);
 }
 
 template <class Pump>
