@@ -539,10 +539,36 @@ static inline int64_t offset4(const int64_t* s, int64_t b, int64_t t, int64_t h)
 }
 
 // rows[i * ld + d] = x[b, tok[i], h, d] for i < m, d < D
+#if RSIR_WIDE_VECTORS == 2
+// 16 elements of T as floats, exactly (bf16: a shift; fp16: vcvtph2ps)
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+static inline __m512 load16(const BF16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
 template <class T, class A>
 static inline void gather_rows(A* rows, int64_t ld, const T* x, const int64_t* s, int64_t b, int64_t h,
                                const int64_t* tok, int64_t m, int64_t D) {
   const int64_t sd = s[3];
+#if RSIR_WIDE_VECTORS == 2
+  // float rows from float, bf16 or fp16, whole vectors (RSIR's D = 16, 32): one vector move
+  // per 16 elements and one multiply per row for its address, not a generic loop per row
+  if constexpr (sizeof(A) == 4) {
+    if (sd == 1 && D % 16 == 0) {
+      const T* base = x + b * s[0] + h * s[2];
+      for (int64_t i = 0; i < m; ++i) {
+        const T* src = base + tok[i] * s[1];
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(rows + i * ld + d, load16(src + d));
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t i = 0; i < m; ++i) {
     const T* src = x + offset4(s, b, tok[i], h);
     A* dst = rows + i * ld;
@@ -560,6 +586,18 @@ static inline void store_row(T* dst, const A* src, int64_t D, A a) {
   for (int64_t d = 0; d < D; ++d) Elem<T>::store(dst + d, src[d] * a);
 }
 #if RSIR_WIDE_VECTORS == 2
+// float: 16 at a time (src is read up to the vector's end: rows of the kernels' scratch are
+// padded to 16)
+static inline void store_row(float* dst, const float* src, int64_t D, float a) {
+  const __m512 av = _mm512_set1_ps(a);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + d), av);
+    if (D - d >= 16)
+      _mm512_storeu_ps(dst + d, x);
+    else
+      _mm512_mask_storeu_ps(dst + d, (__mmask16)((1u << (D - d)) - 1), x);
+  }
+}
 // bf16: 16 at a time, rounded to nearest even by integer arithmetic as float_to_bf16 (the same
 // bits, NaN quieted the same way; what GCC makes of the loop above is 8 at a time, slower).
 static inline void store_row(BF16* dst, const float* src, int64_t D, float a) {
