@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import rsir_kernels as rk
 from rsir_kernels import backends, reference
 
-from util import DEVICE, assert_matches_reference, make_index, make_qkv
+from util import DEVICE, assert_close_to, assert_matches_reference, make_index, make_qkv
 
 
 def runnable_backends(dtype=torch.float32):
@@ -87,6 +87,31 @@ def test_nan_stays_in_its_window(name):
     expected_nan = torch.zeros(length, heads, dtype=torch.bool, device=out.device)
     expected_nan[window, 0] = True
     assert torch.equal(torch.isnan(out[0]).any(-1), expected_nan)
+
+
+@pytest.mark.parametrize("dim", [8, 16])
+@pytest.mark.parametrize("name", runnable_backends())
+def test_nan_does_not_reach_a_later_shorter_window(name, dim):
+    # The CPU core zeroes its scratch once per call: what is padding for a work item (rows past
+    # its m, columns past D) may hold the previous item's rows. A NaN there must stay in padding:
+    # the last row of window 1 (q, k, v and dout of group 0's heads) is NaN, and window 2 has
+    # only 20 tokens, so window 1's row 48 sits in its padding rows.
+    length, n, heads, groups = 118, 49, 4, 2
+    q, k, v = (t.detach().clone() for t in make_qkv(1, length, heads, dim, packed=False, requires_grad=False))
+    index = make_index(1, length, groups)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q.device)
+    token = int(index[0, 0, 2 * n - 1])
+    for t in (q, k, v, dout):
+        t[0, token, :2] = float("nan")
+    later = index[0, 0, 2 * n:]  # window 2 of group 0
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = rk.window_attention(*leaves, index, n, backend=name)
+    got = (out, *torch.autograd.grad(out, leaves, dout))
+    exact_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o = reference.window_attention_reference(*exact_leaves, index, n, upcast=True)
+    exact = (o, *torch.autograd.grad(o, exact_leaves, dout.double()))
+    for what, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
+        assert_close_to(a[0, later, :2], e[0, later, :2].detach(), None, what)
 
 
 @pytest.mark.parametrize("name", runnable_backends())
