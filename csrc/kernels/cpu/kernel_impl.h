@@ -147,7 +147,7 @@ static inline void gemm_tile(A* __restrict c, int64_t ldc, const A* __restrict a
 // floats, enough independent FMA chains to cover the FMA latency) or 8 * 2 = 16 (AVX-512:
 // 8 x 32 floats; 32 registers) accumulators, narrower tiles for the last column block. No
 // padding rows: M = 49 runs as 5 tiles of 8 rows and one of 9 (a lone 1-row tile would be one
-// latency-bound FMA chain per vector; measured slower). Doubles: 4 x 8 tiles (two registers
+// latency-bound FMA chain per vector; measured no faster). Doubles: 4 x 8 tiles (two registers
 // per row already).
 // gemm_t: the same with A given transposed (stored [K x M], leading dimension lda): C = A^T B.
 template <int N> struct IntC { static constexpr int value = N; };
@@ -538,7 +538,6 @@ static inline int64_t offset4(const int64_t* s, int64_t b, int64_t t, int64_t h)
   return b * s[0] + t * s[1] + h * s[2];
 }
 
-// rows[i * ld + d] = x[b, tok[i], h, d] for i < m, d < D
 #if RSIR_WIDE_VECTORS == 2
 // 16 elements of T as floats, exactly (bf16: a shift; fp16: vcvtph2ps)
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -551,6 +550,7 @@ static inline __m512 load16(const BF16* p) {
 }
 #endif
 
+// rows[i * ld + d] = x[b, tok[i], h, d] for i < m, d < D
 template <class T, class A>
 static inline void gather_rows(A* rows, int64_t ld, const T* x, const int64_t* s, int64_t b, int64_t h,
                                const int64_t* tok, int64_t m, int64_t D) {
@@ -876,8 +876,9 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
   auto ring = make_ring(p, cursor, wp, qcap, begin, end, forward_prefetch<T>(p, !stream_out && !stage_out));
   if constexpr (sizeof(A) == 4) {
     // Once per call, not per item: what is padding for an item (rows past m, columns past D,
-    // queries past m) only ever reaches padding outputs, so it need only be finite: zero, or
-    // what an earlier item left there.
+    // queries past m) only ever reaches padding outputs (test_robustness.py: a NaN there stays
+    // there), so after this first clear (no uninitialised reads) it holds what earlier items
+    // left.
     std::memset(KT, 0, sizeof(A) * dp * wp);
     std::memset(V, 0, sizeof(A) * wp * dp);
   }
@@ -1020,7 +1021,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
       prefetch_rows(dv, p.dv_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     }
   });
-  if constexpr (sizeof(A) == 4) {  // once per call, as in forward_impl: padding need only be finite
+  if constexpr (sizeof(A) == 4) {  // once per call, as in forward_impl: padding reaches only padding
     std::memset(Q, 0, sizeof(A) * wp * dp);
     std::memset(K, 0, sizeof(A) * wp * dp);
     std::memset(Vr, 0, sizeof(A) * wp * dp);
