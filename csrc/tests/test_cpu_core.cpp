@@ -1,10 +1,11 @@
 // Unit tests of the torch-free CPU core against a naive loop in double (ctest).
 //
-// Cases: full and partial windows, G = 1, 2, H, int32 and int64 index, q/k/v as strided views
-// of a packed (B, L, 3, H, D) buffer, separate buffers, a non-unit dim stride, float, double,
-// bfloat16 and float16; outputs start as NaN so an unwritten row fails; an index with values
-// out of range must not touch memory outside the buffers (run under ASan/UBSan with
-// RSIR_SANITIZE=ON); results must not depend on how the items are split.
+// Cases: full and partial windows (the GEMMs' last row tiles of 1 to 11 rows), G = 1, 2, H,
+// int32 and int64 index, q/k/v as strided views of a packed (B, L, 3, H, D) buffer, separate
+// buffers, a non-unit dim stride, float, double, bfloat16 and float16; outputs start as NaN so
+// an unwritten row fails; an index with values out of range must not touch memory outside the
+// buffers (run under ASan/UBSan with RSIR_SANITIZE=ON); results must not depend on how the
+// items are split.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -362,6 +363,9 @@ int main() {
       {1, 30, 3, 5, 3, 9},     // odd head dim, G = H = 3
       {1, 70, 2, 64, 1, 70},   // one window of 70, D = 64
       {1, 25, 2, 8, 2, std::numeric_limits<int64_t>::max()},  // any int64 window: one window of L
+      {1, 56, 2, 16, 1, 19},   // windows of 19, 19, 18: the GEMMs' last tiles of 11 and 10 rows
+      {1, 16, 2, 32, 2, 13},   // windows of 13 and 3: last tiles of 5 and 3 rows
+      {1, 50, 2, 16, 2, 49},   // windows of 49 and 1: a one-row product
   };
   int layout = 0;
   for (DType t : dtypes)
