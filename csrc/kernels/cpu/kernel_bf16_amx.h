@@ -130,16 +130,16 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
       transpose(reinterpret_cast<float*>(QT), mp, reinterpret_cast<const float*>(Qp), 16, m, D2);  // bits only
       gather_bf16(Kb, Dk, Dk, k, p.k_stride, b, h, tok, m, D);
       memory_barrier();
-      for (int64_t jb = 0; jb < mp; jb += 16) {  // ST = K Q^T: rows j, cols i
-        _tile_loadd(0, Kb + jb * Dk, 2 * Dk);
-        for (int64_t ib = 0; ib < mp; ib += 16) {
-          _tile_loadd(1, QT + ib, 4 * mp);
+      auto score_block = [&](int64_t ib) {  // ST = K Q^T, rows j, cols ib .. ib + 15
+        _tile_loadd(1, QT + ib, 4 * mp);
+        for (int64_t jb = 0; jb < mp; jb += 16) {
+          _tile_loadd(0, Kb + jb * Dk, 2 * Dk);
           _tile_zero(2);
           _tile_dpbf16ps(2, 0, 1);
           _tile_stored(2, ST + jb * mp + ib, 4 * mp);
         }
-      }
-      memory_barrier();
+        memory_barrier();
+      };
       gather_bf16(Vb, dv, dv, v, p.v_stride, b, h, tok, m, D);
       for (int64_t jp = 0; jp < mk / 2; ++jp)  // V rows 2 jp, 2 jp + 1 interleaved, then V^T
         for (int64_t d = 0; d < dv; d += 16) {
@@ -148,10 +148,17 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
           _mm512_storeu_si512(Vp + jp * dv + d, interleave_halves(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)));
         }
       transpose(reinterpret_cast<float*>(VT), mk / 2, reinterpret_cast<const float*>(Vp), dv, mk / 2, dv);
+      // V's rows first: by now the stores of K and Q^T are in L1 for the tile loads (AMX loads
+      // wait for pending vector stores); the other score blocks one block ahead of the
+      // softmax's reads (softmax_cols)
+      score_block(0);
       float* lse_bh = lse + b * p.lse_stride[0] + h * p.lse_stride[1];
       softmax_cols(
           ST, m, mp, p.scale, inv, [&](int64_t i) { return lse_bh + tok[i] * p.lse_stride[2]; },
-          [&] { ring.pump(pk); });
+          [&] { ring.pump(pk); },
+          [&](int64_t c) {
+            if (c + 16 < mp) score_block(c + 16);
+          });
       for (int64_t jp = 0; jp < mk / 2; ++jp)  // e^T rows 2 jp, 2 jp + 1 rounded to bf16, interleaved
         for (int64_t c = 0; c < mp; c += 16) {
           const __m512 e0 = 2 * jp < m ? _mm512_loadu_ps(ST + 2 * jp * mp + c) : _mm512_setzero_ps();

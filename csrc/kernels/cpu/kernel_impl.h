@@ -348,11 +348,18 @@ static inline VF signed_load(const float* p) {
   return kNeg ? -x : x;
 }
 
-template <bool kNeg, class LseAt, class Pump>
+// block_ready(c) runs before column block c is read: the AMX path stores the scores of block c
+// + VL there, one block ahead of their reads (AMX stores do not forward to vector loads).
+struct NoBlockHook {
+  void operator()(int64_t) const {}
+};
+
+template <bool kNeg, class LseAt, class Pump, class BlockHook>
 static inline void softmax_cols_signed(float* ST, int64_t m, int64_t mp, double scale, float* inv, LseAt lse_at,
-                                       Pump pump) {
+                                       Pump pump, BlockHook block_ready) {
   const ScaleSplit sc = split_scale(scale);
   for (int64_t c = 0; c < mp; c += VL) {
+    block_ready(c);
     float* col = ST + c;
     VF mx0 = VF{} - __builtin_inff(), mx1 = mx0;
     int64_t j = 0;
@@ -383,13 +390,13 @@ static inline void softmax_cols_signed(float* ST, int64_t m, int64_t mp, double 
     for (int64_t i = c; i < imin(m, c + VL); ++i) *lse_at(i) = l[i - c];
   }
 }
-template <class LseAt, class Pump>
+template <class LseAt, class Pump, class BlockHook = NoBlockHook>
 static inline void softmax_cols(float* ST, int64_t m, int64_t mp, double scale, float* inv, LseAt lse_at,
-                                Pump pump) {
+                                Pump pump, BlockHook block_ready = {}) {
   if (scale < 0)
-    softmax_cols_signed<true>(ST, m, mp, scale, inv, lse_at, pump);
+    softmax_cols_signed<true>(ST, m, mp, scale, inv, lse_at, pump, block_ready);
   else
-    softmax_cols_signed<false>(ST, m, mp, scale, inv, lse_at, pump);
+    softmax_cols_signed<false>(ST, m, mp, scale, inv, lse_at, pump, block_ready);
 }
 
 template <class LseAt, class Pump>
