@@ -178,15 +178,10 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
         }
       memory_barrier();
       transpose(O, dv, OT, mp, dv, m);  // O rows i, cols d
-      for (int64_t i = 0; i < m; ++i) {  // out rows = O / column sum
-        float* src = O + i * dv;
-        const float a = inv[i];
-        for (int64_t d = 0; d < D; ++d) src[d] *= a;
-      }
-      if (stream_out)
-        staged.put(hh, O, dv, m, D, 1.0f);
+      if (stream_out)  // out rows = O / column sum
+        staged.put(hh, O, dv, m, D, inv, 1.0f);
       else
-        scatter_rows(out, p.out_stride, b, h, O, dv, tok, m, D, 1.0f);
+        scatter_rows(out, p.out_stride, b, h, O, dv, tok, m, D, inv, 1.0f);
     }
     if (stream_out) staged.flush(out, p.out_stride, b, g * hpg, tok, m);
   }

@@ -625,14 +625,15 @@ static inline void store_row(BF16* dst, const float* src, int64_t D, float a) {
 }
 #endif
 
-// x[b, tok[i], h, d] = rows[i * ld + d] * a
+// x[b, tok[i], h, d] = rows[i * ld + d] * (per_row ? per_row[i] : a)
 template <class T, class A>
 static inline void scatter_rows(T* x, const int64_t* s, int64_t b, int64_t h, const A* rows, int64_t ld,
-                                const int64_t* tok, int64_t m, int64_t D, A a) {
+                                const int64_t* tok, int64_t m, int64_t D, const A* per_row, A a_all) {
   const int64_t sd = s[3];
   for (int64_t i = 0; i < m; ++i) {
     T* dst = x + offset4(s, b, tok[i], h);
     const A* src = rows + i * ld;
+    const A a = per_row ? per_row[i] : a_all;
     if (sd == 1) {
       store_row(dst, src, D, a);
     } else {
@@ -738,6 +739,12 @@ static inline void prefetch_rows(const T* x, const int64_t* s, int64_t b, int64_
     }
 }
 
+// The kernels' matrices [first, end) cleared once per call, not per work item: what is padding
+// for an item (rows past m, columns past D, keys or queries past m) only ever reaches padding
+// outputs (tests/test_robustness.py: a NaN there stays there), so after this first clear (no
+// uninitialised reads) it holds zeros or what earlier items left.
+static inline void zero_padding(char* first, char* end) { std::memset(first, 0, (size_t)(end - first)); }
+
 template <class A>
 static inline A* carve(char*& cursor, int64_t count) {
   A* p = reinterpret_cast<A*>(cursor);
@@ -762,10 +769,10 @@ struct Staged {
   static int64_t bytes(int64_t wp, int64_t hpg, int64_t D) { return round_up(wp * hpg * D * (int64_t)sizeof(T), 64); }
   Staged(char*& cursor, const int64_t* rows_, int64_t wp, int64_t hpg, int64_t D)
       : block(carve<T>(cursor, wp * hpg * D)), rows(rows_), stride{0, hpg * D, D, 1} {}
-  // head hh's rows (rows[i * ld + d] * a for i < m, d < D) into the block
+  // head hh's rows (src[i * ld + d] * (per_row ? per_row[i] : a) for i < m, d < D) into the block
   template <class A>
-  void put(int64_t hh, const A* src, int64_t ld, int64_t m, int64_t D, A a) {
-    scatter_rows(block, stride, 0, hh, src, ld, rows, m, D, a);
+  void put(int64_t hh, const A* src, int64_t ld, int64_t m, int64_t D, const A* per_row, A a) {
+    scatter_rows(block, stride, 0, hh, src, ld, rows, m, D, per_row, a);
   }
 #if RSIR_WIDE_VECTORS == 2
   // x[b, tok[i], h0 .. h0 + hpg - 1, :] = block row i for i < m
@@ -874,11 +881,13 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
                         round_up(wp * wp * (int64_t)sizeof(A), 64) + 2 * round_up(wp * (int64_t)sizeof(A), 64) +
                         round_up(wp * 8, 64) + Staged<T>::bytes(wp, hpg, D);
   char* cursor = static_cast<char*>(thread_scratch(bytes));
+  char* const matrices = cursor;
   A* Q = carve<A>(cursor, wp * dp);   // rows i, cols d
   A* KT = carve<A>(cursor, dp * wp);  // rows d, cols j
   A* V = carve<A>(cursor, wp * dp);   // rows j, cols d
   A* O = carve<A>(cursor, wp * dp);   // rows i, cols d
   A* S = carve<A>(cursor, wp * wp);   // scores, then probabilities
+  zero_padding(matrices, cursor);
   A* inv = carve<A>(cursor, wp);
   A* rmax = carve<A>(cursor, wp);
   // Large outputs whose rows are whole lines: fp32 rows streamed per head, 2-byte rows staged.
@@ -892,14 +901,6 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
 #endif
 
   auto ring = make_ring(p, cursor, wp, qcap, begin, end, forward_prefetch<T>(p, !stream_out && !stage_out));
-  if constexpr (sizeof(A) == 4) {
-    // Once per call, not per item: what is padding for an item (rows past m, columns past D,
-    // queries past m) only ever reaches padding outputs (test_robustness.py: a NaN there stays
-    // there), so after this first clear (no uninitialised reads) it holds what earlier items
-    // left.
-    std::memset(KT, 0, sizeof(A) * dp * wp);
-    std::memset(V, 0, sizeof(A) * wp * dp);
-  }
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
     const int64_t* tok = it.tok;
@@ -928,46 +929,29 @@ static void forward_impl(const WindowAttentionParams& p, int64_t begin, int64_t 
           continue;
         }
 #endif
-        for (int64_t i = 0; i < m; ++i) {  // out rows = O / column sum
-          A* src = O + i * dp;
-          const A a = inv[i];
-          for (int64_t d = 0; d < D; ++d) src[d] *= a;
-        }
-        if (stage_out)
-          staged.put(hh, O, dp, m, D, (A)1);
+        if (stage_out)  // out rows = O / column sum
+          staged.put(hh, O, dp, m, D, inv, (A)1);
         else
-          scatter_rows(out, p.out_stride, b, h, O, dp, tok, m, D, (A)1);
+          scatter_rows(out, p.out_stride, b, h, O, dp, tok, m, D, inv, (A)1);
       }
 #if RSIR_WIDE_VECTORS == 2
       if (stage_out) staged.flush(out, p.out_stride, b, g * hpg, tok, m);
 #endif
     } else {  // double: rows of scores, softmax_rows
-      const int64_t mr = round_up(m, 4);
       const int64_t pk = ring.per_step(hpg * m);  // prefetches per softmax row
-      // zero padding (identical for every head of the item; the gathers below overwrite the rest)
-      std::memset(Q, 0, sizeof(A) * mp * dp);
-      std::memset(KT, 0, sizeof(A) * dp * mp);
-      std::memset(V, 0, sizeof(A) * mp * dp);
       for (int64_t hh = 0; hh < hpg; ++hh) {
         const int64_t h = g * hpg + hh;
         gather_rows(Q, dp, q, p.q_stride, b, h, tok, m, D);
         gather_rows(O, dp, k, p.k_stride, b, h, tok, m, D);  // K rows (O is free until P V)
         transpose(KT, mp, O, dp, m, D);
         gather_rows(V, dp, v, p.v_stride, b, h, tok, m, D);
-        gemm(S, mp, Q, dp, KT, mp, mr, mp, D);  // S = Q K^T
+        gemm(S, mp, Q, dp, KT, mp, m, mp, D);  // S = Q K^T
         A* lse_bh = lse + b * p.lse_stride[0] + h * p.lse_stride[1];
         softmax_rows(
             S, m, mp, p.scale, inv, rmax, [&](int64_t i) { return lse_bh + tok[i] * p.lse_stride[2]; },
             [&] { ring.pump(pk); });
-        for (int64_t i = m; i < mr; ++i)
-          for (int64_t j = 0; j < mp; ++j) S[i * mp + j] = 0;
-        gemm(O, dp, S, mp, V, dp, mr, dp, m);  // O = P V
-        for (int64_t i = 0; i < m; ++i) {  // out rows = O / rowsum
-          A* src = O + i * dp;
-          const A a = inv[i];
-          for (int64_t d = 0; d < D; ++d) src[d] *= a;
-        }
-        scatter_rows(out, p.out_stride, b, h, O, dp, tok, m, D, (A)1);
+        gemm(O, dp, S, mp, V, dp, m, dp, m);  // O = P V
+        scatter_rows(out, p.out_stride, b, h, O, dp, tok, m, D, inv, (A)1);  // out rows = O / rowsum
       }
     }
   }
@@ -999,6 +983,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
                         2 * round_up(wp * wp * (int64_t)sizeof(A), 64) +
                         round_up(wp * (int64_t)sizeof(A), 64) + round_up(wp * 8, 64) + 3 * staging;
   char* cursor = static_cast<char*>(thread_scratch(bytes));
+  char* const matrices = cursor;
   A* Q = carve<A>(cursor, wp * dp);     // rows i, cols d
   A* K = carve<A>(cursor, wp * dp);     // rows j, cols d
   A* KT = carve<A>(cursor, dp * wp);    // rows d, cols j
@@ -1010,6 +995,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
   A* P = carve<A>(cursor, wp * wp);     // rows i, cols j
   A* dS = carve<A>(cursor, wp * wp);    // dP, then dS
   A* Vr = carve<A>(cursor, wp * dp);    // rows j, cols d (float path)
+  zero_padding(matrices, cursor);
   // Large outputs whose rows are whole lines: fp32 rows streamed per head, 2-byte rows staged.
   const int64_t* rows = identity_rows(cursor, wp);
   Staged<T> dQs(cursor, rows, wp, hpg, D), dKs(cursor, rows, wp, hpg, D), dVs(cursor, rows, wp, hpg, D);
@@ -1039,14 +1025,6 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
       prefetch_rows(dv, p.dv_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     }
   });
-  if constexpr (sizeof(A) == 4) {  // once per call, as in forward_impl: padding reaches only padding
-    std::memset(Q, 0, sizeof(A) * wp * dp);
-    std::memset(K, 0, sizeof(A) * wp * dp);
-    std::memset(Vr, 0, sizeof(A) * wp * dp);
-    std::memset(dO, 0, sizeof(A) * wp * dp);
-    std::memset(KT, 0, sizeof(A) * dp * wp);  // Q^T
-    std::memset(VT, 0, sizeof(A) * dp * wp);  // dO^T
-  }
   for (int64_t item = begin; item < end; ++item) {
     const ItemTokens& it = ring.get(item);
     const int64_t* tok = it.tok;
@@ -1081,14 +1059,14 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
         }
 #endif
         if (stage_grads) {
-          dQs.put(hh, dQ, dp, m, D, scale);
-          dKs.put(hh, dK, dp, m, D, scale);
-          dVs.put(hh, dV, dp, m, D, (A)1);
+          dQs.put(hh, dQ, dp, m, D, (const A*)nullptr, scale);
+          dKs.put(hh, dK, dp, m, D, (const A*)nullptr, scale);
+          dVs.put(hh, dV, dp, m, D, (const A*)nullptr, (A)1);
           continue;
         }
-        scatter_rows(dq, p.dq_stride, b, h, dQ, dp, tok, m, D, scale);
-        scatter_rows(dk, p.dk_stride, b, h, dK, dp, tok, m, D, scale);
-        scatter_rows(dv, p.dv_stride, b, h, dV, dp, tok, m, D, (A)1);
+        scatter_rows(dq, p.dq_stride, b, h, dQ, dp, tok, m, D, (const A*)nullptr, scale);
+        scatter_rows(dk, p.dk_stride, b, h, dK, dp, tok, m, D, (const A*)nullptr, scale);
+        scatter_rows(dv, p.dv_stride, b, h, dV, dp, tok, m, D, (const A*)nullptr, (A)1);
       }
 #if RSIR_WIDE_VECTORS == 2
       if (stage_grads) {
@@ -1098,14 +1076,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
       }
 #endif
     } else {  // double: rows of scores, grad_rows
-      const int64_t mr = round_up(m, 4);
       const int64_t pk = ring.per_step(hpg * m);  // prefetches per softmax row
-      std::memset(Q, 0, sizeof(A) * mp * dp);
-      std::memset(K, 0, sizeof(A) * mp * dp);
-      std::memset(KT, 0, sizeof(A) * dp * mp);
-      std::memset(VT, 0, sizeof(A) * dp * mp);
-      std::memset(dO, 0, sizeof(A) * mp * dp);
-      std::memset(dQ, 0, sizeof(A) * mp * dp);
       for (int64_t hh = 0; hh < hpg; ++hh) {
         const int64_t h = g * hpg + hh;
         gather_rows(Q, dp, q, p.q_stride, b, h, tok, m, D);
@@ -1114,17 +1085,15 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
         gather_rows(dQ, dp, v, p.v_stride, b, h, tok, m, D);  // V rows (dQ is free until dS K)
         transpose(VT, mp, dQ, dp, m, D);
         gather_rows(dO, dp, dout, p.dout_stride, b, h, tok, m, D);
-        gemm(P, mp, Q, dp, KT, mp, mr, mp, D);    // S = Q K^T
-        gemm(dS, mp, dO, dp, VT, mp, mr, mp, D);  // dP = dO V^T
+        gemm(P, mp, Q, dp, KT, mp, m, mp, D);    // S = Q K^T
+        gemm(dS, mp, dO, dp, VT, mp, m, mp, D);  // dP = dO V^T
         grad_rows(P, dS, m, mp, p.scale, [&] { ring.pump(pk); });  // P = softmax(scale * S), dS = P * (dP - delta)
-        for (int64_t i = m; i < mp; ++i)
-          for (int64_t j = 0; j < mp; ++j) P[i * mp + j] = dS[i * mp + j] = 0;
-        gemm(dQ, dp, dS, mp, K, dp, mr, dp, m);      // dQ = dS K
-        gemm_t(dK, dp, dS, mp, Q, dp, mr, dp, m);    // dK = dS^T Q
-        gemm_t(dV, dp, P, mp, dO, dp, mr, dp, m);    // dV = P^T dO
-        scatter_rows(dq, p.dq_stride, b, h, dQ, dp, tok, m, D, scale);
-        scatter_rows(dk, p.dk_stride, b, h, dK, dp, tok, m, D, scale);
-        scatter_rows(dv, p.dv_stride, b, h, dV, dp, tok, m, D, (A)1);
+        gemm(dQ, dp, dS, mp, K, dp, m, dp, m);      // dQ = dS K
+        gemm_t(dK, dp, dS, mp, Q, dp, m, dp, m);    // dK = dS^T Q
+        gemm_t(dV, dp, P, mp, dO, dp, m, dp, m);    // dV = P^T dO
+        scatter_rows(dq, p.dq_stride, b, h, dQ, dp, tok, m, D, (const A*)nullptr, scale);
+        scatter_rows(dk, p.dk_stride, b, h, dK, dp, tok, m, D, (const A*)nullptr, scale);
+        scatter_rows(dv, p.dv_stride, b, h, dV, dp, tok, m, D, (const A*)nullptr, (A)1);
       }
     }
   }
