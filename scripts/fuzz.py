@@ -5,9 +5,9 @@ dtypes, magnitudes and scales, one seed per case.
     python scripts/fuzz.py --replay cpp:avx2:1234   # one failing case again, by its tag
 
 The cases are split over the targets: `cpp` under every ISA build of the CPU core that this
-machine runs (RSIR_CPU_ISA=avx512amx / avx512 / avx2 / generic, one subprocess each: the core picks its
-build once per process), `reference` (fp32/fp16/bf16 against float64), and `triton` under
-its interpreter on a CPU-only machine (a smaller share: ~100x slower). Each case is checked
+machine runs (RSIR_CPU_ISA=avx512amx / avx512 / avx2 / generic, one subprocess each: the core
+picks its build once per process), `reference` (fp32/fp16/bf16 against float64), and `triton`
+under its interpreter on a CPU-only machine (a smaller share: ~100x slower). Each case is checked
 with the project's tolerance rule (rsir_kernels.reference.tolerance_failure), given the
 reference's own error level at the case's inputs (the largest over equally valid evaluations:
 error_level): fp32 within max(1e-5, 2x that level) relative; fp64 within max(1e-10, 2x that
