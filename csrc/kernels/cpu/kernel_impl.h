@@ -672,11 +672,13 @@ static inline void stream_rows(float* x, const int64_t* s, int64_t b, int64_t h,
 
 // Software prefetch of the rows x[b, tok[i], h0 .. h0 + nh - 1, :] (the gathers are random
 // accesses over the whole sequence: without this, each item waits on cache misses one row
-// at a time). rw = 1 prefetches for writing.
+// at a time). To L2, not L1 (prefetcht2, not prefetcht0): a prefetcht0 holds one of the
+// core's few L1 fill buffers per line and stalls when they are all taken (11% of the AMX bf16
+// forward's samples sat on it); the demand loads then hit L2 (docs/performance.md).
 static inline void prefetch(const void* p) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   // inline asm: GCC deletes loops that contain nothing but __builtin_prefetch
-  __asm__ volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  __asm__ volatile("prefetcht2 %0" : : "m"(*static_cast<const char*>(p)));
 #else
   __builtin_prefetch(p, 0, 3);
   __asm__ volatile("" : : "r"(p) : "memory");
@@ -1018,7 +1020,7 @@ static void backward_impl(const WindowAttentionParams& p, int64_t begin, int64_t
     prefetch_rows(v, p.v_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     prefetch_rows(dout, p.dout_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
     // the rows that scatter_rows writes: without this, their stores miss the cache (and, with
-    // 4 KiB pages, the TLB) at the scatter (prefetcht0 measured as fast as prefetchw or faster)
+    // 4 KiB pages, the TLB) at the scatter (a prefetch measured as fast as prefetchw or faster)
     if (!stream_grads && !stage_grads) {
       prefetch_rows(dq, p.dq_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
       prefetch_rows(dk, p.dk_stride, t.b, h0, hpg, t.tok, t.m, D, pq);
