@@ -52,8 +52,9 @@ def _extensions():
         _warn(f"torch is not importable at build time ({exc}); use pip install --no-build-isolation")
         return [], None
 
-    sources = [_rel("torch", "ops.cpp"), _rel("torch", "library_info.cpp"), _rel("kernels", "cpu", "dispatch.cpp"),
-               _rel("kernels", "cpu", "kernel_generic.cpp"), _rel("kernels", "cpu", "kernel_avx2.cpp"),
+    sources = [_rel("torch", "ops.cpp"), _rel("torch", "library_info.cpp"), _rel("torch", "index_check.cpp"),
+               _rel("kernels", "cpu", "dispatch.cpp"), _rel("kernels", "cpu", "kernel_generic.cpp"),
+               _rel("kernels", "cpu", "kernel_avx2.cpp"),
                _rel("kernels", "cpu", "kernel_avx512.cpp"), _rel("kernels", "cpu", "kernel_avx512amx.cpp")]
     cxx = ["-O3", "-Wno-psabi"]
     # RUNPATH: torch next to this package in site-packages, else the torch it was built against

@@ -251,17 +251,40 @@ def _index_readable(index: torch.Tensor) -> bool:
 _VALUELESS_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, name) for name in ("FAKE", "PROXY", "FUNCTIONAL"))
 
 
+def _native_index_check():
+    """torch.ops.rsir_ext.first_bad_index_row (csrc/torch/index_check.cpp) where the ops library
+    is loaded and has it, else None."""
+    global _native_check
+    if _native_check is None:  # the cpp backend's import loads the library; this only asks
+        try:
+            torch._C._get_schema("rsir_ext::first_bad_index_row", "")
+            _native_check = torch.ops.rsir_ext.first_bad_index_row
+        except RuntimeError:  # not registered: no ops library, or one built before the op
+            _native_check = False
+    return _native_check or None
+
+
+_native_check = None
+
+
 def _check_index(index: torch.Tensor) -> None:
     """Raises ValueError naming the first (batch, group) whose row is not a permutation."""
     length = index.shape[-1]
-    # L values, all in 0..L-1, that together cover 0..L-1: a permutation (O(L), unlike a sort)
-    in_range = ((index >= 0) & (index < length)).all(dim=-1)
-    seen = torch.zeros(index.shape, dtype=torch.bool, device=index.device)
-    seen.scatter_(2, index.clamp(0, length - 1).long(), True)
-    bad = ~(in_range & seen.all(dim=-1))  # (B, G), on index's device
-    if not bool(bad.any()):  # the one host sync
-        return
-    b, g = (int(i) for i in bad.nonzero()[0])
+    native = _native_index_check() if index.device.type == "cpu" else None
+    if native is not None:  # one pass per row in C++: a tenth of the tensor ops' time below
+        first = native(index)
+        if first < 0:
+            return
+        b, g = divmod(first, index.shape[1])
+    else:
+        # L values, all in 0..L-1, that together cover 0..L-1: a permutation (O(L), unlike a sort)
+        in_range = ((index >= 0) & (index < length)).all(dim=-1)
+        seen = torch.zeros(index.shape, dtype=torch.bool, device=index.device)
+        seen.scatter_(2, index.clamp(0, length - 1).long(), True)
+        bad = ~(in_range & seen.all(dim=-1))  # (B, G), on index's device
+        if not bool(bad.any()):  # the one host sync
+            return
+        b, g = (int(i) for i in bad.nonzero()[0])
     row = index[b, g]
     lo, hi = int(row.min()), int(row.max())
     if lo < 0 or hi >= length:

@@ -182,6 +182,48 @@ def test_check_index_names_the_first_bad_row(corrupt, pattern, dtype):
         _call(index=index)
 
 
+def _first_bad_row_by_definition(index):
+    """b * G + g of the first row that is not a permutation of 0..L-1 (sorted != range), or -1."""
+    rows = index.reshape(-1, index.shape[-1]).tolist()
+    return next((r for r, row in enumerate(rows) if sorted(row) != list(range(len(row)))), -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_native_index_check_matches_the_definition_and_the_tensor_ops(dtype, monkeypatch):
+    """The C++ check of CPU indexes (csrc/torch/index_check.cpp) against the definition, and its
+    error against the device-generic check's, on random rows with random defects."""
+    native = ops._native_index_check()
+    if native is None:
+        pytest.skip("the ops library (cpp backend) is not built")
+    gen = torch.Generator().manual_seed(5)
+    for case in range(200):
+        batch, groups, length = (int(torch.randint(1, hi, (1,), generator=gen)) for hi in (5, 4, 70))
+        index = torch.stack([torch.randperm(length, generator=gen) for _ in range(batch * groups)])
+        for row in torch.randperm(batch * groups, generator=gen)[:int(torch.randint(0, 3, (1,), generator=gen))]:
+            pos = int(torch.randint(0, length, (1,), generator=gen))
+            kind = case % 4  # a duplicate, below 0, at L, far out
+            value = [int(index[row, (pos + 1) % length]), -1, length, 2 ** 31 - 1][kind]
+            if length > 1 or kind:
+                index[row, pos] = value
+        index = index.view(batch, groups, length).to(dtype)
+        if case % 3 == 0:  # not contiguous
+            index = index.transpose(0, 1).contiguous().transpose(0, 1)
+        expected = _first_bad_row_by_definition(index)
+        assert native(index) == expected
+        errors = []
+        for path in (native, False):
+            monkeypatch.setattr(ops, "_native_check", path)
+            try:
+                ops._check_index(index)
+                errors.append(None)
+            except ValueError as exc:
+                errors.append(str(exc))
+        assert errors[0] == errors[1]
+        assert (errors[0] is None) == (expected < 0)
+        if expected >= 0:
+            assert errors[0].startswith(f"index[{expected // groups}, {expected % groups}] is not a permutation")
+
+
 def test_unavailable_backend_raises_with_reason_and_auto_warns_once(monkeypatch):
     from rsir_kernels import backends
     missing = backends.Backend(name="missing", forward_op="x::y", backward_op="x::z", priority={"cpu": 99},
