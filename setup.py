@@ -54,8 +54,8 @@ def _extensions():
 
     sources = [_rel("torch", "ops.cpp"), _rel("torch", "library_info.cpp"), _rel("torch", "index_check.cpp"),
                _rel("kernels", "cpu", "dispatch.cpp"), _rel("kernels", "cpu", "kernel_generic.cpp"),
-               _rel("kernels", "cpu", "kernel_avx2.cpp"),
-               _rel("kernels", "cpu", "kernel_avx512.cpp"), _rel("kernels", "cpu", "kernel_avx512amx.cpp")]
+               _rel("kernels", "cpu", "kernel_avx2.cpp"), _rel("kernels", "cpu", "kernel_avx512.cpp"),
+               _rel("kernels", "cpu", "kernel_avx512amx.cpp")]
     cxx = ["-O3", "-Wno-psabi"]
     # RUNPATH: torch next to this package in site-packages, else the torch it was built against
     torch_lib = cpp_extension.library_paths()[0]
