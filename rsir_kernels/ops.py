@@ -108,12 +108,13 @@ def window_attention_qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_si
 
 def _prepare(q, index, window_size, scale, backend, check_index):
     """Validated inputs -> (the backend to run, index made contiguous, the scale as a float)."""
+    # (B, G, L) integers: a copy only for an expanded or sliced index, and backends (and the
+    # check) may then assume a contiguous one
+    index = index.contiguous()
     if check_index and _index_readable(index):
         _check_index(index)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    # (B, G, L) integers: a copy only for an expanded or sliced index, and backends may then
-    # assume a contiguous one
-    return choose_backend(backend, q, window_size), index.contiguous(), scale
+    return choose_backend(backend, q, window_size), index, scale
 
 
 def _run(chosen, index, window_size, scale, tensors):

@@ -85,9 +85,10 @@ def test_streaming_stores_of_large_outputs(isa, dtype):
     aligned cache lines, the AVX-512 builds write them with streaming stores and do not prefetch
     them (kernel_impl.h: streams; stream_rows for fp32 rows of D % 16 == 0; Staged for 2-byte
     rows, a group's heads staged first, also in kernel_bf16_amx.h's forward). At such a size
-    (B x L x H x D = 1.6 M elements: 6.4 MB in fp32, 3.2 MB in bf16 / fp16), forward and gradients against the float64 reference (the rule of
-    tests/util.py), packed and separate gradient buffers, and bitwise equal on 1 and 2 threads;
-    in the AMX build and in the plain AVX-512 build (one process each)."""
+    (B x L x H x D = 1.6 M elements: 6.4 MB in fp32, 3.2 MB in bf16 / fp16), forward and
+    gradients against the float64 reference (the rule of tests/util.py), packed and separate
+    gradient buffers, and bitwise equal on 1 and 2 threads; in the AMX build and in the plain
+    AVX-512 build (one process each)."""
     if not fuzz_script()._isa_runs(isa):
         pytest.skip(f"this CPU does not run the {isa} build")
     run_in_cpu_build(STREAM_CHECK, isa, dtype)
