@@ -1,6 +1,7 @@
 """RSIRAttention (Eq. 1 and 2 of the paper) and the RSIR Transformer block (Eq. 3)."""
 from __future__ import annotations
 
+import collections
 from typing import Optional
 
 import torch
@@ -12,6 +13,7 @@ from .ops import window_attention_qkvpacked
 from .samplers import fixed_rs_index, fixed_rs_values, ir_index, rs_index
 
 RS_EVAL_MODES = ("fixed", "random")
+FIXED_ORDER_CACHE_SIZE = 8  # eval RS-Win orders kept per module (sizes), least recently used dropped
 
 
 class RSIRAttention(nn.Module):
@@ -25,8 +27,12 @@ class RSIRAttention(nn.Module):
     (Algorithm 1). In eval mode, by default (rs_eval="fixed"), it uses one fixed permutation
     per resolution, derived from `seed` (samplers.fixed_rs_index): the same for every image
     of a batch and on every device, so an image's output depends on that image alone, call
-    after call. The orders are cached per (seed, H, W, device) in eager mode (not in the
-    state dict); a graph of torch.compile / torch.export holds them as constants where H and W
+    after call. In eager mode the orders are kept per (seed, H, W, device) (not in the state
+    dict) in a least-recently-used cache of FIXED_ORDER_CACHE_SIZE entries per module, so that
+    the many sizes of detection or multi-scale evaluation hold at most that many orders (8 int64
+    tensors of H*W entries per layer; rsir_tiny at 800x1216: 1.7 MiB a size for all layers); a
+    hit is a dict look-up, a miss computes the order on the device, neither syncs with the host.
+    A graph of torch.compile / torch.export holds them as constants where H and W
     are static, and computes them where they are symbolic (dynamic shapes), equal either way.
     rs_eval="random" keeps fresh draws in eval (the paper's Algorithm 1 has no eval branch).
 
@@ -77,7 +83,8 @@ class RSIRAttention(nn.Module):
         self.dim, self.num_heads, self.rs_heads = dim, num_heads, rs_heads
         self.window_size, self.backend, self.generator = window_size, backend, generator
         self.recompute_qkv, self.rs_eval, self.seed = recompute_qkv, rs_eval, seed
-        self._fixed_orders: dict = {}  # (seed, H, W, device) -> (1, 1, L); eager mode only
+        # (seed, H, W, device) -> (1, 1, L), least recently used first; eager mode only
+        self._fixed_orders: collections.OrderedDict = collections.OrderedDict()
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -100,11 +107,14 @@ class RSIRAttention(nn.Module):
                 return torch.tensor(values, dtype=torch.int64, device=device).view(1, 1, -1)
             return fixed_rs_index(height, width, self.window_size, self.seed, device)  # symbolic: in-graph
         key = (self.seed, height, width, torch.device(device))
-        order = self._fixed_orders.get(key)
+        cache = self._fixed_orders
+        order = cache.pop(key, None)
         if order is None:
             with torch.inference_mode(False):  # a normal tensor: later autograd calls may save it
-                order = self._fixed_orders[key] = fixed_rs_index(height, width, self.window_size,
-                                                                 self.seed, device)
+                order = fixed_rs_index(height, width, self.window_size, self.seed, device)
+        cache[key] = order  # the most recently used: last
+        while len(cache) > FIXED_ORDER_CACHE_SIZE:
+            cache.popitem(last=False)
         return order
 
     def token_order(self, x: torch.Tensor, height: int, width: int,

@@ -1,4 +1,5 @@
 """RSIR-T / RSIR-B: shapes, dense features, a training step, parameter counts (Table 2)."""
+import math
 import os
 
 import pytest
@@ -30,9 +31,107 @@ def test_full_rsir_tiny_forward_at_224():
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
 
 
-def test_rejects_sizes_not_divisible_by_32():
-    with pytest.raises(ValueError, match="divisible by 32"):
-        _tiny()(torch.randn(1, 3, 224, 200))
+@pytest.mark.parametrize("size", [(1, 1), (33, 47), (230, 301), (17, 64)])
+def test_any_input_size_gives_stage_maps_of_ceil_strides(size):
+    """Stage i's map has ceil(H / s) x ceil(W / s) cells, s = 4 * 2^i (strides 4-32 exactly)."""
+    model = _tiny(num_classes=10).eval()
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert model(images).shape == (2, 10)
+        maps = model.forward_intermediates(images, intermediates_only=True)
+        for i, m in enumerate(maps):
+            stride = 4 * 2 ** i
+            assert m.shape == (2, 64 * 2 ** i, math.ceil(size[0] / stride), math.ceil(size[1] / stride))
+        assert model.forward_features(images).shape == (2, math.ceil(size[0] / 32), math.ceil(size[1] / 32), 512)
+
+
+@pytest.mark.parametrize("size", [(230, 301), (33, 47), (1, 1)])
+def test_a_size_off_the_stem_stride_equals_the_image_zero_padded_by_hand(size):
+    """The model's only padding: zero rows and columns at the bottom and right to a multiple of
+    4. Its maps in eval, and a training step's logits and gradients with the same RS-Win draws,
+    are those of the image padded so by hand: the same bits."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = models.rsir_micro(num_classes=10, generator=gen)
+    images = torch.randn(2, 3, *size)
+    padded = torch.nn.functional.pad(images, (0, -size[1] % 4, 0, -size[0] % 4))
+    model.eval()
+    with torch.no_grad():
+        ours = model.forward_intermediates(images, intermediates_only=True)
+        by_hand = model.forward_intermediates(padded, intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(ours, by_hand))
+    model.train()
+    steps = []
+    for x in (images, padded):
+        gen.manual_seed(1)
+        logits = model(x)
+        steps.append((logits, torch.autograd.grad(logits.square().sum(), list(model.parameters()))))
+    (logits, grads), (logits_by_hand, grads_by_hand) = steps
+    assert torch.equal(logits, logits_by_hand)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_by_hand))
+
+
+@pytest.mark.parametrize("size", [(224, 224), (64, 96), (100, 68)])
+def test_at_multiples_of_four_the_image_goes_in_unpadded(size):
+    """Against the stem, stages, norm and head run by hand on the image (the model's code
+    before any size was allowed): the same bits, logits and maps."""
+    torch.manual_seed(0)
+    model = _tiny(num_classes=10).eval()
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        x, maps = model.stem(images), []
+        for stage in model.stages:
+            x = stage(x)
+            maps.append(x.permute(0, 3, 1, 2))
+        assert torch.equal(model(images), model.head(model.norm(x)))
+        assert all(torch.equal(a, b) for a, b in zip(model.forward_intermediates(images, intermediates_only=True), maps))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 0, 32), (1, 3, 32, 0), (1, 1, 32, 32), (3, 32, 32)])
+def test_rejects_images_without_pixels_or_of_another_shape(shape):
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\) with H, W >= 1"):
+        models.rsir_micro()(torch.randn(*shape))
+
+
+def test_eval_rs_orders_are_kept_for_the_most_recently_used_sizes_only(monkeypatch):
+    """An LRU of FIXED_ORDER_CACHE_SIZE (8) sizes per layer: ten sizes leave the last eight; a
+    size in the cache computes nothing and returns the very tensor kept (a dict look-up, no
+    device work); using one moves it last, so the next new size drops the one used longest ago.
+    Every kept order is samplers.fixed_rs_index's for its size."""
+    from rsir_kernels import modules, samplers
+    assert modules.FIXED_ORDER_CACHE_SIZE == 8
+    computed = []
+    monkeypatch.setattr(modules, "fixed_rs_index", lambda *a, **k: computed.append(a[:2]) or samplers.fixed_rs_index(*a, **k))
+    model = models.rsir_micro(num_classes=10).eval()
+    first = _attention_layers(model)[0]  # stage 1: one map size per image size below
+    run = lambda i: model(torch.randn(1, 3, 32 + 4 * i, 32))
+    with torch.no_grad():
+        for i in range(10):
+            run(i)
+        assert [key[1:3] for key in first._fixed_orders] == [(8 + i, 8) for i in range(2, 10)]
+        assert all(len(m._fixed_orders) <= 8 for m in _attention_layers(model))
+        kept = first._fixed_orders[(first.seed, 10, 8, torch.device("cpu"))]
+        computed.clear()
+        run(2)
+        assert computed == [] and first._fixed_orders[(first.seed, 10, 8, torch.device("cpu"))] is kept
+        run(10)
+        assert [key[1:3] for key in first._fixed_orders][-3:] == [(17, 8), (10, 8), (18, 8)]
+        assert (first.seed, 11, 8, torch.device("cpu")) not in first._fixed_orders
+    for m in _attention_layers(model):
+        for (seed, h, w, _), order in m._fixed_orders.items():
+            assert torch.equal(order, samplers.fixed_rs_index(h, w, m.window_size, seed))
+
+
+@pytest.mark.gpu
+def test_fixed_rs_order_costs_no_host_sync_on_cuda():
+    """A miss computes the order on the device, a hit is a look-up: neither synchronises."""
+    attn = rk.RSIRAttention(32, 4).cuda().eval()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            attn.rs_order(2, 20, 12, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_training_step_decreases_loss():

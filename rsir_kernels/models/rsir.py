@@ -6,6 +6,14 @@ patch-merging layer opens each stage: a 7x7 stride-4 convolution for stage 1 (th
 configuration Table 2 follows). A final LayerNorm, global average pooling and a linear head
 classify (CSWin's order: norm, then pool).
 
+Any input size: stage i's map has ceil(H / s) x ceil(W / s) cells, s = 4 * 2^i. The image is
+padded with zero rows and columns at the bottom and right to a multiple of the stem's stride
+(at most 3; none when H and W are multiples of 4), which is the stem convolution's own zero
+border made one-sided; the stride-2 merges give ceil(n / 2) for any n, and the attention needs
+no whole number of windows (the windows of a map that has none are runs of window^2 tokens of
+the order, the last one partial: samplers.window_order). So no token is padding: every token
+covers image pixels, and nothing is cropped (docs/design.md section 13).
+
 The model follows timm's model API (the meanings of timm's Swin and MaxViT): forward_features
 returns the last stage's unpooled map, forward_head pools and classifies, forward_intermediates
 returns the stage maps; see RSIRTransformer.
@@ -20,6 +28,7 @@ import torch
 import torch.fx
 import torch.utils.checkpoint
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from ..modules import RSIRBlock
 from ..samplers import layer_seed
@@ -28,6 +37,7 @@ from .config import RSIR_B, RSIR_MICRO, RSIR_T, RSIRConfig
 GLOBAL_POOLS = ("avg", "")
 OUTPUT_FORMATS = ("NCHW", "NHWC")
 PAPER_ID = "arXiv:2304.06250"
+STEM_STRIDE = 4
 
 
 def default_cfg(**overrides) -> dict:
@@ -59,8 +69,27 @@ def feature_take_indices(num_stages: int, indices: Union[None, int, Sequence[int
     return take, take[-1]
 
 
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H', W'), H' and W' the next multiples of `multiple`, with zero rows
+    and columns at the bottom and right; `images` itself when nothing is missing."""
+    pad_h, pad_w = -images.shape[2] % multiple, -images.shape[3] % multiple
+    # symbolic sizes (compile / export with dynamic shapes) pad whatever the amounts, 0 included:
+    # a branch on them would guard on H % multiple and W % multiple, and compile again for sizes
+    # on the other side
+    if not (has_static_value(pad_h) and has_static_value(pad_w)) or pad_h or pad_w:
+        return nn.functional.pad(images, (0, pad_w, 0, pad_h))
+    return images
+
+
+# FX tracing (timm's and torchvision's feature extraction) keeps it as one call: its branch
+# reads the input's size, which a symbolic trace does not have
+torch.fx.wrap("pad_to_multiple")
+
+
 class PatchMerging(nn.Module):
-    """Strided convolution + LayerNorm: (B, H, W, Cin) or (B, Cin, H, W) -> (B, H/s, W/s, Cout)."""
+    """Strided convolution + LayerNorm: (B, H, W, Cin) or (B, Cin, H, W) -> (B, H', W', Cout),
+    H' = floor((H + 2p - k) / s) + 1: ceil(H / 2) for the 3x3 stride-2 merges at any H, H / 4 for
+    the 7x7 stride-4 stem at a multiple of 4 (RSIRTransformer.embed pads to one)."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, channels_last: bool = True):
         super().__init__()
@@ -136,13 +165,13 @@ class ClassifierHead(nn.Module):
 
 
 class RSIRTransformer(nn.Module):
-    """forward(images (B, in_chans, H, W)) -> logits (B, num_classes); H and W divisible by 32.
+    """forward(images (B, in_chans, H, W)) -> logits (B, num_classes); any H, W >= 1.
 
-    timm's model API: forward_features(images) -> (B, H/32, W/32, num_features), the last
+    timm's model API: forward_features(images) -> (B, ceil(H/32), ceil(W/32), num_features), the last
     stage's unpooled map after the final norm, channels last (output_fmt "NHWC", as timm's
     Swin); forward_head(map, pre_logits=False) -> logits, or the pooled (B, head_hidden_size)
     features with pre_logits; forward_intermediates(images, indices) -> the stage maps
-    (B, C_i, H / 2^(i+2), W / 2^(i+2)) for dense tasks; feature_info, get_classifier,
+    (B, C_i, ceil(H / 2^(i+2)), ceil(W / 2^(i+2))) for dense tasks; feature_info, get_classifier,
     reset_classifier, set_grad_checkpointing, no_weight_decay, group_matcher,
     prune_intermediate_layers.
 
@@ -212,15 +241,20 @@ class RSIRTransformer(nn.Module):
     def _check_size(self, images):
         if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # shapes are proxies there
             return
-        if images.dim() != 4 or images.shape[1] != self.config.in_chans:
-            raise ValueError(f"images must be (B, {self.config.in_chans}, H, W), got {tuple(images.shape)}")
-        if images.shape[2] % 32 or images.shape[3] % 32:
-            raise ValueError(f"image height and width must be divisible by 32, got {tuple(images.shape[2:])}")
+        if images.dim() != 4 or images.shape[1] != self.config.in_chans or 0 in images.shape[2:]:
+            raise ValueError(f"images must be (B, {self.config.in_chans}, H, W) with H, W >= 1, "
+                             f"got {tuple(images.shape)}")
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The stem: (B, in_chans, H, W) -> (B, ceil(H/4), ceil(W/4), embed_dim), channels last.
+        Zero rows / columns at the bottom and right bring H and W to multiples of 4 (see the
+        module docstring); at multiples of 4 the image goes in as it is."""
+        return self.stem(pad_to_multiple(images, STEM_STRIDE))
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, H/32, W/32, num_features): normed, unpooled."""
+        """(B, in_chans, H, W) -> (B, ceil(H/32), ceil(W/32), num_features): normed, unpooled."""
         self._check_size(images)
-        return self.norm(self.stages(self.stem(images)))
+        return self.norm(self.stages(self.embed(images)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """forward_features' map -> logits, or the pooled features with pre_logits."""
@@ -233,7 +267,7 @@ class RSIRTransformer(nn.Module):
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
         """The stage maps named by `indices` (None: all; n: the last n; or a list), each
-        (B, C_i, H / 2^(i+2), W / 2^(i+2)) in NCHW, or channels last with output_fmt="NHWC".
+        (B, C_i, ceil(H / 2^(i+2)), ceil(W / 2^(i+2))) in NCHW, or channels last with output_fmt="NHWC".
         norm=True applies the final norm to the last stage's map. Returns the list with
         intermediates_only, else (forward_features' output, the list)."""
         if output_fmt not in OUTPUT_FORMATS:
@@ -241,7 +275,7 @@ class RSIRTransformer(nn.Module):
         self._check_size(images)
         take, last = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:last + 1] if stop_early or intermediates_only else self.stages
-        x, intermediates = self.stem(images), []
+        x, intermediates = self.embed(images), []
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take:
