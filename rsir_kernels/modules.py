@@ -30,7 +30,7 @@ class RSIRAttention(nn.Module):
     after call. In eager mode the orders are kept per (seed, H, W, device) (not in the state
     dict) in a least-recently-used cache of FIXED_ORDER_CACHE_SIZE entries per module, so that
     the many sizes of detection or multi-scale evaluation hold at most that many orders (8 int64
-    tensors of H*W entries per layer; rsir_tiny at 800x1216: 1.7 MiB a size for all layers); a
+    tensors of H*W entries per layer; rsir_tiny at 800x1216: 1.6 MiB a size for all layers); a
     hit is a dict look-up, a miss computes the order on the device, neither syncs with the host.
     A graph of torch.compile / torch.export holds them as constants where H and W
     are static, and computes them where they are symbolic (dynamic shapes), equal either way.

@@ -65,6 +65,20 @@ def test_features_only_gives_strides_4_to_32_with_feature_info_channels():
     assert [m.shape[1] for m in subset(images)] == [64, 256] == subset.feature_info.channels()
 
 
+@pytest.mark.parametrize("size", [(230, 301), (800, 1333)])
+def test_features_only_takes_any_size_at_ceil_strides(size):
+    """The issue's sizes (neither a multiple of 32): stage maps of ceil(H / s) x ceil(W / s),
+    the unwrapped model's forward_intermediates."""
+    import math
+    model = timm.create_model("rsir_micro", features_only=True, backend="cpp").eval()
+    images = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        maps = model(images)
+        reference = model.model.forward_intermediates(images, intermediates_only=True)
+    for m, r, c, s in zip(maps, reference, model.feature_info.channels(), model.feature_info.reduction()):
+        assert m.shape == (1, c, math.ceil(size[0] / s), math.ceil(size[1] / s)) and torch.equal(m, r)
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "rsir_micro" else SLOW) for n in MODELS])
 def test_forward_backward_every_parameter_gets_a_gradient(name):
     model = timm.create_model(name, num_classes=42)
@@ -183,10 +197,11 @@ def test_fx_feature_extraction_as_timm_does():
     # window-size record (a buffer no forward reads)
     fx_features.load_state_dict({"graph_module." + k: v for k, v in model.state_dict().items()
                                  if not k.startswith(("head.", "norm.")) and k != "window_size"})
-    with torch.no_grad():
-        maps = fx_features(images)  # the stage modules' outputs: channels last (output_fmt)
-        reference = model.forward_intermediates(images, output_fmt="NHWC", intermediates_only=True)
-    assert len(maps) == 4 and all(torch.equal(a, b) for a, b in zip(maps, reference))
+    for x in (images, torch.randn(2, 3, 70, 90)):  # the graph pads an odd size as the model does
+        with torch.no_grad():
+            maps = fx_features(x)  # the stage modules' outputs: channels last (output_fmt)
+            reference = model.forward_intermediates(x, output_fmt="NHWC", intermediates_only=True)
+        assert len(maps) == 4 and all(torch.equal(a, b) for a, b in zip(maps, reference))
 
 
 def test_no_weight_decay_and_group_matcher():
