@@ -6,21 +6,24 @@
 Modules: cli (arguments), data (digits / ImageFolder / fake, sharded loaders), augment
 (RandAugment, random erasing), model (timm names), recipe (optimizer, schedule, loss, --recipe
 paper), distributed (process group, DDP / FSDP2, seeds, DCP shards), checkpoint (atomic
-last.pt), loop (one epoch with accumulation, sharded eval), report (metrics.jsonl, curves.png),
-run (the whole run).
+last.pt), preempt (SIGTERM/SIGUSR1), resume (a run's saved options, --resume auto, data
+identity), loop (one epoch with accumulation, sharded eval), report (metrics.jsonl,
+curves.png), run (the whole run).
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from .errors import TrainError
+from .errors import Preempted, TrainError
 
 __all__ = ["main", "TrainError"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parses argv and trains; a TrainError prints one line "error: ..." and returns 2."""
+    """Parses argv and trains; returns the exit status: 0 done, 2 a TrainError (bad argument,
+    input or checkpoint; divergence), 74 a file could not be written, 75 preempted by
+    SIGTERM/SIGUSR1 with its position saved. Each prints one line on rank 0."""
     from .cli import parser
     from .run import train
 
@@ -29,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         train(args)
     except TrainError as e:
         if os.environ.get("RANK", "0") == "0" or not getattr(e, "every_rank", False):
-            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
-        return 2
+            prefix = "preempted" if isinstance(e, Preempted) else "error"
+            print(f"{prefix}: {_one_line(e)}", file=sys.stderr, flush=True)
+        return e.exit_status
     return 0
 
 

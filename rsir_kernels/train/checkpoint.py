@@ -9,7 +9,7 @@ load_checkpoint and create_model(checkpoint_path=...) read it):
                  in_chans, window_size, drop_path_rate, ...): models.from_checkpoint(path) builds
                  model_name(**model_args)
   "class_names"  the ImageFolder class names, index = label (None for digits and fake data)
-  "metrics"      the metrics.jsonl row of this epoch (non-finite numbers as null)
+  "metrics"      the metrics.jsonl row of the last epoch completed (non-finite numbers as null)
   "optimizer"    the optimizer's state dict (full tensors); None under --fsdp, see "sharded"
   "sharded"      under --fsdp, the folder (relative to this file's) of the step's
                  torch.distributed.checkpoint (DCP) of {"model", "optimizer"}, each rank's shards
@@ -17,11 +17,19 @@ load_checkpoint and create_model(checkpoint_path=...) read it):
                  "model" above still holds the full weights. Else None
   "scaler"       the fp16 GradScaler's state dict, or None
   "epoch", "step"  epochs and optimizer steps done
+  "position"     a checkpoint saved mid-epoch (preemption, --save-every-steps): {"epoch_step":
+                 the optimizer steps done in epoch "epoch" + 1, "loss_sums": each rank's sum of
+                 its step losses so far in that epoch (float64)}; None at an epoch's end
+  "data"         the data's fingerprint (data.fingerprint: class names, item counts, a hash of
+                 the file list): a resume at another path checks it is the same data
   "rng"          one entry per rank: {"torch", "cuda" (list), "numpy" ({"keys": int64 tensor,
                  "pos", "has_gauss", "cached_gaussian"}), "python" ({"version", "internal": int64
                  tensor, "gauss_next"})}; RS-Win draws and drop-path use torch's global RNG
   "sampler"      {"seed", "epoch"}: the epoch gives the shuffled order
-  "args"         the run's arguments, defaults resolved (window_size, lr, warmup_epochs are what ran)
+  "args"         the run's arguments, defaults resolved (window_size, lr, warmup_epochs are what ran);
+                 args["given"]: the options given on the command lines of the run, as given (a resume
+                 takes these for the options it is not given again), args["best_metric"]: the
+                 metrics column that chooses best.pt for the whole run
   "model_ema"    with --model-ema, the state dict of timm's ModelEmaV3 copy (timm's load_checkpoint
                  and create_model(checkpoint_path=...) then load these weights, use_ema=True being
                  their default; from_checkpoint loads "model"); else None
@@ -39,7 +47,7 @@ import shutil
 import numpy as np
 import torch
 
-from .errors import TrainError
+from .errors import TrainError, write_failure
 
 FORMAT_KEYS = ("model", "model_name", "model_args", "optimizer", "epoch", "step", "rng", "sampler", "args")
 
@@ -87,33 +95,43 @@ def checksum(obj) -> str:
     return h.hexdigest()
 
 
-def save(path: str, checkpoint: dict) -> None:
-    """Adds the checksum; torch.save to path.tmp, fsync, then rename over path: a crash at any
-    moment leaves the previous complete file or the new one, never a partial one."""
-    checkpoint = dict(checkpoint, checksum=checksum(checkpoint))
+def _write_atomically(path: str, write) -> None:
+    """write(file) into path.tmp, fsync, rename over path, fsync the folder: a crash at any moment
+    leaves the previous complete file or the new one. A failure (disk full, read-only, I/O) is a
+    WriteError naming path; path.tmp is removed and the previous path stands."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY)  # the rename itself reaches the disk
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.makedirs(directory, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(directory, os.O_RDONLY)  # the rename itself reaches the disk
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise write_failure(path, e) from e
+
+
+def save(path: str, checkpoint: dict) -> None:
+    """Adds the checksum and writes path atomically (_write_atomically): a crash at any moment
+    leaves the previous complete file or the new one, never a partial one."""
+    checkpoint = dict(checkpoint, checksum=checksum(checkpoint))
+    _write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
 def copy(source: str, path: str) -> None:
     """source's bytes to path, atomically as save() (best.pt, checkpoint-EPOCH.pt)."""
-    tmp = f"{path}.tmp"
-    with open(source, "rb") as src, open(tmp, "wb") as f:
-        shutil.copyfileobj(src, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with open(source, "rb") as src:
+        _write_atomically(path, lambda f: shutil.copyfileobj(src, f))
 
 
 def read(path: str, what: str = "checkpoint") -> dict:

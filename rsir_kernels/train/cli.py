@@ -1,13 +1,42 @@
-"""Command-line arguments of python -m rsir_kernels.train (also under torchrun)."""
+"""Command-line arguments of python -m rsir_kernels.train (also under torchrun).
+
+The parsed namespace also says which options were given (`args.given`, {name: value as given}):
+a resumed run takes its saved values for the options not given again (train/resume.py).
+"""
 from __future__ import annotations
 
 import argparse
 
 from .model import MODEL_NAMES
 
+_UNSET = object()  # an option's value before parsing: still _UNSET after it, it was not given
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, recording in args.given the options given on the command line (before any
+    default or resolution): argparse sets a default only where the namespace has no value yet."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace = namespace if namespace is not None else argparse.Namespace()
+        dests = [a.dest for a in self._actions if a.dest != argparse.SUPPRESS and a.default != argparse.SUPPRESS]
+        for dest in dests:
+            if not hasattr(namespace, dest):
+                setattr(namespace, dest, _UNSET)
+        namespace, rest = super().parse_known_args(args, namespace)
+        defaults = {a.dest: a.default for a in self._actions}
+        given = {}
+        for dest in dests:
+            value = getattr(namespace, dest)
+            if value is _UNSET:
+                setattr(namespace, dest, defaults[dest])
+            else:
+                given[dest] = value
+        namespace.given = given
+        return namespace, rest
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m rsir_kernels.train",
         description="Train an RSIR model: one process, or one per device under "
                     "torchrun --nproc_per_node N -m rsir_kernels.train ...")
@@ -29,8 +58,9 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--backend", default="auto", help="window_attention backend: auto, cpp, triton, reference")
     model.add_argument("--window-size", type=int, default=None,
                        help="window side (default: 4 on digits' 32x32 images, the model's 7 otherwise)")
-    model.add_argument("--grad-checkpointing", action="store_true", help="model.set_grad_checkpointing()")
-    model.add_argument("--recompute-qkv", action="store_true",
+    model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                       help="model.set_grad_checkpointing()")
+    model.add_argument("--recompute-qkv", action=argparse.BooleanOptionalAction, default=False,
                        help="recompute each attention's qkv projection and attention in the backward")
     recipe = p.add_argument_group("recipe (the paper's optimizer and schedule, section 4.1, by default)")
     recipe.add_argument("--recipe", choices=("paper",), default=None,
@@ -60,9 +90,11 @@ def parser() -> argparse.ArgumentParser:
     speed = p.add_argument_group("precision and speed")
     speed.add_argument("--amp", choices=("fp32", "bf16", "fp16"), default="fp32",
                        help="autocast dtype (fp16 adds a gradient scaler)")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
-    speed.add_argument("--channels-last", action="store_true", help="images and convolutions in NHWC")
-    speed.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per block, then the model) "
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                       help="images and convolutions in NHWC")
+    speed.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="FSDP2 (fully_shard per block, then the model) "
                        "instead of DDP")
     speed.add_argument("--threads", type=int, default=None,
                        help="CPU threads per rank (default: the cores shared out among this node's ranks)")
@@ -71,14 +103,20 @@ def parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--output", default=None, help="folder for last.pt, metrics.jsonl, curves.png "
                      "(default: a fresh runs/<time>-<model>-<data>, or --resume's folder)")
-    out.add_argument("--resume", default=None, metavar="OUTPUT/last.pt",
-                     help="continue this run (--epochs, --lr, --weight-decay and the other recipe options may "
-                          "change and take effect from its step on; data, model, batch and seed may not)")
+    out.add_argument("--resume", default=None, metavar="OUTPUT/last.pt|auto",
+                     help="continue this run, its options as saved unless given again (--epochs, --lr and the "
+                          "other recipe options may change and take effect from its step on; data, model, batch "
+                          "and seed may not). 'auto': continue --output's run if it has one, else start it (one "
+                          "command for the first start and every restart)")
     out.add_argument("--overwrite", action="store_true",
                      help="start afresh in an --output folder that holds a run, deleting it")
     out.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                      help="end this invocation after that many epochs in all (the schedule still spans "
                           "--epochs), as a time-limited job would; continue with --resume")
+    out.add_argument("--save-every-steps", type=int, default=None, metavar="N",
+                     help="also save last.pt every N optimizer steps, mid-epoch (a resume continues from that step)")
+    out.add_argument("--save-every-minutes", type=float, default=None, metavar="M",
+                     help="also save last.pt mid-epoch once M minutes have passed since the last save")
     out.add_argument("--checkpoint-hist", type=int, default=0, metavar="N",
                      help="also keep the last N epochs' checkpoints as checkpoint-EPOCH.pt (best.pt is always kept)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")

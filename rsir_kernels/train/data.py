@@ -1,15 +1,21 @@
 """Datasets and loaders: scikit-learn's digits, an ImageFolder tree, or random images.
 
 Every loader is sharded by a DistributedSampler (also with one process, so the order of a
-run depends on (seed, epoch) only and a resumed run replays it). Evaluation shards the
-validation set without padding (rank r takes items r, r + world, ...), so the all-reduced
-counts are exact.
+run depends on (seed, epoch) only and a resumed run replays it, from any step of an epoch:
+ResumableSampler). Random augmentations of an item are drawn from a seed of (seed, epoch, item)
+(SeededItems), so they do not depend on the loader workers, the ranks or where a run resumed.
+Evaluation shards the validation set without padding (rank r takes items r, r + world, ...),
+so the all-reduced counts are exact.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import os
+import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
@@ -117,15 +123,64 @@ def image_folder_classes(root: str) -> list[str]:
     return names["train"]
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch past its first `skip` items (this rank's):
+    a run resumed mid-epoch takes the rest of the epoch's order. Rank r's item p is global
+    position r + p * world, so skipping step * batch_per_rank items per rank skips the same
+    global batches at any world size."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.skip, 0)
+
+
+class SeededItems(Dataset):
+    """dataset[i] with torch's, numpy's and python's RNGs seeded from (seed, epoch, i) for the
+    call (and put back after: with no loader workers the calls run in the trainer's process),
+    so an item's random augmentation does not depend on which worker loads it or after what."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item_seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1, dtype=np.uint64)[0])
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        torch.default_generator.manual_seed(item_seed)  # the CPU's only: torch.manual_seed reseeds CUDA too
+        random.seed(item_seed)
+        np.random.seed(item_seed % 2 ** 32)
+        try:
+            return self.dataset[i]
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
 def train_loader(dataset: Dataset, batch_per_rank: int, rank: int, world: int, seed: int,
-                 workers: int) -> DataLoader:
+                 workers: int, seeded_items: bool = False) -> DataLoader:
     """Shuffled, sharded, drop_last (every step sees a full global batch); call
-    loader.sampler.set_epoch(epoch) before each epoch. Workers start afresh every epoch, seeded
-    from torch's global RNG, so a resumed run draws the same augmentations."""
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+    loader.sampler.set_epoch(epoch) (and loader.dataset.set_epoch with seeded_items) before
+    each epoch, and set loader.sampler.skip to start it mid-way. seeded_items: the dataset's
+    random transforms seeded per item (SeededItems). The loader draws its workers' seeds from a
+    generator of its own, so iterating it leaves torch's global RNG (RS-Win draws, drop path,
+    mixup) alone; workers outlive a job's SIGTERM/SIGUSR1 (preempt.worker_init_fn)."""
+    from .preempt import worker_init_fn
+    if seeded_items:
+        dataset = SeededItems(dataset, seed)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(dataset, batch_size=batch_per_rank, sampler=sampler, drop_last=True,
-                      num_workers=workers, pin_memory=torch.cuda.is_available())
+                      num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=worker_init_fn() if workers else None)
 
 
 def eval_loader(dataset: Dataset, batch_per_rank: int, rank: int, world: int, workers: int) -> DataLoader:
@@ -137,3 +192,17 @@ def eval_loader(dataset: Dataset, batch_per_rank: int, rank: int, world: int, wo
 def subset(dataset: Dataset, items: int | None) -> Dataset:
     """The first `items` items (all when None): small runs for tests and smoke checks."""
     return dataset if items is None or items >= len(dataset) else Subset(dataset, range(items))
+
+
+def fingerprint(data: Data, name: str) -> dict:
+    """What identifies the data of a run wherever it lives: the class names, the item counts and
+    a sha256 of the items' paths relative to the tree (ImageFolder's listing, no file read);
+    for digits and fake data their name and counts. Compared on --resume (resume.check_data)."""
+    items = {"train_items": len(data.train), "val_items": len(data.val)}
+    if name in ("digits", "fake"):
+        return {"data": name, "classes": data.num_classes, **items}
+    h = hashlib.sha256()
+    for split in (data.train, data.val):
+        for path, label in split.samples:
+            h.update(f"{os.path.relpath(path, os.path.dirname(split.root))}\t{label}\n".encode())
+    return {"data": "image_folder", "classes": list(data.class_names), **items, "files": h.hexdigest()}

@@ -33,16 +33,21 @@ class Diverged(TrainError):
     every_rank = True  # rank 0 alone reports it
 
 
-def _check_finite(value: Optional[torch.Tensor], what: str, world, epoch: int, step: int) -> None:
+def _check_finite(value: Optional[torch.Tensor], what: str, world, epoch: int, step: int,
+                  events: tuple[float, ...] = ()) -> list[float]:
     """All-reduced: when any rank's value is NaN or infinite every rank raises Diverged, so
-    none is left waiting in a collective."""
+    none is left waiting in a collective. events: this rank's counts (e.g. a stop signal seen),
+    summed over the ranks in the same all-reduce and returned: every rank gets the same sums at
+    the same step, so they act on them together."""
     bad = value is not None and not torch.isfinite(value).all().item()
-    ranks = distributed.all_reduce_sum([float(bad) * 2.0 ** world.rank], world)[0]
+    reduced = distributed.all_reduce_sum([float(bad) * 2.0 ** world.rank, *events], world)
+    ranks = reduced[0]
     if ranks:
         where = "" if not world.distributed else " on rank " + ", ".join(
             str(r) for r in range(world.world_size) if int(ranks) >> r & 1)
         raise Diverged(f"training diverged at epoch {epoch + 1}, step {step + 1}: non-finite {what}{where} "
                        f"(last.pt keeps the last finite epoch; try a lower --lr or --clip-grad)")
+    return reduced[1:]
 
 
 def _gradient_sync(model: nn.Module, on: bool):
@@ -71,10 +76,16 @@ def _micro_batches(loader, steps: int, accum: int, stats: dict):
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, *, world, epoch: int, epochs: int,
                 step: int, amp: str = "fp32", scaler=None, clip_grad: Optional[float] = None, mixup=None,
                 channels_last: bool = False, show_progress: bool = True, accum: int = 1, erase=None, ema=None,
-                on_step: Optional[Callable[[int, float, nn.Module], None]] = None, max_steps: Optional[int] = None) -> dict:
+                on_step: Optional[Callable[[int, float, nn.Module], None]] = None, max_steps: Optional[int] = None,
+                start: int = 0, loss_sum: float = 0.0, events: Optional[Callable[[], tuple]] = None,
+                at_boundary: Optional[Callable[[int, int, float, list], None]] = None) -> dict:
     """Trains one epoch from optimizer step `step`; returns {"loss" (mean over the ranks and
     steps), "steps", "images_per_s" (global), "train_s", "data_s" (waiting for the loader),
-    "lr" (last)}. Each optimizer step takes `accum` micro-batches from the loader, each loss
+    "lr" (last)}. A run resumed mid-epoch passes `start`, the epoch's steps done already (the
+    loader skips their items), and `loss_sum`, this rank's sum of their losses. events() gives
+    this rank's counts to agree on at each step (summed over the ranks with the loss check);
+    at_boundary(epoch_step, step, loss_sum, summed events) runs on every rank after each
+    optimizer step (a mid-epoch save; it may end the run). Each optimizer step takes `accum` micro-batches from the loader, each loss
     divided by accum (equal micro-batches: the sum of their gradients is the whole batch's
     mean), gradients synchronised on the last one only. erase: timm's RandomErasing on the
     batch (tensor data; ImageFolder erases in its transform); ema: timm's ModelEmaV3, updated
@@ -86,12 +97,19 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, *, worl
     skipped steps (inf gradients at too high a scale) are not divergence."""
     model.train()
     loader.sampler.set_epoch(epoch)
+    if hasattr(getattr(loader, "dataset", None), "set_epoch"):  # data.SeededItems: augmentations per (epoch, item)
+        loader.dataset.set_epoch(epoch)
+    loader.sampler.skip = 0
     steps = min(len(loader) // accum, max_steps or len(loader))
-    loss_sum, images_seen = torch.zeros((), dtype=torch.float64), 0
+    if start:
+        loader.sampler.skip = start * accum * loader.batch_size
+    loss_sum, images_seen = torch.tensor(loss_sum, dtype=torch.float64), 0
     bar = progress(steps, epoch, epochs, show_progress and world.is_main)
+    bar.update(start)
     stats = {"data_s": 0.0}
-    start = time.perf_counter()
-    for group in _micro_batches(loader, steps, accum, stats):
+    started = time.perf_counter()
+    epoch_step = start
+    for group in _micro_batches(loader, steps - start, accum, stats):
         scheduler.step_update(step)
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), dtype=torch.float64)
@@ -106,7 +124,8 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, *, worl
                 with autocast(world.device, amp):
                     loss = loss_fn(model(images), labels)
                 loss_value = loss.detach().float().cpu()
-                _check_finite(loss_value, "loss", world, epoch, step)
+                agreed = _check_finite(loss_value, "loss", world, epoch, step,
+                                       events() if events is not None and last else ())
                 if scaler is not None:
                     scaler(loss / accum, optimizer, clip_grad=clip_grad, parameters=model.parameters(),
                            need_update=last)
@@ -124,18 +143,21 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, *, worl
         if ema is not None:
             ema.update(getattr(model, "module", model), step=step)  # timm's train.py: the updates done
         loss_sum += step_loss
+        epoch_step += 1
         if on_step is not None:
             on_step(step, step_loss.item(), model)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - started
         bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
                         img_s=f"{images_seen / elapsed:.1f}", refresh=False)
         bar.update()
+        if at_boundary is not None:
+            at_boundary(epoch_step, step, loss_sum.item(), agreed)
     bar.close()
     if world.device.type == "cuda":
         torch.cuda.synchronize(world.device)
-    train_s = time.perf_counter() - start
+    train_s = time.perf_counter() - started
     total_loss, data_s = distributed.all_reduce_sum([loss_sum.item(), stats["data_s"]], world)
-    return {"loss": total_loss / max(steps * world.world_size, 1), "steps": steps,
+    return {"loss": total_loss / max(steps * world.world_size, 1), "steps": steps - start,
             "images_per_s": images_seen / train_s if train_s else 0.0, "train_s": train_s,
             "data_s": data_s / world.world_size, "lr": optimizer.param_groups[0]["lr"]}
 

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from .errors import TrainError
+from .errors import TrainError, write_failure
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
@@ -64,14 +64,24 @@ def write_metrics(output: str, rows: list[dict]) -> None:
     path = os.path.join(output, METRICS)
     if not rows and not os.path.exists(path):
         return
-    with open(f"{path}.tmp", "w") as f:
-        f.writelines(json.dumps(strict_row(r), allow_nan=False) + "\n" for r in rows)
-    os.replace(f"{path}.tmp", path)
+    try:
+        with open(f"{path}.tmp", "w") as f:
+            f.writelines(json.dumps(strict_row(r), allow_nan=False) + "\n" for r in rows)
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+        raise write_failure(path, e) from e
 
 
 def append_metrics(output: str, row: dict) -> None:
-    with open(os.path.join(output, METRICS), "a") as f:
-        f.write(json.dumps(strict_row(row), allow_nan=False) + "\n")
+    """Appends row; a failed write is a WriteError (a torn line is dropped by read_metrics)."""
+    path = os.path.join(output, METRICS)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(strict_row(row), allow_nan=False) + "\n")
+    except OSError as e:
+        raise write_failure(path, e) from e
 
 
 def plot_curves(output: str) -> str | None:
@@ -98,6 +108,10 @@ def plot_curves(output: str) -> str | None:
         ax.legend()
     fig.tight_layout()
     path = os.path.join(output, CURVES)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise write_failure(path, e) from e
+    finally:
+        plt.close(fig)
     return path
