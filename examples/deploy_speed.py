@@ -2,8 +2,9 @@
 
     python examples/deploy_speed.py --model rsir_tiny --batch 1 [--runner build/aoti_cpp/runner]
 
-Routes: eager; torch.compile; torch.export's program; the AOTInductor package from Python and
-(with --runner, examples/aoti_cpp built) from C++; ONNX Runtime (when onnxruntime is installed).
+Routes: eager; torch.compile; torch.export's program and the AOTInductor package as
+rsir_kernels.deploy makes them (a dynamic batch), the package from Python and (with --runner,
+examples/aoti_cpp built) from C++; ONNX Runtime (when onnxruntime is installed).
 Each: the median of --repeats calls after two warm-up calls, and its ratio to eager measured in
 the same run. A route that can't run here prints why.
 """
@@ -17,6 +18,7 @@ import time
 import torch
 
 import rsir_kernels as rk
+from rsir_kernels import deploy
 from rsir_kernels import models
 
 
@@ -35,16 +37,16 @@ def routes(model, x, folder, runner, repeats):
     """(route, callable or a time in ms) in the order they are printed."""
     yield "eager", model
     yield "torch.compile", torch.compile(model)
-    program = torch.export.export(model, (x,))
-    yield "torch.export", program.module()
-    package = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(folder, "model.pt2"))
+    # as deployed: a dynamic batch, and a package that refuses another shape (rsir_kernels.deploy)
+    yield "torch.export", deploy.export_program(model, x).module()
+    package = deploy.export_aoti(model, x, os.path.join(folder, "model.pt2"))
     yield "AOTInductor (Python)", torch._inductor.aoti_load_package(package)
     if runner:
         images = os.path.join(folder, "images.pt")
         torch.save(x, images)
         done = subprocess.run([runner, rk.library_path(), package, images, str(repeats)], capture_output=True,
                               text=True)
-        why = [line for line in done.stderr.splitlines() if "what()" in line or "rror" in line][:1]
+        why = done.stderr.strip().splitlines()[-1:]  # the runner's one line
         yield "AOTInductor (C++)", float(done.stdout.split()[-1]) if done.returncode == 0 else f"failed: {why}"
     try:
         import onnxruntime
