@@ -296,3 +296,44 @@ def test_a_full_disk_while_saving_is_one_line_exit_74_no_tmp_and_the_previous_ch
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
     saved = checkpoint.read(str(out / "last.pt"))
     assert saved["epoch"] == 1 and saved["position"] is None
+
+
+def test_a_run_stopped_mid_epoch_resumes_at_another_world_size_with_the_epochs_mean_loss(tmp_path, straight):
+    """2 ranks stopped mid-epoch 2, resumed in one process: the epoch's train loss is the mean
+    over all its steps and ranks (the saved per-rank sums counted in the new world's units), as
+    the uninterrupted 2-rank run's within the spread of other random draws (not twice the first
+    half's, which the sums taken as they are would give)."""
+    out = tmp_path / "run"
+    stopped = torchrun(out, "--grad-accum-steps", "2", event="sigterm-parent:14")
+    assert "preempted: SIGTERM at epoch 2, step 5/10" in stopped.stderr, stopped.stderr[-3000:]
+    resumed = trainer(out, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got, want = report.read_metrics(str(out))[1], report.read_metrics(str(straight["two"]))[1]
+    assert abs(got["train_loss"] - want["train_loss"]) < 0.05 * want["train_loss"], (got, want)
+
+
+def test_a_checkpoint_without_positions_or_fingerprints_resumes_and_a_moved_folder_is_refused(tmp_path, capsys):
+    """last.pt as written before mid-epoch positions, data fingerprints and recorded options:
+    it resumes (its saved options standing as given), and --data at another path is refused,
+    since there is no fingerprint to compare."""
+    _in_process(tmp_path, "--epochs", "2", "--stop-after", "1")
+    path = str(tmp_path / "run" / "last.pt")
+    old = checkpoint.read(path)
+    for key in ("position", "data", "checksum"):
+        old.pop(key)
+    for key in ("given", "best_metric"):
+        old["args"].pop(key)
+    checkpoint.save(path, old)
+    assert main(["--resume", path, "--no-progress", "--threads", "1"]) == 0
+    assert [r["epoch"] for r in report.read_metrics(str(tmp_path / "run"))] == [1, 2]
+    tree = _image_tree(tmp_path / "data")
+    _in_process(tmp_path, "--data", str(tree), "--img-size", "32", "--batch-size", "4", "--epochs", "2",
+                "--workers", "0", "--stop-after", "1", name="folder")
+    path = str(tmp_path / "folder" / "last.pt")
+    old = checkpoint.read(path)
+    old.pop("data")
+    checkpoint.save(path, {k: v for k, v in old.items() if k != "checksum"})
+    shutil.copytree(tree, tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["--resume", path, "--data", str(tmp_path / "moved"), "--no-progress", "--workers", "0"]) == 2
+    assert "has no fingerprint" in capsys.readouterr().err

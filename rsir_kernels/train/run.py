@@ -287,7 +287,10 @@ def _train(args, world, resumed, on_step, stop, changes) -> dict:
         position = resumed.get("position")
         if position:  # saved mid-epoch: the rest of that epoch first
             epoch_step, sums = position["epoch_step"], position["loss_sums"]
-            loss_sum = sums[world.rank] if len(sums) == world.world_size else (sum(sums) if world.is_main else 0.0)
+            if len(sums) == world.world_size:
+                loss_sum = sums[world.rank]
+            else:  # the epoch's mean divides by steps * ranks: the old ranks' sums in this world's units
+                loss_sum = sum(sums) / len(sums) * world.world_size if world.is_main else 0.0
         if len(resumed["rng"]) == world.world_size:
             checkpoint.set_rng_state(resumed["rng"][world.rank])
         else:  # another world size: no rank's stream continues; each starts from (seed, rank, step)
