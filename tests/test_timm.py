@@ -67,7 +67,7 @@ def test_features_only_gives_strides_4_to_32_with_feature_info_channels():
 
 @pytest.mark.parametrize("size", [(230, 301), (800, 1333)])
 def test_features_only_takes_any_size_at_ceil_strides(size):
-    """The issue's sizes (neither a multiple of 32): stage maps of ceil(H / s) x ceil(W / s),
+    """Sizes that are not multiples of 32: stage maps of ceil(H / s) x ceil(W / s),
     the unwrapped model's forward_intermediates."""
     import math
     model = timm.create_model("rsir_micro", features_only=True, backend="cpp").eval()

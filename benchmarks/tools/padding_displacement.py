@@ -5,7 +5,7 @@ their random initialisation (seed 0), eval mode, fp32, a batch of 2 standard-nor
 
     python -m benchmarks.tools.padding_displacement [--large]
 
-Cases: 256x256 padded to 256x320 (the issue's, as a detection batch pads a smaller image);
+Cases: 256x256 padded to 256x320 (as a detection batch pads a smaller image beside a wider one);
 232x300 padded to 256x320 (what a multiple-of-32 rule made a user do; sizes timm's Swin takes);
 with --large, 800x1196 padded to 800x1216 (torchvision's size_divisible=32 at Mask R-CNN's scale;
 a minute). RSIR's own padding (to a multiple of 4) moves nothing: it equals the stem's zero

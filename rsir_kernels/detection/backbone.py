@@ -32,7 +32,7 @@ class RSIRBackbone(nn.Module):
         model: an RSIRTransformer; stages after the last returned one, its classifier and its
             final norm are pruned (nothing left unused: DDP needs no find_unused_parameters).
         returned_stages: stage numbers in 1..4, ascending.
-        trainable_stages: the last n stages train (0..4); the first 4 - n are frozen, the stem
+        trainable_stages: the last n stages train (0..4; None: all); the first 4 - n are frozen, the stem
             with stage 1: no gradients (requires_grad False) and always in eval mode, whatever
             train() says, so a frozen stage is a fixed function (fixed RS-Win orders, no
             stochastic depth), as FrozenBatchNorm2d makes a ResNet's. The output norms train.
@@ -43,7 +43,7 @@ class RSIRBackbone(nn.Module):
     """
 
     def __init__(self, model: RSIRTransformer, returned_stages: Sequence[int] = (1, 2, 3, 4),
-                 trainable_stages: int = NUM_STAGES,
+                 trainable_stages: Optional[int] = None,
                  norm_layer: Optional[Callable[[int], nn.Module]] = nn.LayerNorm):
         super().__init__()
         returned_stages = _check_returned_stages(returned_stages)
@@ -55,8 +55,9 @@ class RSIRBackbone(nn.Module):
         self.channels = [dims[i] for i in self._indices]
         self.norms = nn.ModuleList(norm_layer(c) if norm_layer is not None else nn.Identity()
                                    for c in self.channels)
-        frozen = NUM_STAGES - trainable_stages
-        self._frozen = ([model.stem] if frozen else []) + [model.stages[i] for i in range(min(frozen, len(model.stages)))]
+        frozen = 0 if trainable_stages is None else NUM_STAGES - trainable_stages
+        self._frozen = [model.stem] if frozen else []
+        self._frozen += [model.stages[i] for i in range(min(frozen, len(model.stages)))]
         for module in self._frozen:
             module.requires_grad_(False)
         self.train(self.training)
@@ -116,11 +117,11 @@ def rsir_fpn_backbone(name: str = "rsir_tiny", *, trainable_stages: Optional[int
     if name not in BUILDERS:
         raise ValueError(f"name={name!r}: not an RSIR model; one of {', '.join(BUILDERS)}")
     _check_trainable_stages(trainable_stages)
+    returned_stages = _check_returned_stages((1, 2, 3, 4) if returned_stages is None else returned_stages)
     model = BUILDERS[name](**dict(model_kwargs, num_classes=0))
     if weights is not None:
         load_classification_weights(model, weights, name)
-    body = RSIRBackbone(model, (1, 2, 3, 4) if returned_stages is None else returned_stages,
-                        NUM_STAGES if trainable_stages is None else trainable_stages, norm_layer)
+    body = RSIRBackbone(model, returned_stages, trainable_stages, norm_layer)
     return RSIRBackboneWithFPN(body, out_channels, extra_blocks)
 
 
