@@ -37,7 +37,7 @@ def guard_to_cpp(guard: str) -> str:
     """A torch.export guard (Python over L[...].size()[i]) -> a C++ bool expression over s0, s1, ...
 
     Python's // and % round toward -inf (C++ toward 0): they become py_floordiv / py_mod, which
-    set `ok` false on a zero divisor. ValueError for any construct outside this small set."""
+    set `defined` false on a zero divisor. ValueError for any construct outside this small set."""
     def cpp(node) -> str:
         if isinstance(node, ast.Constant) and type(node.value) is int:
             if abs(node.value) > _INT64_MAX:
@@ -53,7 +53,7 @@ def guard_to_cpp(guard: str) -> str:
             return f"({cpp(node.left)} {_ARITH[type(node.op)]} {cpp(node.right)})"
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.FloorDiv, ast.Mod)):
             name = "py_floordiv" if isinstance(node.op, ast.FloorDiv) else "py_mod"
-            return f"{name}({cpp(node.left)}, {cpp(node.right)}, ok)"
+            return f"{name}({cpp(node.left)}, {cpp(node.right)}, defined)"
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
             return f"({'-' if isinstance(node.op, ast.USub) else '!'}{cpp(node.operand)})"
         if isinstance(node, ast.BoolOp):
@@ -71,22 +71,33 @@ def guard_to_cpp(guard: str) -> str:
     return cpp(ast.parse(guard, mode="eval").body)
 
 
-def holds(guards: Sequence[str], shape: Sequence[int]) -> Optional[str]:
-    """The first guard that fails (or can't be evaluated) for an input of `shape`, else None."""
+def failing_guard(guards: Sequence[str], shapes: Sequence[Sequence[int]]):
+    """shape -> the first guard that fails (or can't be evaluated) for an input of that shape,
+    for the shapes where one does (torch.export's guards, evaluated as ExportedProgram.module()
+    evaluates them)."""
     import torch
 
     class Input:
-        def size(self):
-            return tuple(shape)
+        shape = ()
 
-    scope = {"L": _AnyKey(Input()), "torch": torch}
-    for guard in guards:
-        try:
-            if not eval(guard, scope):  # noqa: S307 (torch.export's own guard expressions)
-                return guard
-        except ArithmeticError:
-            return guard
-    return None
+        def size(self):
+            return self.shape
+
+    codes = [(guard, compile(guard, "<guard>", "eval")) for guard in guards]
+    the_input = Input()
+    scope = {"L": _AnyKey(the_input), "torch": torch}
+    failed = {}
+    for shape in shapes:
+        the_input.shape = tuple(shape)
+        for guard, code in codes:
+            try:
+                if not eval(code, scope):  # noqa: S307 (torch.export's own guard expressions)
+                    failed[tuple(shape)] = guard
+                    break
+            except ArithmeticError:
+                failed[tuple(shape)] = guard
+                break
+    return failed
 
 
 class _AnyKey(dict):
@@ -116,28 +127,35 @@ def dim_spec(size, range_constraints) -> DimSpec:
     return symbol, int(a), int(b), int(bounds.lower), upper
 
 
+# Python's // and % on int64 (rounding toward -inf); `defined` false on a zero divisor
+CPP_HELPERS = """\
+static int64_t py_floordiv(int64_t a, int64_t b, bool& defined) {
+    if (b == 0) { defined = false; return 0; }
+    const int64_t q = a / b;
+    return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+static int64_t py_mod(int64_t a, int64_t b, bool& defined) {
+    if (b == 0) { defined = false; return 0; }
+    const int64_t r = a % b;
+    return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r;
+}
+"""
+
+
 def images_check_source(dims: Sequence[DimSpec], guards: Sequence[str], accepted: str) -> str:
     """C++ of `rsir_check_images(input_handles)`: input 0 must have len(dims) dims, each size as
     its DimSpec gives (a dynamic one with a * s + b in range and divisible), every guard true;
     else std::runtime_error("this package takes <accepted>; got (sizes)")."""
     conditions = [f"s{i} == INT64_C({d})" if isinstance(d, int) else _dynamic_condition(i, d)
                   for i, d in enumerate(dims)]
-    guards_cpp = "\n".join(f"        ok = ok && {guard_to_cpp(g)};" for g in guards)
+    # a guard dividing by zero is false: `defined` is read after the guard is evaluated
+    guards_cpp = "\n".join(f"        if (ok) {{ bool defined = true; const bool holds = {guard_to_cpp(g)}; "
+                           f"ok = defined && holds; }}" for g in guards)
     unpack = " ".join(f"const int64_t s{i} = sizes[{i}];" for i in range(len(dims)))
     message = accepted.replace("\\", "\\\\").replace('"', '\\"')
     return f"""
 // rsir_kernels.deploy: the shapes this package was built for, checked at every call
-static int64_t py_floordiv(int64_t a, int64_t b, bool& ok) {{
-    if (b == 0) {{ ok = false; return 0; }}
-    const int64_t q = a / b;
-    return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
-}}
-static int64_t py_mod(int64_t a, int64_t b, bool& ok) {{
-    if (b == 0) {{ ok = false; return 0; }}
-    const int64_t r = a % b;
-    return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r;
-}}
-AOTI_NOINLINE static void rsir_check_images(AtenTensorHandle* input_handles) {{
+{CPP_HELPERS}AOTI_NOINLINE static void rsir_check_images(AtenTensorHandle* input_handles) {{
     int64_t dim = 0;
     int64_t* sizes = nullptr;
     AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dim(input_handles[0], &dim));

@@ -153,17 +153,18 @@ def _describe_dims(dims: Sequence[check.DimSpec]) -> str:
 
 
 def _check_guards_over(program, channels, sides, max_batch, dynamic_size):
-    """ValueError naming the sizes asked for that one of torch.export's guards excludes."""
+    """ValueError naming the shapes asked for that one of torch.export's guards excludes."""
     guards = getattr(program, "_guards_code", [])
     if not guards:
         return
     batches = sorted({1, 2} | ({max_batch} if max_batch else set()))
-    excluded = [(h, w) for h in sides[0] for w in sides[1]
-                if any(check.holds(guards, (b, channels, h, w)) for b in batches)]
-    if excluded:
-        raise ValueError(f"dynamic_size={dynamic_size!r}: the model's graph does not hold for (H, W) in "
-                         f"{excluded[:8]}{' ...' if len(excluded) > 8 else ''} ({len(excluded)} of "
-                         f"{len(sides[0]) * len(sides[1])} sizes): export with sizes that exclude them")
+    failed = check.failing_guard(guards, [(b, channels, h, w) for h in sides[0] for w in sides[1] for b in batches])
+    if failed:
+        sizes = list(dict.fromkeys(shape[2:] for shape in failed))
+        raise ValueError(f"dynamic_size={dynamic_size!r}, max_batch={max_batch!r}: the model's graph does not "
+                         f"hold for (H, W) in {sizes[:8]}{' ...' if len(sizes) > 8 else ''} ({len(sizes)} of "
+                         f"{len(sides[0]) * len(sides[1])} sizes; torch.export's guard "
+                         f"{next(iter(failed.values()))!r} fails): export with sizes that exclude them")
 
 
 def _user_input(program) -> torch.fx.Node:

@@ -21,7 +21,7 @@ import torch
 import rsir_kernels as rk
 import rsir_kernels.deploy as deploy
 from rsir_kernels import models
-from rsir_kernels._aoti_input_check import guard_to_cpp
+from rsir_kernels._aoti_input_check import CPP_HELPERS, failing_guard, guard_to_cpp
 
 from util import max_rel_error
 
@@ -295,8 +295,8 @@ def test_dynamic_size_the_graph_does_not_hold_for_is_refused_at_export():
     """rsir_micro's 7x7 windows: a 64x64 graph has the window shrunk to the last stage's 4 tokens
     and no square tiling, which other sizes change: export names the sizes it can't take."""
     model = models.rsir_micro(num_classes=10, backend="cpp").eval()
-    with pytest.raises(ValueError, match=r"dynamic_size=range\(64, 257, 32\): the model's graph does not hold "
-                                         r"for \(H, W\) in \[\(64, 96\)"):
+    with pytest.raises(ValueError, match=r"dynamic_size=range\(64, 257, 32\), max_batch=None: the model's graph "
+                                         r"does not hold for \(H, W\) in \[\(64, 96\)"):
         deploy.export_program(model, torch.randn(1, 3, 64, 64), dynamic_size=range(64, 257, 32))
 
 
@@ -322,10 +322,38 @@ def test_export_aoti_rejects_bad_arguments(tmp_path):
 
 def test_guards_compile_to_cpp_with_python_integer_division():
     cpp = guard_to_cpp("torch.sym_max(1, ((-1)*L['images'].size()[2]) % 4) == 0 or 1 < L['x'].size()[3] // 7 <= 9")
-    assert cpp == ("((std::max<int64_t>(INT64_C(1), py_mod(((-INT64_C(1)) * s2), INT64_C(4), ok)) == INT64_C(0)) || "
-                   "((INT64_C(1) < py_floordiv(s3, INT64_C(7), ok)) && (py_floordiv(s3, INT64_C(7), ok) <= INT64_C(9))))")
+    assert cpp == ("((std::max<int64_t>(INT64_C(1), py_mod(((-INT64_C(1)) * s2), INT64_C(4), defined)) == INT64_C(0)) || "
+                   "((INT64_C(1) < py_floordiv(s3, INT64_C(7), defined)) && (py_floordiv(s3, INT64_C(7), defined) <= INT64_C(9))))")
     with pytest.raises(ValueError, match="can't compile torch.export's guard"):
         guard_to_cpp("L['images'].stride()[0] == 1")
+
+
+# guards of torch.export's kind: floor division and modulo of negative numbers, by zero (at
+# size 3 == 3), or, chained comparisons, sym_max / sym_min
+GUARDS = ["(((-1)*L['x'].size()[2]) % 4) == 0", "((1 + (((-3) + L['x'].size()[2]) // 4)) % 7) != 0",
+          "(L['x'].size()[3] // 7) != 1 or L['x'].size()[2] < -5",
+          "torch.sym_max(1, L['x'].size()[2] % (L['x'].size()[3] - 3)) == 1",
+          "1 < torch.sym_min(L['x'].size()[2], -L['x'].size()[3]) // -3 <= 4"]
+
+
+def test_compiled_guards_agree_with_python(tmp_path):
+    """Each guard compiled to C++ (as a package's check runs it) against Python's evaluation
+    (as ExportedProgram.module() runs it; a zero divisor fails the guard) on a grid of sizes."""
+    if shutil.which("c++") is None:
+        pytest.skip("no c++ on PATH")
+    sizes = [(s2, s3) for s2 in range(-20, 21) for s3 in range(13)]
+    body = "\n".join(f"    {{ bool defined = true; const bool holds = {guard_to_cpp(g)}; "
+                     f"std::printf(\"%d\", int(defined && holds)); }}" for g in GUARDS)
+    source = tmp_path / "guards.cpp"
+    source.write_text(f"#include <algorithm>\n#include <cstdint>\n#include <cstdio>\n{CPP_HELPERS}"
+                      f"int main() {{\n  for (int64_t s2 = -20; s2 <= 20; ++s2) for (int64_t s3 = 0; s3 < 13; ++s3) {{\n"
+                      f"{body}\n    std::printf(\"\\n\");\n  }}\n}}\n")
+    subprocess.run(["c++", "-std=c++17", "-o", str(tmp_path / "guards"), str(source)], check=True, timeout=300)
+    printed = subprocess.run([str(tmp_path / "guards")], capture_output=True, text=True, check=True).stdout.split()
+    failed = [failing_guard([g], [(1, 3, s2, s3) for s2, s3 in sizes]) for g in GUARDS]
+    expected = ["".join("0" if (1, 3, s2, s3) in f else "1" for f in failed) for s2, s3 in sizes]
+    assert printed == expected
+    assert any("0" in line for line in expected) and any("1" in line for line in expected)
 
 
 def test_ops_library_has_no_python_and_finds_torch():
