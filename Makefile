@@ -41,6 +41,12 @@ bench: env ext
 bench-model: env ext
 	$(PYTHON) benchmarks/bench_model.py
 
+# Backbone + FPN of rsir_tiny (cpp, reference) and Swin-T at 800x1333 and 512x2048, FLOPs at the
+# paper's sizes (benchmarks/bench_dense.py; about 20 minutes on 2 loaded cores).
+.PHONY: bench-dense
+bench-dense: env ext
+	$(PYTHON) benchmarks/bench_dense.py
+
 # On a lent GPU machine: build, the GPU test suite, compute-sanitizer, both benchmarks.
 # OUT= overrides the script's default folder, benchmarks/results/<device>/
 OUT ?=

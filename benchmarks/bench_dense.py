@@ -31,9 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__" and __package__ is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from benchmarks.common import dense_measure as dm
@@ -60,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default=None, help="HxW list to time (default 800x1333,512x2048)")
     p.add_argument("--flop-sizes", default=None, help="HxW list to count FLOPs at (default 800x1280,512x2048)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default CPU 2, CUDA 10; --quick 1)")
+    p.add_argument("--flops-only", action="store_true", help="count FLOPs, time nothing: dense_<device>_flops.json")
     p.add_argument("--quick", action="store_true", help="32x48, 1 repeat: a smoke test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -71,6 +69,7 @@ def parse_args(argv=None):
     gpu = args.device.type == "cuda"
     args.sizes = _sizes(args.sizes or ("32x48" if args.quick else "800x1333,512x2048"))
     args.flop_sizes = _sizes(args.flop_sizes or ("32x48" if args.quick else "800x1280,512x2048"))
+    args.sizes = [] if args.flops_only else args.sizes
     args.repeats = args.repeats or (1 if args.quick else (10 if gpu else 2))
     names = (args.backends or ("triton,cpp,reference" if gpu else "cpp,reference")).split(",")
     args.backends = [n.strip() for n in names if n.strip()] + ["reference"]
@@ -154,7 +153,8 @@ def main(argv=None) -> int:
                   definitions=DEFINITIONS, sizes=[], flops=[])
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"dense_{device.type}{'' if args.dtype == 'float32' else '_' + args.dtype}.json"
+    path = out_dir / (f"dense_{device.type}{'' if args.dtype == 'float32' else '_' + args.dtype}"
+                      f"{'_flops' if args.flops_only else ''}.json")
     print(f"bench_dense: swin + rsir_tiny[{', '.join(names)}] at {', '.join(f'{h}x{w}' for h, w in args.sizes)} "
           f"on {report['device']['name']}, {args.repeats} round(s)", flush=True)
     t0 = time.perf_counter()

@@ -356,3 +356,55 @@ def test_model_modes_and_speedups_against_the_reference_of_each_mode():
     assert "25.0" in line and "2.00" in line and "vs eager" in line
     assert "cpp        compile         FAILED: logits rel err vs eager 5.0e-01" in table
     assert "reduce-overhead not run" in table
+
+
+def _attention_macs_by_formula(config, height, width, batch=1):
+    """The window attention's multiply-adds of an RSIR model by hand: per layer 2 * L * N * C
+    (q k^T and P v, each query row against the N = min(49, L) keys of its window)."""
+    side_h, side_w = -(-height // 4), -(-width // 4)      # the stem: stride 4 after padding to a multiple
+    total = 0
+    for depth, dim in zip(config.depths, config.stage_dims()):
+        tokens = side_h * side_w
+        total += depth * 2 * batch * tokens * min(config.window_size ** 2, tokens) * dim
+        side_h, side_w = -(-side_h // 2), -(-side_w // 2)  # the 3x3 stride-2 merges: ceil
+    return total
+
+
+def test_bench_dense_quick(tmp_path):
+    """bench_dense.py --quick end to end: a row per model, ratios that are the quotients of the
+    same JSON's medians, a peak and an attention share per row, and the RSIR attention FLOPs
+    FlopCounterMode counted equal to the formula's. (19-45 s on 2 loaded cores: imports,
+    six model builds, FLOPs, two profiles and two timed calls per row.)"""
+    from rsir_kernels.models import rsir_tiny
+    # the GPU command's backends: triton is skipped on a CPU with its reason, the rest runs
+    proc = _run("bench_dense.py", "--quick", "--device", "cpu", "--threads", "1", "--backend", "triton,cpp",
+                "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "dense_cpu.json").read_text())
+    assert report["git"]["commit"] and report["device"]["kind"] == "cpu" and "bench_dense.py" in report["command"]
+    (size,) = report["sizes"]
+    rows = {r["row"]: r for r in size["rows"]}
+    assert set(rows) == {"swin", "cpp", "reference"} and "triton" in report["skipped_backends"]
+    for r in rows.values():
+        for key in ("forward_ms", "forward_backward_ms"):
+            assert r[key]["median"] > 0 and r[key]["n"] == 1
+        assert 0 < r["profile_forward"]["attention_share"] < 1
+        assert 0 < r["profile_forward_backward"]["attention_share"] < 1
+        if r["train_peak"] is not None:                   # None only without /proc/self/clear_refs
+            assert r["train_peak"]["peak_above_start_bytes"] > 0
+    for name in ("cpp", "reference"):
+        for other in ("swin", "reference"):
+            for key in ("forward", "forward_backward"):
+                if name == other:
+                    assert f"time_ratio_to_{other}_{key}" not in rows[name]
+                    continue
+                expected = rows[name][f"{key}_ms"]["median"] / rows[other][f"{key}_ms"]["median"]
+                assert rows[name][f"time_ratio_to_{other}_{key}"] == pytest.approx(expected, rel=1e-12)
+    (flops,) = report["flops"]
+    counts = flops["counts"]
+    expected = _attention_macs_by_formula(rsir_tiny().config, flops["height"], flops["width"])
+    assert counts["cpp"]["attention_macs"] == expected
+    assert counts["swin"]["attention_macs"] > 0
+    for c in counts.values():
+        assert c["macs"] == c["flops"] / 2 and c["body_macs"] + c["fpn_macs"] == pytest.approx(c["macs"])
+    assert "swin" in proc.stdout and "rsir_tiny" in proc.stdout

@@ -84,7 +84,8 @@ def count_flops(model, images) -> dict:
     top = type(model).__name__
     body = sum(per_module.get(f"{top}.body", {}).values())
     fpn = sum(per_module.get(f"{top}.fpn", {}).values())
+    # the attention products: RSIR's ops, SDPA, and bmm, which these models use in attention only
     attention = sum(v for op, v in per_module.get("Global", {}).items()
-                    if "window_attention" in str(op) or "scaled_dot_product" in str(op))
+                    if any(k in str(op) for k in ("window_attention", "scaled_dot_product", "bmm")))
     return {"flops": total, "macs": total / 2, "body_macs": body / 2, "fpn_macs": fpn / 2,
             "attention_macs": attention / 2}
