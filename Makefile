@@ -73,3 +73,17 @@ fuzz: env ext
 train-demo: env ext
 	OMP_NUM_THREADS=1 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node 2 \
 		-m rsir_kernels.train --data digits --model rsir_micro --epochs 30 --batch-size 64 --backend cpp
+
+# examples/dense_demo on the synthetic shapes (docs/dense_tasks.md): Mask R-CNN with an rsir_micro
+# FPN backbone (COCO bbox/segm AP with pycocotools each epoch) and UPerNet on tu-rsir_micro
+# (held-out mIoU), 2 processes (torchrun, DDP on gloo, one thread each), from scratch;
+# runs/<time>-maskrcnn-rsir_micro-shapes/ and runs/<time>-upernet-rsir_micro-shapes/ get
+# metrics.jsonl, last.pt and ap_curve.png / miou_curve.png.
+.PHONY: detection-demo segmentation-demo
+detection-demo: env ext
+	OMP_NUM_THREADS=1 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node 2 \
+		-m examples.dense_demo.detect --model rsir_micro --epochs 10 --max-minutes 18
+
+segmentation-demo: env ext
+	OMP_NUM_THREADS=1 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node 2 \
+		-m examples.dense_demo.segment --model rsir_micro --epochs 16 --max-minutes 14
