@@ -73,6 +73,8 @@ def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, H', W'), H' and W' the next multiples of `multiple`, with zero rows
     and columns at the bottom and right; `images` itself when nothing is missing."""
     pad_h, pad_w = -images.shape[2] % multiple, -images.shape[3] % multiple
+    if isinstance(pad_h, torch.Tensor):  # torch.jit.trace records sizes as tensors; a trace holds one size
+        pad_h, pad_w = int(pad_h), int(pad_w)
     # symbolic sizes (compile / export with dynamic shapes) pad whatever the amounts, 0 included:
     # a branch on them would guard on H % multiple and W % multiple, and compile again for sizes
     # on the other side
