@@ -85,9 +85,9 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, *, worl
     loader skips their items), and `loss_sum`, this rank's sum of their losses. events() gives
     this rank's counts to agree on at each step (summed over the ranks with the loss check);
     at_boundary(epoch_step, step, loss_sum, summed events) runs on every rank after each
-    optimizer step (a mid-epoch save; it may end the run). Each optimizer step takes `accum` micro-batches from the loader, each loss
-    divided by accum (equal micro-batches: the sum of their gradients is the whole batch's
-    mean), gradients synchronised on the last one only. erase: timm's RandomErasing on the
+    optimizer step (a mid-epoch save; it may end the run). Each optimizer step takes `accum`
+    micro-batches from the loader, each loss divided by accum (equal micro-batches: the sum of
+    their gradients is the whole batch's mean), gradients synchronised on the last one only. erase: timm's RandomErasing on the
     batch (tensor data; ImageFolder erases in its transform); ema: timm's ModelEmaV3, updated
     after each optimizer step. on_step(step, loss of this rank) runs after each optimizer step;
     max_steps ends the epoch early.
