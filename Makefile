@@ -1,4 +1,4 @@
-# make bench: the main job (benchmarks/bench_attn.py); make test: every test.
+# make bench: the main job (benchmarks/bench_attn.py; writes benchmarks/out/); make test: every test.
 # Each sets up what it needs: .venv from requirements-dev.txt (unless python3 has a CUDA
 # torch, see scripts/pick_python.sh), and the C++/CUDA extension built in place.
 PYTHON ?= $(shell bash scripts/pick_python.sh)
@@ -35,20 +35,26 @@ JOBS ?= 2
 test: env ext ctest
 	$(PYTHON) -m pytest tests -q -n $(JOBS)
 
+# The benchmarks write to benchmarks/out/ (ignored by git): a clone stays clean. OUT=DIR writes
+# elsewhere; make bench-refresh (or OUT=benchmarks/results) refreshes the committed figures.
 bench: env ext
-	$(PYTHON) benchmarks/bench_attn.py
+	$(PYTHON) benchmarks/bench_attn.py $(if $(OUT),--out $(OUT))
+
+.PHONY: bench-refresh
+bench-refresh: env ext
+	$(PYTHON) benchmarks/bench_attn.py --out benchmarks/results
 
 bench-model: env ext
-	$(PYTHON) benchmarks/bench_model.py
+	$(PYTHON) benchmarks/bench_model.py $(if $(OUT),--out $(OUT))
 
 # Backbone + FPN of rsir_tiny (cpp, reference) and Swin-T at 800x1333 and 512x2048, FLOPs at the
 # paper's sizes (benchmarks/bench_dense.py; about 20 minutes on 2 loaded cores).
 .PHONY: bench-dense
 bench-dense: env ext
-	$(PYTHON) benchmarks/bench_dense.py
+	$(PYTHON) benchmarks/bench_dense.py $(if $(OUT),--out $(OUT))
 
 # On a lent GPU machine: build, the GPU test suite, compute-sanitizer, both benchmarks.
-# OUT= overrides the script's default folder, benchmarks/results/<device>/
+# OUT= overrides the script's default folder, benchmarks/results/gpu_<device>/ (a committed record)
 OUT ?=
 gpu-check:
 	bash scripts/gpu_check.sh $(OUT)

@@ -12,7 +12,8 @@ rsir_kernels.reference:
     sdpa-windows  SDPA alone on already-gathered windows (baselines.sdpa_windows): the floor
 
 Prints a table, writes <out>/bench_attn_<device>_<dtype>[_base].json and a .png of the
-speedups over `torch`. On a GPU every row also gets its device time (CUDA-graph replays:
+speedups over `torch` (<out>: benchmarks/out/ by default, ignored by git; `--out
+benchmarks/results` or `make bench-refresh` refreshes the committed figures). On a GPU every row also gets its device time (CUDA-graph replays:
 kernels against kernels, without the host time that bounds small stages). docs/performance.md
 explains every column.
 
@@ -32,7 +33,7 @@ import torch
 
 from benchmarks.common.attn_measure import bench_shape
 from benchmarks.common.cases import BASELINES, WINDOW, select_backends, stage_shapes
-from benchmarks.common.cli import DTYPES, RESULTS, start_run
+from benchmarks.common.cli import DTYPES, OUT, start_run
 from benchmarks.common.progress import Progress
 from benchmarks.common.report import (ATTN_DEFINITIONS, ATTN_TIMING_NOTES, args_record, format_table,
                     output_stem, write_json, write_plot)
@@ -57,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads on CPU (default: torch's; 1 is steadier on a shared machine)")
-    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG (default benchmarks/results)")
+    p.add_argument("--out", default=str(OUT), help="folder for the JSON and PNG (default benchmarks/out, ignored "
+                   "by git; benchmarks/results refreshes the committed figures: make bench-refresh)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common.cli import DTYPES, RESULTS, start_run
+from benchmarks.common.cli import DTYPES, OUT, start_run
 from benchmarks.common.model_measure import (MODES, attention_inputs, bench_backend, bench_compiled, resolve_modes,
                                              select_backends)
 from benchmarks.common.progress import Progress
@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=str(OUT),
+                   help="default benchmarks/out (ignored by git); benchmarks/results: the committed figures")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
