@@ -28,7 +28,6 @@ after every size and prints the table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time

@@ -374,7 +374,7 @@ def test_bench_dense_quick(tmp_path):
     """bench_dense.py --quick end to end: a row per model, ratios that are the quotients of the
     same JSON's medians, a peak and an attention share per row, and the RSIR attention FLOPs
     FlopCounterMode counted equal to the formula's. (19-45 s on 2 loaded cores: imports,
-    six model builds, FLOPs, two profiles and two timed calls per row.)"""
+    eight model builds, FLOPs, two profiles and two timed calls per row.)"""
     from rsir_kernels.models import rsir_tiny
     # the GPU command's backends: triton is skipped on a CPU with its reason, the rest runs
     proc = _run("bench_dense.py", "--quick", "--device", "cpu", "--threads", "1", "--backend", "triton,cpp",
@@ -384,7 +384,8 @@ def test_bench_dense_quick(tmp_path):
     assert report["git"]["commit"] and report["device"]["kind"] == "cpu" and "bench_dense.py" in report["command"]
     (size,) = report["sizes"]
     rows = {r["row"]: r for r in size["rows"]}
-    assert set(rows) == {"swin", "cpp", "reference"} and "triton" in report["skipped_backends"]
+    assert set(rows) == {"swin", "cpp", "reference", "swin body", "cpp body"}
+    assert "triton" in report["skipped_backends"]
     for r in rows.values():
         for key in ("forward_ms", "forward_backward_ms"):
             assert r[key]["median"] > 0 and r[key]["n"] == 1
@@ -400,6 +401,10 @@ def test_bench_dense_quick(tmp_path):
                     continue
                 expected = rows[name][f"{key}_ms"]["median"] / rows[other][f"{key}_ms"]["median"]
                 assert rows[name][f"time_ratio_to_{other}_{key}"] == pytest.approx(expected, rel=1e-12)
+    for key in ("forward", "forward_backward"):       # a body row against the other body row
+        expected = rows["cpp body"][f"{key}_ms"]["median"] / rows["swin body"][f"{key}_ms"]["median"]
+        assert rows["cpp body"][f"time_ratio_to_swin_{key}"] == pytest.approx(expected, rel=1e-12)
+        assert f"time_ratio_to_reference_{key}" not in rows["cpp body"]
     (flops,) = report["flops"]
     counts = flops["counts"]
     expected = _attention_macs_by_formula(rsir_tiny().config, flops["height"], flops["width"])

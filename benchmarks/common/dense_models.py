@@ -45,13 +45,33 @@ def swin_fpn_backbone(height: int, width: int, sdpa: bool = True) -> RSIRBackbon
     return RSIRBackboneWithFPN(SwinBody(features))
 
 
+BODY = "body"    # a row name's suffix: the model's body alone (backbone + output norms, no FPN)
+
+
+def _split(name: str) -> tuple[str, bool]:
+    base, _, part = name.partition(" ")
+    if part not in ("", BODY):
+        raise ValueError(f"row {name!r}: the only part is {BODY!r}")
+    return base, part == BODY
+
+
 def build(name: str, height: int, width: int, device, seed: int = 0, sdpa: bool = True) -> nn.Module:
-    """name: "swin" or an rsir_kernels backend ("cpp", "reference", "triton") for rsir_tiny.
-    The same seed for every RSIR backend: the same weights."""
+    """name: "swin" or an rsir_kernels backend ("cpp", "reference", "triton") for rsir_tiny,
+    optionally followed by " body" (the body alone, without the FPN). The same seed for every
+    RSIR backend: the same weights."""
+    base, body_only = _split(name)
     torch.manual_seed(seed)
-    if name == "swin":
-        return swin_fpn_backbone(height, width, sdpa).to(device)
-    return rsir_fpn_backbone("rsir_tiny", backend=name).to(device)
+    if base == "swin":
+        model = swin_fpn_backbone(height, width, sdpa)
+    else:
+        model = rsir_fpn_backbone("rsir_tiny", backend=base)
+    return (model.body if body_only else model).to(device)
+
+
+def describe(name: str) -> str:
+    base, body_only = _split(name)
+    model = SWIN if base == "swin" else f"rsir_tiny backend={base}"
+    return f"{model}, body only (no FPN)" if body_only else f"{model} + FPN"
 
 
 # Swin's attention leaves: SDPA's CPU flash kernels (no grad), else (the relative position bias
@@ -68,6 +88,7 @@ def attention_ops(name: str) -> tuple[tuple, bool]:
     named ranges rsir_kernels.autograd_functions opens around the backend's forward and
     backward while a profiler runs, inclusive (the reference runs aten ops inside); Swin: the
     leaf kernels of SWIN_ATTENTION, self time (the mask add is left out)."""
-    if name == "swin":
+    base, _ = _split(name)
+    if base == "swin":
         return SWIN_ATTENTION, False
-    return tuple(f"rsir::window_attention_{what} ({name})" for what in ("forward", "backward")), True
+    return tuple(f"rsir::window_attention_{what} ({base})" for what in ("forward", "backward")), True

@@ -13,26 +13,34 @@ PAPER_MACS = {
 
 DEFINITIONS = {
     "forward_ms": "eval(), no_grad, batch 1: median (min, max) of the timed rounds, rows interleaved",
-    "forward_backward_ms": "train(), loss = sum of the FPN maps' means, backward; no optimizer step",
+    "forward_backward_ms": "train(), loss = sum of the output maps' means (FPN's, or a body row's "
+                           "stage maps'), backward; no optimizer step",
+    "row": "swin (timm's Swin-T) or an rsir_tiny backend, each + FPN; '<row> body': the body "
+           "alone (backbone + its output LayerNorms), without the FPN",
     "train_peak": "peak bytes of one forward+backward above those held before it (CPU: resident "
                   "high-water mark, every page touched; CUDA: max_memory_allocated)",
     "profile_*": "one profiled call (the warm-up): attention ops' time / all ops' self time; RSIR: "
                  "the backend's forward and backward ops (inclusive time); Swin: SDPA's kernels, or its math path's bmm and softmax (self time)",
-    "time_ratio_to_X": "this row's median / row X's median, same run (below 1: this row is faster)",
+    "time_ratio_to_X": "this row's median / row X's median (a body row: / 'X body'), same run (below 1: "
+                       "this row is faster)",
     "flops": "torch.utils.flop_counter.FlopCounterMode, forward, batch 1; macs = flops / 2; body = "
              "backbone + its output LayerNorms (counted 0), fpn = torchvision FPN (+ max-pool level)"}
 
 
 def add_ratios(rows: list) -> None:
+    """Each rsir row against swin and reference of the same part (a body row against the body
+    rows)."""
     by = {r["row"]: r for r in rows}
     for r in rows:
-        if r["row"] == "swin":
+        base, _, part = r["row"].partition(" ")
+        if base == "swin":
             continue
-        for other in ("swin", "reference"):
+        for other in (" ".join(filter(None, (o, part))) for o in ("swin", "reference")):
             if other == r["row"] or other not in by:
                 continue
+            other_base = other.split(" ")[0]
             for key in ("forward_ms", "forward_backward_ms"):
-                r[f"time_ratio_to_{other}_{key[:-3]}"] = ratio(r[key]["median"], by[other][key]["median"])
+                r[f"time_ratio_to_{other_base}_{key[:-3]}"] = ratio(r[key]["median"], by[other][key]["median"])
 
 
 def _f(x, spec=".2f"):
@@ -41,14 +49,14 @@ def _f(x, spec=".2f"):
 
 def format_dense_table(report: dict) -> str:
     lines = []
-    head = (f"{'size':<10} {'row':<10} {'fwd ms':>9} {'f+b ms':>9} {'peak MB':>8} {'attn% f':>7} {'attn% f+b':>9} "
+    head = (f"{'size':<10} {'row':<12} {'fwd ms':>9} {'f+b ms':>9} {'peak MB':>8} {'attn% f':>7} {'attn% f+b':>9} "
             f"{'/swin f':>7} {'/swin f+b':>9} {'/ref f':>6} {'/ref f+b':>8}")
     lines += [head, "-" * len(head)]
     for s in report["sizes"]:
         for r in s["rows"]:
             peak = r["train_peak"]["peak_above_start_bytes"] / 2 ** 20 if r.get("train_peak") else None
             lines.append(
-                f"{s['height']}x{s['width']:<6} {r['row']:<10} {r['forward_ms']['median']:9.0f} "
+                f"{s['height']}x{s['width']:<6} {r['row']:<12} {r['forward_ms']['median']:9.0f} "
                 f"{r['forward_backward_ms']['median']:9.0f} {_f(peak, '.0f'):>8} "
                 f"{_f(100 * r['profile_forward']['attention_share'], '.1f'):>7} "
                 f"{_f(100 * r['profile_forward_backward']['attention_share'], '.1f'):>9} "

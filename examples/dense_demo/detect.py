@@ -7,23 +7,18 @@ and OUTPUT/ap_curve.png.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import json
-import math
-import os
 import time
 
-import numpy as np
 import torch
 
 from rsir_kernels.detection import maskrcnn_rsir_fpn
 from rsir_kernels.train import distributed as D
 
+from . import common
+from .common import TRAIN_SEED, VAL_SEED
 from .shapes import CLASSES, ShapesDataset, coco_api, encode_mask, to_coco
-
-TRAIN_SEED, VAL_SEED = 1, 2  # the held-out split is another seed: no item in common
 
 
 def build_model(model_name: str = "rsir_micro", size: int = 128, channels: int = 64, backend: str = "auto"):
@@ -100,76 +95,33 @@ def coco_eval(gt: dict, results: list[dict]) -> dict:
 
 
 def plot(output: str, rows: list[dict]) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig, (loss_ax, ap_ax) = common.two_panels()
     epochs = [r["epoch"] for r in rows]
-    fig, (loss_ax, ap_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(epochs, [r["train_loss"] for r in rows], label="train (sum of the 5 terms)")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Mask R-CNN loss")
     for key, label in (("bbox_AP50", "bbox AP50"), ("bbox_AP", "bbox AP"), ("segm_AP50", "segm AP50"),
                        ("segm_AP", "segm AP")):
         ap_ax.plot(epochs, [r[key] for r in rows], marker="o", ms=3, label=label)
     ap_ax.set(xlabel="epoch", ylabel="AP", ylim=(0, 1), title="held-out COCO AP (pycocotools)")
-    for ax in (loss_ax, ap_ax):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path = os.path.join(output, "ap_curve.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, (loss_ax, ap_ax), f"{output}/ap_curve.png")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="rsir_micro")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--train-size", type=int, default=800)
-    p.add_argument("--val-size", type=int, default=200)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8, help="global, over the ranks")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop after the epoch that passes this wall time (the eval included)")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="default runs/<time>-maskrcnn-<model>-shapes")
-    args = p.parse_args(argv)
-
-    world = D.world_from_env(args.batch_size, "cpu")
-    created = D.init(world, threads=1 if world.distributed else None)
-    try:
-        return _run(args, world)
-    finally:
-        D.close(created)
+    return common.run_in_world(common.parser(__doc__, epochs=12).parse_args(argv), _run)
 
 
 def _run(args, world) -> int:
     start = time.time()
-    output = args.output or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-maskrcnn-{args.model}-shapes")
-    if world.is_main:
-        os.makedirs(output, exist_ok=True)
+    output = common.output_dir(args, world, "maskrcnn")
     D.seed_all(args.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(args.model, args.image_size, backend=args.backend)
     train = ShapesDataset(args.train_size, TRAIN_SEED, args.image_size)
     val = ShapesDataset(args.val_size, VAL_SEED, args.image_size)
     gt = to_coco(val) if world.is_main else None
     ddp = D.wrap(model, world, fsdp=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    sampler, loader = common.sharded_loader(train, args, world, collate)
     per_rank = args.batch_size // world.world_size
-    sampler = torch.utils.data.DistributedSampler(train, world.world_size, world.rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train, per_rank, sampler=sampler, collate_fn=collate, drop_last=True)
-    total = args.epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps)
-                                                 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    optimizer, schedule = common.adamw_cosine(model, args, args.epochs * len(loader))
     torch.manual_seed(D.rank_seed(args.seed, world.rank))
     rows = []
     if world.is_main:
@@ -197,18 +149,14 @@ def _run(args, world) -> int:
                    "train_s": round(train_s, 1), "eval_s": round(time.time() - t1, 1),
                    "elapsed_s": round(time.time() - start, 1)}
             rows.append(row)
-            with open(os.path.join(output, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            common.append_metrics(output, row)
             print(f"epoch {row['epoch']}/{args.epochs}  loss {row['train_loss']:.3f}  bbox AP {row['bbox_AP']:.3f} "
                   f"AP50 {row['bbox_AP50']:.3f}  segm AP {row['segm_AP']:.3f} AP50 {row['segm_AP50']:.3f}  "
                   f"train {train_s:.0f} s  eval {row['eval_s']:.0f} s  elapsed {row['elapsed_s']:.0f} s", flush=True)
             plot(output, rows)
-        stop = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
-        if D.all_reduce_max([float(stop)], world)[0]:
+        if common.time_is_up(args, start, world):
             break
-    if world.is_main:
-        torch.save(model.state_dict(), os.path.join(output, "last.pt"))
-        print(f"done in {time.time() - start:.0f} s: {output}/metrics.jsonl, {output}/ap_curve.png", flush=True)
+    common.finish(model, output, start, "ap_curve.png", world)
     return 0
 
 

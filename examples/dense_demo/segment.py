@@ -8,10 +8,6 @@ and OUTPUT/miou_curve.png.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
 import time
 
 import torch
@@ -19,9 +15,10 @@ import torch.nn.functional as F
 
 from rsir_kernels.train import distributed as D
 
+from . import common
+from .common import TRAIN_SEED, VAL_SEED
 from .shapes import CLASSES, ShapesDataset
 
-TRAIN_SEED, VAL_SEED = 1, 2
 NUM_CLASSES = len(CLASSES) + 1
 
 
@@ -68,71 +65,32 @@ def evaluate(model, dataset, indices, batch: int = 8) -> torch.Tensor:
 
 
 def plot(output: str, rows: list[dict]) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig, (loss_ax, iou_ax) = common.two_panels()
     epochs = [r["epoch"] for r in rows]
-    fig, (loss_ax, iou_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(epochs, [r["train_loss"] for r in rows], label="train")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="UPerNet loss")
     iou_ax.plot(epochs, [r["mIoU"] for r in rows], marker="o", ms=3, label="mIoU (4 classes)")
     for k, name in enumerate(("background",) + CLASSES):
         iou_ax.plot(epochs, [r["IoU"][k] for r in rows], lw=0.8, alpha=0.7, label=name)
     iou_ax.set(xlabel="epoch", ylabel="IoU", ylim=(0, 1), title="held-out IoU")
-    for ax in (loss_ax, iou_ax):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path = os.path.join(output, "miou_curve.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, (loss_ax, iou_ax), f"{output}/miou_curve.png")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="rsir_micro")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--train-size", type=int, default=800)
-    p.add_argument("--val-size", type=int, default=200)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8, help="global, over the ranks (2 or more per rank: BatchNorm)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="default runs/<time>-upernet-<model>-shapes")
-    args = p.parse_args(argv)
-    world = D.world_from_env(args.batch_size, "cpu")
-    created = D.init(world, threads=1 if world.distributed else None)
-    try:
-        return _run(args, world)
-    finally:
-        D.close(created)
+    p = common.parser(__doc__, epochs=10, batch_help="global, over the ranks (2 or more per rank: BatchNorm)")
+    return common.run_in_world(p.parse_args(argv), _run)
 
 
 def _run(args, world) -> int:
     start = time.time()
-    output = args.output or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-upernet-{args.model}-shapes")
-    if world.is_main:
-        os.makedirs(output, exist_ok=True)
+    output = common.output_dir(args, world, "upernet")
     D.seed_all(args.seed)
     model = build_model(args.model, backend=args.backend)
     train = Semantic(ShapesDataset(args.train_size, TRAIN_SEED, args.image_size))
     val = Semantic(ShapesDataset(args.val_size, VAL_SEED, args.image_size))
     ddp = D.wrap(model, world, fsdp=False)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    sampler = torch.utils.data.DistributedSampler(train, world.world_size, world.rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train, args.batch_size // world.world_size, sampler=sampler, drop_last=True)
-    total = args.epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps)
-                                                 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sampler, loader = common.sharded_loader(train, args, world)
+    optimizer, schedule = common.adamw_cosine(model, args, args.epochs * len(loader))
     torch.manual_seed(D.rank_seed(args.seed, world.rank))
     rows = []
     if world.is_main:
@@ -161,18 +119,14 @@ def _run(args, world) -> int:
                    "train_s": round(train_s, 1), "eval_s": round(time.time() - t1, 1),
                    "elapsed_s": round(time.time() - start, 1)}
             rows.append(row)
-            with open(os.path.join(output, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            common.append_metrics(output, row)
             print(f"epoch {row['epoch']}/{args.epochs}  loss {loss_mean:.4f}  mIoU {mean:.3f}  "
                   f"IoU {' '.join(f'{v:.3f}' for v in per_class)}  train {train_s:.0f} s  eval {row['eval_s']:.0f} s  "
                   f"elapsed {row['elapsed_s']:.0f} s", flush=True)
             plot(output, rows)
-        stop = args.max_minutes is not None and time.time() - start > 60 * args.max_minutes
-        if D.all_reduce_max([float(stop)], world)[0]:
+        if common.time_is_up(args, start, world):
             break
-    if world.is_main:
-        torch.save(model.state_dict(), os.path.join(output, "last.pt"))
-        print(f"done in {time.time() - start:.0f} s: {output}/metrics.jsonl, {output}/miou_curve.png", flush=True)
+    common.finish(model, output, start, "miou_curve.png", world)
     return 0
 
 
