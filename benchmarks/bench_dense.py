@@ -3,16 +3,19 @@
 
 Rows, built alike (common/dense_models.py): rsir_fpn_backbone("rsir_tiny", backend=...) for
 each backend, and timm's swin_tiny_patch4_window7_224 (features_only, SDPA attention) behind
-the same per-stage LayerNorm and torchvision FPN. Per image size, batch 1, the rows
-interleaved (one call of each per round, common/timing.Timer):
+the same per-stage LayerNorm and torchvision FPN; and the bodies alone (backbone + its output
+norms, no FPN: rows "swin body" and "<first backend> body"), the part that differs between the
+models (the FPN's cost is the same for both). Per image size, batch 1, the rows interleaved (one
+call of each per round, common/timing.Timer):
 
 - forward: eval(), torch.no_grad()
-- forward+backward: train(), sum of the FPN maps' means, backward (no optimizer)
+- forward+backward: train(), sum of the output maps' means, backward (no optimizer)
 - peak memory of that step above what was held before it (common/dense_measure.peak_memory:
   CPU resident high-water mark, CUDA max_memory_allocated), taken in its first timed call
 - attention share: one profiled call of each (the warm-up): the attention ops' self time /
   all ops' self time, forward and forward+backward, and the top ops by self time
-- time ratios rsir row / swin and rsir row / reference from the same run's medians
+- time ratios rsir row / swin and rsir row / reference from the same run's medians (a body row
+  against the swin body row)
 
 and FLOPs (FlopCounterMode, forward, multiply-adds = FLOPs / 2) of each model at the paper's
 FLOP sizes (800x1280 for Table 1, 512x2048 for Table 6). Writes <out>/dense_<device>.json
@@ -25,7 +28,6 @@ after every size and prints the table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -35,7 +37,7 @@ import torch
 
 from benchmarks.common import dense_measure as dm
 from benchmarks.common.cli import DTYPES, OUT, start_run
-from benchmarks.common.dense_models import SWIN, attention_ops, build
+from benchmarks.common.dense_models import BODY, attention_ops, build, describe
 from benchmarks.common.dense_report import DEFINITIONS, PAPER_MACS, add_ratios, format_dense_table
 from benchmarks.common.measure import summarize
 from benchmarks.common.report import args_record, write_json
@@ -59,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default CPU 2, CUDA 10; --quick 1)")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs, time nothing: dense_<device>_flops.json")
     p.add_argument("--quick", action="store_true", help="32x48, 1 repeat: a smoke test")
+    p.add_argument("--no-body", dest="body", action="store_false",
+                   help="leave out the body-only rows (swin body, <first backend> body)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(OUT),
@@ -105,11 +109,11 @@ def step_fns(model, images, autocast):
 def bench_size(height, width, names, args, device, dtype) -> dict:
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
     images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    rows = ["swin"] + names
+    rows = ["swin"] + names + ([f"swin {BODY}", f"{names[0]} {BODY}"] if args.body else [])
     models = {n: build(n, height, width, device, args.seed) for n in rows}
     fns = {n: step_fns(models[n], images, autocast) for n in rows}
     timer = Timer(device, TimingPolicy(warmup=0, min_reps=args.repeats, max_reps=args.repeats, budget_s=0.0))
-    out = {n: {"row": n, "model": SWIN if n == "swin" else f"rsir_tiny backend={n}"} for n in rows}
+    out = {n: {"row": n, "model": describe(n)} for n in rows}
     # warm-up = the profiled call (one-time costs land there, not in the timed rounds)
     for n in rows:
         out[n]["profile_forward"] = dm.attention_share(fns[n][0], *attention_ops(n), device)
