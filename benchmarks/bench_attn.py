@@ -12,12 +12,13 @@ rsir_kernels.reference:
     sdpa-windows  SDPA alone on already-gathered windows (baselines.sdpa_windows): the floor
 
 Prints a table, writes <out>/bench_attn_<device>_<dtype>[_base].json and a .png of the
-speedups over `torch` (<out>: benchmarks/out/ by default, ignored by git; `--out
-benchmarks/results` or `make bench-refresh` refreshes the committed figures). On a GPU every row also gets its device time (CUDA-graph replays:
-kernels against kernels, without the host time that bounds small stages). docs/performance.md
-explains every column.
+speedups over `torch`; <out> is benchmarks/out/ by default, which git ignores (`--out
+benchmarks/results`, or `make bench-refresh`, refreshes the committed figures). On a GPU every
+row also gets its device time (CUDA-graph replays: kernels against kernels, without the host
+time that bounds small stages). docs/performance.md explains every column.
 
     python benchmarks/bench_attn.py                 # CPU fp32 batch 8, or GPU bf16 batch 64
+    python benchmarks/bench_attn.py --out benchmarks/results   # = make bench-refresh
     python benchmarks/bench_attn.py --quick --out /tmp/b   # a few seconds (CI smoke test)
 """
 from __future__ import annotations
