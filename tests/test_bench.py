@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,28 @@ def test_check_close():
     assert measure.check_close(low, exact, low)[0]                       # as good as itself
     assert not measure.check_close(low + 0.5, exact, low)[0]
     assert not measure.check_close(exact.float()[:10], exact)[0]         # shape
+
+
+# ---------------------------------------------------------------- where results go
+
+@pytest.mark.parametrize("script", ["bench_attn", "bench_model", "bench_dense"])
+def test_default_output_folder_is_ignored_by_git(script):
+    """`make bench` must leave a clone clean: every benchmark writes to benchmarks/out/ (ignored)
+    unless --out names another folder; benchmarks/results/ (committed) only on request."""
+    import importlib
+    from benchmarks.common.cli import OUT, RESULTS
+    module = importlib.import_module(f"benchmarks.{script}")
+    assert Path(module.parse_args([]).out) == OUT != RESULTS
+    try:
+        proc = subprocess.run(["git", "check-ignore", "-q", str(OUT / f"{script}_cpu_float32.json")], cwd=ROOT)
+    except OSError:
+        pytest.skip("no git")
+    if proc.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert proc.returncode == 0, f"{OUT} is not ignored by git: a benchmark run would dirty the clone"
+    recipe = re.search(r"^bench:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
+    assert recipe and "bench_attn.py" in recipe.group(1) and "results" not in recipe.group(1), \
+        "make bench must run bench_attn.py into its default folder"
 
 
 # ---------------------------------------------------------------- the benchmark, end to end
