@@ -475,7 +475,7 @@ def saturated_delta_errors() -> dict:
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_saturated_softmax_delta_refined(isa):
     """dS_max = P_max (dP_max - delta) at a saturated row keeps its relative accuracy: the CPU
-    core refines delta once (kernel_impl.h, grad_cols), so dq and dk of the fuzz case above are
+    core refines delta once (core/softmax_grad.h, grad_cols), so dq and dk of the fuzz case above are
     within fp32's 1e-5 (2e-4 with a single-pass delta), in every ISA build (one process each:
     the core picks its build once per process; a CPU without the ISA runs a lesser one)."""
     import json

@@ -1,4 +1,4 @@
-"""The bf16 forward on AMX tiles (csrc/kernels/cpu/kernel_bf16_amx.h), on CPUs that have AMX-BF16
+"""The bf16 forward on AMX tiles (csrc/kernels/cpu/core/bf16_amx.h), on CPUs that have AMX-BF16
 and where Linux grants the tile state: S^T = K Q^T and O^T = V^T P^T as TDPBF16PS with e rounded
 to bf16 for P V. Against the float64 reference by the bf16 rule (2x the error of the bf16
 reference, which rounds P to bf16 too), over the shapes the tile code pads: every head dim up
@@ -58,7 +58,7 @@ forward_errors(q, k, v, make_index(2, 60, 1, device="cpu", seed=6), 17)
 checked += 1
 
 # bitwise equal on 1 and 2 threads; the second shape's out (3.2 MB) exceeds a core's L2: its rows
-# are staged and written with streaming stores (kernel_bf16_amx.h: streams_bf16)
+# are staged and written with streaming stores (core/bf16_amx.h: streams)
 for batch, length in ((4, 98), (8, 3136)):
     q, k, v = make_qkv(batch, length, 4, 16, dtype=torch.bfloat16, device="cpu", requires_grad=False, seed=8)
     index = make_index(batch, length, 2, device="cpu", seed=9)

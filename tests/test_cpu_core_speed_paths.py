@@ -1,4 +1,4 @@
-"""The CPU core's float path on transposed scores (kernel_impl.h: softmax_cols, grad_cols; issue
+"""The CPU core's float path on transposed scores (core/softmax.h: softmax_cols, grad_cols; issue
 21): scores computed as S^T = K Q^T, each query's max and sums down its column, padding queries
 (columns m .. mp) computed and dropped. Every column remainder of a vector of 16 (AVX-512), 8
 (AVX2) and 4 (generic) lanes and a partial last window, in every ISA build (one process each:
@@ -83,8 +83,8 @@ print(json.dumps(cpp.CPU_ISA))
 def test_streaming_stores_of_large_outputs(isa, dtype):
     """Where out (forward) and dq, dk, dv (backward) exceed a core's L2 and their rows are whole
     aligned cache lines, the AVX-512 builds write them with streaming stores and do not prefetch
-    them (kernel_impl.h: streams; stream_rows for fp32 rows of D % 16 == 0; Staged for 2-byte
-    rows, a group's heads staged first, also in kernel_bf16_amx.h's forward). At such a size
+    them (core/rows.h: streams; stream_rows for fp32 rows of D % 16 == 0; Staged for 2-byte
+    rows, a group's heads staged first, also in core/bf16_amx.h's forward). At such a size
     (B x L x H x D = 1.6 M elements: 6.4 MB in fp32, 3.2 MB in bf16 / fp16), forward and
     gradients against the float64 reference (the rule of tests/util.py), packed and separate
     gradient buffers, and bitwise equal on 1 and 2 threads; in the AMX build and in the plain

@@ -16,123 +16,26 @@
 
 #include <cstdint>
 
-#include "window_attention_cuda.h"
+#include "kernels/cuda/window_attention_cuda.h"
+#include "kernels/cuda/window_block.cuh"
 
 namespace rsir {
 namespace cuda {
 namespace {
-
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kSmemBudget = 48 * 1024;  // no opt-in needed on any GPU
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-__device__ __forceinline__ int64_t row_offset(const int64_t* s, int64_t b, int64_t t, int64_t h) {
-  return b * s[0] + t * s[1] + h * s[2];
-}
-
-// Shared-memory layout (floats unless said), the same for every kernel:
-//   tok[N] (int), lse[N], delta[N], linv[N], tileA[tk][D+1], tileB[tk][D+1], then per warp:
-//   rowA[D], rowB[D], bufA[tk], bufB[tk].
-struct Layout {
-  int tk;
-  size_t bytes;
-};
-
-__host__ __device__ inline size_t smem_bytes(int n, int d, int tk) {
-  return sizeof(float) * (4 * (size_t)n + 2 * (size_t)tk * (d + 1) + (size_t)kWarps * (2 * d + 2 * tk));
-}
-
-inline Layout pick_layout(int n, int d) {
-  int tk = (n + 7) / 8 * 8;
-  while (tk > 8 && smem_bytes(n, d, tk) > (size_t)kSmemBudget) tk -= 8;
-  return {tk, smem_bytes(n, d, tk)};
-}
-
-struct Smem {
-  int* tok;
-  float *lse, *delta, *linv, *tileA, *tileB, *rowA, *rowB, *bufA, *bufB;
-};
-
-__device__ inline Smem carve(float* base, int n, int d, int tk, int warp) {
-  Smem s;
-  s.tok = reinterpret_cast<int*>(base);
-  s.lse = base + n;
-  s.delta = s.lse + n;
-  s.linv = s.delta + n;
-  s.tileA = s.linv + n;
-  s.tileB = s.tileA + (size_t)tk * (d + 1);
-  float* w = s.tileB + (size_t)tk * (d + 1) + (size_t)warp * (2 * d + 2 * tk);
-  s.rowA = w;
-  s.rowB = w + d;
-  s.bufA = w + 2 * d;
-  s.bufB = w + 2 * d + tk;
-  return s;
-}
-
-// Token ids of window w (index values outside 0..L-1 become -1); returns the window's length.
-__device__ inline int load_tokens(const WindowAttentionParams& p, int* tok, int64_t b, int64_t g, int64_t w) {
-  const int64_t start = w * p.N;
-  const int n = (int)min((int64_t)p.N, p.L - start);
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const int64_t off = b * p.index_stride[0] + g * p.index_stride[1] + (start + j) * p.index_stride[2];
-    const int64_t t = p.index_bytes == 4 ? (int64_t) static_cast<const int32_t*>(p.index)[off]
-                                         : static_cast<const int64_t*>(p.index)[off];
-    tok[j] = (t >= 0 && t < p.L) ? (int)t : -1;
-  }
-  return n;
-}
-
-// tile[r][d] = x[b, tok[j0 + r], h, d] as float (rows of invalid tokens: 0).
-template <class T>
-__device__ inline void load_tile(float* tile, const T* x, const int64_t* s, const int* tok, int j0, int rows,
-                                 int64_t b, int64_t h, int d_) {
-  for (int e = threadIdx.x; e < rows * d_; e += blockDim.x) {
-    const int r = e / d_, d = e % d_;
-    const int t = tok[j0 + r];
-    tile[r * (d_ + 1) + d] = t >= 0 ? to_f(x[row_offset(s, b, t, h) + d * s[3]]) : 0.0f;
-  }
-}
-
-template <class T>
-__device__ inline void load_row(float* row, const T* x, const int64_t* s, int t, int64_t b, int64_t h, int d_) {
-  for (int d = threadIdx.x & 31; d < d_; d += 32) row[d] = to_f(x[row_offset(s, b, t, h) + d * s[3]]);
-}
 
 // ---------------------------------------------------------------- forward
 
 template <class T, int DPL>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const WindowAttentionParams p, int tk) {
   extern __shared__ float smem_f[];
-  const int64_t w = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t g = h / (p.H / p.G);
-  const int D = (int)p.D, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int nmax = (int)min(p.N, p.L);
-  Smem sm = carve(smem_f, nmax, D, tk, warp);
+  const Block blk = enter_block(p, smem_f, tk);
+  const int64_t h = blk.h, b = blk.b;
+  const int D = blk.D, warp = blk.warp, lane = blk.lane, n = blk.n, tiles = blk.tiles, rounds = blk.rounds;
+  const Smem& sm = blk.sm;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const float scale = (float)p.scale;
-  const int n = load_tokens(p, sm.tok, b, g, w);
-  __syncthreads();
-  const int tiles = (n + tk - 1) / tk;
-  const int rounds = (n + kWarps - 1) / kWarps;
   for (int r = 0; r < rounds; ++r) {
     const int i = r * kWarps + warp;
     const int ti = i < n ? sm.tok[i] : -1;
@@ -142,12 +45,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const WindowAttention
     for (int c = 0; c < DPL; ++c) acc[c] = 0.0f;
     for (int t = 0; t < tiles; ++t) {
       const int j0 = t * tk, rows = min(tk, n - j0);
-      if (tiles > 1 || r == 0) {
-        __syncthreads();
-        load_tile(sm.tileA, k, p.k_stride, sm.tok, j0, rows, b, h, D);
-        load_tile(sm.tileB, v, p.v_stride, sm.tok, j0, rows, b, h, D);
-      }
-      __syncthreads();
+      stage_tiles(blk, r, j0, rows, k, p.k_stride, v, p.v_stride);
       if (ti < 0) continue;  // warp-uniform
       float tmax = -INFINITY;
       for (int jj = lane; jj < rows; jj += 32) {
@@ -204,20 +102,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const WindowAttention
 template <class T, int DPL>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentionParams p, int tk) {
   extern __shared__ float smem_f[];
-  const int64_t w = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t g = h / (p.H / p.G);
-  const int D = (int)p.D, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int nmax = (int)min(p.N, p.L);
-  Smem sm = carve(smem_f, nmax, D, tk, warp);
+  const Block blk = enter_block(p, smem_f, tk);
+  const int64_t h = blk.h, b = blk.b;
+  const int D = blk.D, warp = blk.warp, lane = blk.lane, n = blk.n, tiles = blk.tiles, rounds = blk.rounds;
+  const Smem& sm = blk.sm;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const T* dout = static_cast<const T*>(p.dout);
   const float scale = (float)p.scale;
-  const int n = load_tokens(p, sm.tok, b, g, w);
-  __syncthreads();
-  const int tiles = (n + tk - 1) / tk;
-  const int rounds = (n + kWarps - 1) / kWarps;
 
   // Phase 0, per query row i (a warp each; K in tileA, V in tileB): the softmax's max m_i and
   // sum l_i recomputed from the scores, as the forward took them (sm.lse holds m_i, sm.linv
@@ -237,12 +130,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentio
     float m = -INFINITY, psum = 0.0f, pdp = 0.0f;
     for (int t = 0; t < tiles; ++t) {
       const int j0 = t * tk, rows = min(tk, n - j0);
-      if (tiles > 1 || r == 0) {
-        __syncthreads();
-        load_tile(sm.tileA, k, p.k_stride, sm.tok, j0, rows, b, h, D);
-        load_tile(sm.tileB, v, p.v_stride, sm.tok, j0, rows, b, h, D);
-      }
-      __syncthreads();
+      stage_tiles(blk, r, j0, rows, k, p.k_stride, v, p.v_stride);
       if (ti < 0) continue;
       __syncwarp();
       for (int jj = lane; jj < rows; jj += 32) {
@@ -292,12 +180,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentio
     for (int c = 0; c < DPL; ++c) acc[c] = 0.0f;
     for (int t = 0; t < tiles; ++t) {
       const int j0 = t * tk, rows = min(tk, n - j0);
-      if (tiles > 1 || r == 0) {
-        __syncthreads();
-        load_tile(sm.tileA, k, p.k_stride, sm.tok, j0, rows, b, h, D);
-        load_tile(sm.tileB, v, p.v_stride, sm.tok, j0, rows, b, h, D);
-      }
-      __syncthreads();
+      stage_tiles(blk, r, j0, rows, k, p.k_stride, v, p.v_stride);
       if (ti < 0) continue;
       __syncwarp();
       for (int jj = lane; jj < rows; jj += 32) {
@@ -350,12 +233,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const WindowAttentio
     for (int c = 0; c < DPL; ++c) dk_acc[c] = dv_acc[c] = 0.0f;
     for (int t = 0; t < tiles; ++t) {
       const int i0 = t * tk, rows = min(tk, n - i0);
-      if (tiles > 1 || r == 0) {
-        __syncthreads();
-        load_tile(sm.tileA, q, p.q_stride, sm.tok, i0, rows, b, h, D);
-        load_tile(sm.tileB, dout, p.dout_stride, sm.tok, i0, rows, b, h, D);
-      }
-      __syncthreads();
+      stage_tiles(blk, r, i0, rows, q, p.q_stride, dout, p.dout_stride);
       if (tj < 0) continue;
       __syncwarp();
       for (int ii = lane; ii < rows; ii += 32) {

@@ -1,6 +1,5 @@
 // The bf16 forward on AMX tiles (TDPBF16PS: 16 x 16 fp32 += 16 x 32 bf16 . 32 x 16 bf16 per
-// instruction): included by kernel_impl.h in the namespace of kernel_avx512amx.cpp only
-// (RSIR_AMX_BF16). The rows stay bf16 as gathered (half the bytes of the widened path):
+// instruction): the AMX build's (RSIR_AMX_BF16, kernel_avx512amx.cpp), called by entry.h. The rows stay bf16 as gathered (half the bytes of the widened path):
 //   S^T = K Q^T on tiles (keys down, queries across),
 //   the softmax down the columns in fp32 (softmax_cols, as the float path),
 //   O^T = V^T P^T on tiles, with e = exp(...) rounded to bf16 (P V in bf16 is what the bf16
@@ -22,7 +21,30 @@
 //   Pp [mk/2][mp]  rows 2 jp, 2 jp + 1 of e^T interleaved (mk = m rounded to 32): the B tile of O^T
 //   Vb [mk][16 * nd]  value rows, bf16; Vp the same as pairs of rows; VT [16 * nd][mk] = Vp
 //                  transposed: V^T, the A tile of O^T (nd = ceil(D / 16) blocks of 16 dims)
-//   OT [16 * nd][mp] fp32, O rows [mp][16 * nd]
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+
+#include "rsir/params.h"
+#include "kernels/cpu/window_attention_cpu.h"
+#include "kernels/cpu/core/config.h"
+#if !RSIR_AMX_BF16
+#error "bf16_amx.h is compiled in the AMX build only (RSIR_AMX_BF16)"
+#endif
+#include "kernels/cpu/core/forward.h"
+#include "kernels/cpu/core/gemm.h"
+#include "kernels/cpu/core/prefetch.h"
+#include "kernels/cpu/core/rows.h"
+#include "kernels/cpu/core/scratch.h"
+#include "kernels/cpu/core/softmax.h"
+#include "kernels/cpu/core/staged.h"
+#include "kernels/cpu/core/types.h"
+#include "kernels/cpu/core/vectors.h"
+
+namespace rsir::cpu::RSIR_CPU_BUILD {
+
 // Padding keys (j >= m) are zero in Kb, Pp and V^T; padding queries are computed and dropped.
 
 typedef uint32_t Pair;
@@ -199,3 +221,5 @@ static void forward_bf16_amx(const WindowAttentionParams& p, int64_t begin, int6
   if (stream_out) _mm_sfence();  // streaming stores are weakly ordered: visible before we return
   _tile_release();
 }
+
+}  // namespace rsir::cpu::RSIR_CPU_BUILD
