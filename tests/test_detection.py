@@ -140,9 +140,9 @@ def test_trainable_stages_zero_freezes_every_stage_and_four_none():
 
 
 def _save_classification_checkpoint(path, name="rsir_micro", **model_kwargs):
-    """A checkpoint as rsir_kernels.train writes it (train/run.py): the state dict, the model's
+    """A checkpoint as rsir_kernels.train writes it (train/state.py): the state dict, the model's
     name and its constructor arguments but the backend; returns the classifier."""
-    from rsir_kernels.train import checkpoint
+    from rsir_kernels import checkpoint_format as checkpoint
     classifier = getattr(models, name)(num_classes=10, **model_kwargs).eval()
     args = {k: v for k, v in dataclasses.asdict(classifier.config).items() if k != "backend"}
     checkpoint.save(str(path), {"model": classifier.state_dict(), "model_name": name, "model_args": args})

@@ -446,7 +446,7 @@ def test_checkpoint_rebuilds_rs_heads_and_one_without_it_the_default(tmp_path):
     """model_args as the trainer writes them (the config's fields but the backend): rs_heads
     comes back; a file from before the field (no rs_heads) rebuilds the default split."""
     import dataclasses
-    from rsir_kernels.train import checkpoint
+    from rsir_kernels import checkpoint_format as checkpoint
     images = torch.randn(2, 3, 32, 32)
     for name, rs_heads, record in [("with", (2, 0, 4, 8), True), ("without", None, False)]:
         torch.manual_seed(0)

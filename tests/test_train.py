@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsir_kernels.train import checkpoint, cli, main, run
+from rsir_kernels import checkpoint_format as checkpoint
+from rsir_kernels.train import cli, main, run
 from rsir_kernels.train.data import digits, image_folder
 from rsir_kernels.train.model import create_model
 from rsir_kernels.train import recipe

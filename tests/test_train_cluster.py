@@ -17,7 +17,8 @@ import time
 import pytest
 import torch
 
-from rsir_kernels.train import checkpoint, cli, main, report, run
+from rsir_kernels import checkpoint_format as checkpoint
+from rsir_kernels.train import build, cli, main, report, run
 from rsir_kernels.train.errors import EXIT_PREEMPTED, EXIT_WRITE
 
 from test_train import ROOT, PYTHON_BIN, _free_port, _image_tree, single_process  # noqa: F401 (autouse)
@@ -280,7 +281,7 @@ def test_a_read_only_output_is_refused_in_one_line_before_data_or_model_are_buil
 
     def must_not_build(*args, **kwargs):
         raise AssertionError("built before --output was checked")
-    monkeypatch.setattr(run, "_build", must_not_build)
+    monkeypatch.setattr(build, "model_and_data", must_not_build)
     assert main(BASE + ["--output", str(read_only / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0] == f"error: --output {read_only / 'run'}: not writable (Read-only file system)"

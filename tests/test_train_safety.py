@@ -14,7 +14,8 @@ import warnings
 import pytest
 import torch
 
-from rsir_kernels.train import checkpoint, cli, main, report, run
+from rsir_kernels import checkpoint_format as checkpoint
+from rsir_kernels.train import build, cli, main, options, report, run
 from rsir_kernels.train.data import digits
 
 from test_train import _image_tree, _one_error_line, _torchrun, single_process  # noqa: F401 (autouse)
@@ -221,20 +222,20 @@ def test_bad_arguments_exit_with_one_line_before_data_or_model_are_built(tmp_pat
                                                                         message):
     def must_not_build(*args, **kwargs):
         raise AssertionError("built before the arguments were checked")
-    monkeypatch.setattr(run, "_build", must_not_build)
+    monkeypatch.setattr(build, "model_and_data", must_not_build)
     line = _one_error_line(capsys, BASE + ["--epochs", "1", "--output", str(tmp_path / "out"), *extra])
     assert message in line, line
     assert not (tmp_path / "out").exists()
 
 
 def test_output_naming_a_file_and_triton_on_cpu_and_no_timm_are_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(run, "_build", lambda *a, **k: pytest.fail("built before the arguments were checked"))
+    monkeypatch.setattr(build, "model_and_data", lambda *a, **k: pytest.fail("built before the arguments were checked"))
     file = tmp_path / "file"
     file.write_text("x")
     assert "a file, not a folder" in _one_error_line(capsys, BASE + ["--output", str(file)])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter mode, off
     with pytest.raises(run.TrainError, match="--backend triton"):
-        run._check_backend("triton", torch.device("cpu"))
+        options.check_backend("triton", torch.device("cpu"))
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
     assert "needs timm" in _one_error_line(capsys, BASE + ["--output", str(tmp_path / "o")])
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from rsir_kernels.train import checkpoint, cli, distributed, loop, recipe, run
+from rsir_kernels import checkpoint_format as checkpoint
+from rsir_kernels.train import build, cli, distributed, loop, options, recipe, run
 from rsir_kernels.train.data import digits, train_loader
 from rsir_kernels.train.model import create_model
 
@@ -222,7 +223,7 @@ def test_ema_is_timms_is_evaluated_and_resumes_bitwise_and_best_pt_follows_it(tm
 
 
 def test_ema_with_fsdp_and_bad_decays_are_refused_with_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(run, "_build", lambda *a, **k: pytest.fail("built before the arguments were checked"))
+    monkeypatch.setattr(build, "model_and_data", lambda *a, **k: pytest.fail("built before the arguments were checked"))
     out = ["--output", str(tmp_path / "o"), "--epochs", "1"]
     assert "--model-ema with --fsdp is not supported" in _one_error_line(capsys, BASE + out + ["--model-ema", "0.99",
                                                                                              "--fsdp"])
@@ -343,12 +344,12 @@ def test_resume_names_a_missing_sharded_checkpoint_in_one_line(tmp_path, capsys)
 
 
 def test_workers_default_to_the_nodes_cores_shared_out_among_its_ranks(tmp_path, monkeypatch):
-    monkeypatch.setattr(run, "_build", lambda *a, **k: pytest.fail("not needed"))
+    monkeypatch.setattr(build, "model_and_data", lambda *a, **k: pytest.fail("not needed"))
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
     from rsir_kernels.train.distributed import World
     world = World(0, 1, 0, torch.device("cpu"))
     for ranks, data, want in (("2", "tree", 8), ("8", "tree", 4), ("64", "tree", 1), ("2", "digits", 0)):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
         args = cli.parser().parse_args(BASE + ["--data", data, "--output", str(tmp_path / "o")])
-        run._resolve(args, world)
+        options.resolve(args, world)
         assert args.workers == want, (ranks, data)

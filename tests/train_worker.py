@@ -25,8 +25,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from rsir_kernels.train import cli, run
-from rsir_kernels.train.checkpoint import load
+from rsir_kernels.train import build, cli, run
+from rsir_kernels.checkpoint_format import load
 from rsir_kernels.train.data import digits, eval_loader, subset
 from rsir_kernels.train.distributed import World
 from rsir_kernels.train.loop import evaluate
@@ -154,7 +154,7 @@ def fp64_without_randomness():
     from rsir_kernels.train import data as datasets
     modules.RSIRAttention.rs_order = lambda self, batch, height, width, device: fixed_rs_index(
         height, width, self.window_size, self.seed, device)
-    make_model, make_digits = run.create_model, datasets.digits
+    make_model, make_digits = build.create_model, datasets.digits
 
     def create_model(*a, **k):
         model = make_model(*a, **k).double()
@@ -170,7 +170,7 @@ def fp64_without_randomness():
         d = make_digits(seed)
         d.train, d.val = (TensorDataset(s.tensors[0].double(), s.tensors[1]) for s in (d.train, d.val))
         return d
-    run.create_model, datasets.digits = create_model, digits64
+    build.create_model, datasets.digits = create_model, digits64
 
 
 def reshard(out, mode):
@@ -183,7 +183,7 @@ def reshard(out, mode):
     each run's full weights after every step ("<run>", a list), the loaded states, the
     checkpoint they came from ("saved_<run>") and its DCP folder read by torch's
     dcp_to_torch_save ("dcp_<run>")."""
-    from rsir_kernels.train import distributed as d
+    from rsir_kernels.train import state_dicts as d
     fp64_without_randomness()
     small = ["--batch-size", "32", "--train-items", "96", "--val-items", "32", "--epochs", "2"]
     record, saved = {}, {}
@@ -193,7 +193,7 @@ def reshard(out, mode):
 
         def on_step(step, loss, model):  # copies (a CPU state dict holds the live tensors)
             module = getattr(model, "module", model)  # DDP's wrapper
-            record[name].append({k: v.clone() for k, v in d.full_model_state(module, fsdp).items()})
+            record[name].append({k: v.clone() for k, v in d.full_model_state(module).items()})
         return on_step
 
     def resume(name, source, fsdp):

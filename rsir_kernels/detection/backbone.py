@@ -18,8 +18,7 @@ import torch
 from torch import nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
-from ..models.checkpoint import BUILDERS
-from ..models.rsir import RSIRTransformer
+from ..models.rsir import BUILDERS, RSIRTransformer
 from .weights import Weights, load_classification_weights
 
 NUM_STAGES = 4

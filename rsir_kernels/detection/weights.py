@@ -7,6 +7,7 @@ from typing import Union
 
 import torch
 
+from ..checkpoint_format import read
 from ..models.rsir import RSIRTransformer
 
 # RSIRConfig fields that shape the weights or the computation of the stages: a checkpoint trained
@@ -24,14 +25,13 @@ def load_classification_weights(model: RSIRTransformer, weights: Weights, name: 
     (an RSIRTransformer built as `name` with num_classes=0); the classifier's weights are
     dropped. `weights`: a path to a training checkpoint (OUTPUT/last.pt, read with its checksum
     verified), such a checkpoint as a dict ({"model", "model_name", "model_args", ...};
-    rsir_kernels/train/checkpoint.py), or a bare state dict.
+    rsir_kernels/checkpoint_format.py), or a bare state dict.
 
     ValueError, naming the source: another model's checkpoint ("model_name"), another
     architecture in "model_args" (each field that differs, with both values), or a state dict
     that does not fit (missing, unexpected or mis-shaped tensors, another window size)."""
     source = f"weights {os.fspath(weights)}" if isinstance(weights, (str, os.PathLike)) else "weights"
     if isinstance(weights, (str, os.PathLike)):
-        from ..train.checkpoint import read
         weights = read(os.fspath(weights), "weights")  # a ValueError naming the file if damaged
     if not isinstance(weights, dict):
         raise ValueError(f"{source}: expected a checkpoint or a state dict, got {type(weights).__name__}")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import rsir
-
-BUILDERS = {"rsir_micro": rsir.rsir_micro, "rsir_tiny": rsir.rsir_tiny, "rsir_base": rsir.rsir_base}
+from ..checkpoint_format import read
+from .config import MODEL_NAMES
+from .rsir import build
 
 
 def from_checkpoint(path: str, backend: str | None = None) -> nn.Module:
@@ -14,14 +14,12 @@ def from_checkpoint(path: str, backend: str | None = None) -> nn.Module:
     a training checkpoint). backend (window_attention's, e.g. "cpp") replaces the recorded one;
     it changes speed, not the computation. The class names, if any, are in
     torch.load(path, weights_only=True)["class_names"]."""
-    from ..train.checkpoint import read
-
     saved = read(path)
-    if not isinstance(saved, dict) or saved.get("model_name") not in BUILDERS or "model_args" not in saved:
+    if not isinstance(saved, dict) or saved.get("model_name") not in MODEL_NAMES or "model_args" not in saved:
         raise ValueError(f"{path}: not a training checkpoint of rsir_kernels.train (no model_name and model_args)")
     kwargs = dict(saved["model_args"])
     if backend is not None:
         kwargs["backend"] = backend
-    model = BUILDERS[saved["model_name"]](**kwargs)
+    model = build(saved["model_name"], **kwargs)
     model.load_state_dict(saved["model"])
     return model.eval()

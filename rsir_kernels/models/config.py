@@ -1,4 +1,6 @@
-"""Configurations of the RSIR Transformer variants (Table 2 of the paper)."""
+"""Configurations of the RSIR Transformer variants (Table 2 of the paper), and VARIANTS: the one
+table of model names that the builders, timm's registry, from_checkpoint, the detection
+backbone and the trainer read."""
 from __future__ import annotations
 
 import dataclasses
@@ -48,5 +50,23 @@ RSIR_B = RSIRConfig(embed_dim=96, depths=(2, 4, 24, 2), num_heads=(4, 8, 16, 32)
 # Not in the paper: a small variant for tests and demos.
 RSIR_MICRO = RSIRConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 8))
 
-# (parameters, multiply-adds at 224x224) as Tables 2 and 3 of the paper give them.
-PAPER_FIGURES = {"rsir_tiny": (22e6, 5.0e9), "rsir_base": (85e6, 16.3e9)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A named model: its configuration, and what the paper (or the recipe for it) gives."""
+    config: RSIRConfig
+    # --recipe paper's stochastic depth: Swin-T's 0.2 for RSIR-T, Swin-B's 0.5 for RSIR-B (the
+    # paper sets them beside each other); rsir_micro (5 blocks) 0.1, as DeiT-S and smaller take
+    paper_drop_path: float
+    # (parameters, multiply-adds at 224x224) as Tables 2 and 3 give them; None: not in the paper
+    paper_figures: Optional[tuple] = None
+
+
+VARIANTS = {
+    "rsir_micro": Variant(RSIR_MICRO, paper_drop_path=0.1),
+    "rsir_tiny": Variant(RSIR_T, paper_drop_path=0.2, paper_figures=(22e6, 5.0e9)),
+    "rsir_base": Variant(RSIR_B, paper_drop_path=0.5, paper_figures=(85e6, 16.3e9)),
+}
+MODEL_NAMES = tuple(VARIANTS)
+PAPER_FIGURES = {name: v.paper_figures for name, v in VARIANTS.items() if v.paper_figures is not None}

@@ -21,6 +21,7 @@ returns the stage maps; see RSIRTransformer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -32,7 +33,7 @@ from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from ..modules import RSIRBlock
 from ..samplers import layer_seed
-from .config import RSIR_B, RSIR_MICRO, RSIR_T, RSIRConfig
+from .config import MODEL_NAMES, RSIR_T, VARIANTS, RSIRConfig
 
 GLOBAL_POOLS = ("avg", "")
 OUTPUT_FORMATS = ("NCHW", "NHWC")
@@ -365,9 +366,12 @@ def _init_weights(m):
             nn.init.zeros_(m.bias)
 
 
-def _build(config: RSIRConfig, name: str, overrides: dict) -> RSIRTransformer:
+def build(name: str, **overrides) -> RSIRTransformer:
+    """The model named `name` in config.VARIANTS (KeyError for another name). Keyword arguments
+    override RSIRConfig fields (e.g. rs_heads=(4, 4, 8, 16): every head RS-Win); `generator`
+    seeds RS-Win."""
     generator = overrides.pop("generator", None)
-    model = RSIRTransformer(config, generator, **overrides)
+    model = RSIRTransformer(VARIANTS[name].config, generator, **overrides)
     model.pretrained_cfg = model.default_cfg = default_cfg(architecture=name, num_classes=model.num_classes)
     return model
 
@@ -376,15 +380,18 @@ def rsir_tiny(**overrides) -> RSIRTransformer:
     """RSIR-T: 64 channels, depths 2, 2, 16, 2, heads 4, 4, 8, 16 (Table 2), half of them RS-Win.
     Keyword arguments override RSIRConfig fields (e.g. rs_heads=(4, 4, 8, 16): every head
     RS-Win); `generator` seeds RS-Win."""
-    return _build(RSIR_T, "rsir_tiny", overrides)
+    return build("rsir_tiny", **overrides)
 
 
 def rsir_base(**overrides) -> RSIRTransformer:
     """RSIR-B: 96 channels, depths 2, 4, 24, 2, heads 4, 8, 16, 32 (Table 2)."""
-    return _build(RSIR_B, "rsir_base", overrides)
+    return build("rsir_base", **overrides)
 
 
 def rsir_micro(**overrides) -> RSIRTransformer:
     """A small variant for tests and demos (not in the paper): 32 channels, depths 1, 1, 2, 1,
     heads 2, 2, 4, 8."""
-    return _build(RSIR_MICRO, "rsir_micro", overrides)
+    return build("rsir_micro", **overrides)
+
+
+BUILDERS = {name: functools.partial(build, name) for name in MODEL_NAMES}  # name -> build(name, **overrides)

@@ -1,4 +1,4 @@
-"""rsir_micro, rsir_tiny and rsir_base in timm's model registry (timm >= 1.0, optional).
+"""The RSIR models (config.MODEL_NAMES) in timm's model registry (timm >= 1.0, optional).
 
 `import rsir_kernels` calls register_when_timm_imported(): it registers at once when timm is
 already imported, else when timm is first imported (an import hook), so that importing
@@ -11,10 +11,10 @@ import importlib.util
 import sys
 import threading
 
-from .config import RSIR_B, RSIR_MICRO, RSIR_T
+from . import rsir
+from .config import MODEL_NAMES, VARIANTS
 from .rsir import RSIRTransformer, default_cfg
 
-CONFIGS = {"rsir_micro": RSIR_MICRO, "rsir_tiny": RSIR_T, "rsir_base": RSIR_B}
 # the weight sources timm reads; none exists for RSIR
 _WEIGHT_SOURCES = ("url", "file", "state_dict", "hf_hub_id")
 
@@ -29,25 +29,24 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RSIRTransformer
         raise ValueError(f"pretrained=True: no pretrained weights exist for {variant}. Use "
                          "pretrained=False, or name your own checkpoint with "
                          "pretrained_cfg_overlay=dict(file='path/to/weights.pth').")
-    out_indices = kwargs.pop("out_indices", tuple(range(len(CONFIGS[variant].depths))))
-    return build_model_with_cfg(RSIRTransformer, variant, pretrained, config=CONFIGS[variant],
+    config = VARIANTS[variant].config
+    out_indices = kwargs.pop("out_indices", tuple(range(len(config.depths))))
+    return build_model_with_cfg(RSIRTransformer, variant, pretrained, config=config,
                                 feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
                                 **kwargs)
 
 
-def rsir_micro(pretrained: bool = False, **kwargs) -> RSIRTransformer:
-    """A small RSIR for tests and demos: embed 32, depths 1, 1, 2, 1, heads 2, 2, 4, 8."""
-    return _create("rsir_micro", pretrained, **kwargs)
+def _entrypoint(name: str):
+    """timm's entrypoint for `name`: registered under its __name__, in this module (whose
+    default_cfgs timm reads); the docstring is models.rsir's builder's."""
+    def entrypoint(pretrained: bool = False, **kwargs) -> RSIRTransformer:
+        return _create(name, pretrained, **kwargs)
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = getattr(rsir, name).__doc__
+    return entrypoint
 
 
-def rsir_tiny(pretrained: bool = False, **kwargs) -> RSIRTransformer:
-    """RSIR-T (Table 2): embed 64, depths 2, 2, 16, 2, heads 4, 4, 8, 16."""
-    return _create("rsir_tiny", pretrained, **kwargs)
-
-
-def rsir_base(pretrained: bool = False, **kwargs) -> RSIRTransformer:
-    """RSIR-B (Table 2): embed 96, depths 2, 4, 24, 2, heads 4, 8, 16, 32."""
-    return _create("rsir_base", pretrained, **kwargs)
+ENTRYPOINTS = {name: _entrypoint(name) for name in MODEL_NAMES}
 
 
 _registered = False
@@ -55,7 +54,7 @@ _lock = threading.Lock()  # one registration, whichever thread gets there first
 
 
 def register() -> bool:
-    """Registers the three models and marks RSIRAttention as a leaf for timm's FX feature
+    """Registers the models and marks RSIRAttention as a leaf for timm's FX feature
     extraction (its token orders can't be traced symbolically). Imports timm. Returns False,
     registering nothing, when timm is absent or older than 1.0."""
     global _registered
@@ -73,8 +72,8 @@ def register() -> bool:
 
     with _lock:
         if not _registered:
-            default_cfgs.update(generate_default_cfgs({name: default_cfg() for name in CONFIGS}))
-            for entrypoint in (rsir_micro, rsir_tiny, rsir_base):
+            default_cfgs.update(generate_default_cfgs({name: default_cfg() for name in MODEL_NAMES}))
+            for entrypoint in ENTRYPOINTS.values():
                 register_model(entrypoint)
             register_notrace_module(RSIRAttention)
             _registered = True

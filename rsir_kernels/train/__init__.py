@@ -3,12 +3,16 @@
     python -m rsir_kernels.train --data digits --model rsir_micro --epochs 30 --batch-size 64
     torchrun --standalone --nproc_per_node 2 -m rsir_kernels.train --data digits --epochs 30 --batch-size 64
 
-Modules: cli (arguments), data (digits / ImageFolder / fake, sharded loaders), augment
-(RandAugment, random erasing), model (timm names), recipe (optimizer, schedule, loss, --recipe
-paper), distributed (process group, DDP / FSDP2, seeds, DCP shards), checkpoint (atomic
-last.pt), preempt (SIGTERM/SIGUSR1), resume (a run's saved options, --resume auto, data
+Modules: cli (arguments), options (each checked, defaults resolved), data (digits / ImageFolder
+/ fake, sharded loaders), augment (RandAugment, random erasing), model (timm names), recipe
+(optimizer, schedule, loss, --recipe paper), build (model, data, loaders, optimizer: what a run
+trains with), distributed (process group, DDP / FSDP2, seeds, collectives), state_dicts (full
+and DCP state dicts), state
+(the position; last.pt saved and restored, best.pt, history, metrics.jsonl in step), preempt
+(SIGTERM/SIGUSR1), resume (a run's saved options, --resume auto, what may not change, data
 identity), loop (one epoch with accumulation, sharded eval), report (metrics.jsonl,
-curves.png), run (the whole run).
+curves.png), run (the whole run: options, build, position, epochs). The checkpoint's format is
+rsir_kernels/checkpoint_format.py (models.from_checkpoint reads it too).
 """
 from __future__ import annotations
 

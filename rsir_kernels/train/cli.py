@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .model import MODEL_NAMES
+from ..models.config import MODEL_NAMES
 
 _UNSET = object()  # an option's value before parsing: still _UNSET after it, it was not given
 

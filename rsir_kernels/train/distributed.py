@@ -1,5 +1,6 @@
 """torch.distributed plumbing: the process group from torchrun's environment, per-rank seeds,
-DDP / FSDP2 wrapping, all-reduce of metrics and full (gathered) state dicts for checkpoints.
+DDP / FSDP2 wrapping, all-reduce of metrics and rank 0's writes (state_dicts.py: the model's
+and optimizer's state for checkpoints).
 
 Without torchrun (no WORLD_SIZE in the environment) everything runs as rank 0 of 1, with no
 process group. Not timm's init_distributed_device: the batch is checked before any process
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import TrainError
+from .errors import TrainError, WriteError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,22 @@ def all_reduce_max(values: list[float], world: World) -> list[float]:
     return t.tolist()
 
 
+def on_rank0(world: World, write) -> None:
+    """write() on rank 0 (the run's files), then every rank learns whether it failed: a
+    WriteError on every rank, so none waits in a collective for a rank 0 that has stopped."""
+    error = None
+    if world.is_main:
+        try:
+            write()
+        except WriteError as e:
+            error = e
+    failed = all_reduce_sum([float(error is not None)], world)[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise WriteError("rank 0 could not write the run's files")
+
+
 def gather_objects(obj, world: World) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if not world.distributed:
@@ -127,69 +144,3 @@ def gather_objects(obj, world: World) -> list:
     out = [None] * world.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """(model state dict of plain CPU tensors, optimizer state dict); under FSDP2 a collective
-    that gathers full tensors (valid on rank 0)."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(model, options=options),
-                get_optimizer_state_dict(model, optimizer, options=options))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, optimizer.state_dict()
-
-
-def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
-    """torch.distributed.checkpoint of {"model", "optimizer"} into the folder path, each rank
-    writing its own shards (a collective under FSDP2; one process writes everything)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
-
-
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
-    """Inverse of save_sharded at any world size, FSDP2 or a plain module: DCP reads the slices
-    of each saved tensor this rank's shards (or full tensors) need."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def full_model_state(model: nn.Module, fsdp: bool) -> dict:
-    """The model's state dict of full CPU tensors (under FSDP2 a gathering collective, valid on rank 0)."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
-    """An optimizer state dict keyed by parameter index (optimizer.state_dict(), a one-process or
-    DDP run's) keyed by parameter name instead, as set_optimizer_state_dict takes it; the
-    indices follow the param groups, which this optimizer was built in the same order."""
-    if all(isinstance(i, str) for g in state["param_groups"] for i in g["params"]):
-        return state
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    return {"state": {order[i]: v for i, v in state["state"].items()},
-            "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in state["param_groups"]]}
-
-
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                    optimizer_state: dict, fsdp: bool) -> None:
-    """Inverse of full_state, on every rank, before training resumes."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, model_state, options=options)
-        set_optimizer_state_dict(model, optimizer, _by_name(model, optimizer, optimizer_state), options=options)
-        return
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(optimizer_state)

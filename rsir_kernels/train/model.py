@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..models.config import MODEL_NAMES
 from .errors import TrainError
 
-MODEL_NAMES = ("rsir_micro", "rsir_tiny", "rsir_base")
 _DATA_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
 
 

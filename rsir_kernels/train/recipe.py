@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.config import VARIANTS
+
 BASE_LR, BASE_BATCH = 1e-3, 256
 WARMUP_FRACTION = 20 / 300  # the paper's 20 warmup epochs of 300
 
@@ -17,9 +19,8 @@ PLAIN = {"randaugment": None, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "label
 # switched per batch with probability 0.5: timm Mixup's defaults); Swin has EMA off.
 PAPER = {"randaugment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25, "label_smoothing": 0.1,
          "clip_grad": 5.0, "model_ema": None}
-# Stochastic depth: Swin-T's 0.2 for RSIR-T, Swin-B's 0.5 for RSIR-B (the paper sets them beside
-# each other); rsir_micro (not in the paper, 5 blocks) takes 0.1, as DeiT-S and smaller models do.
-PAPER_DROP_PATH = {"rsir_micro": 0.1, "rsir_tiny": 0.2, "rsir_base": 0.5}
+# Stochastic depth per model (models/config.py says why each).
+PAPER_DROP_PATH = {name: variant.paper_drop_path for name, variant in VARIANTS.items()}
 TENSOR_SKIPPED = ("randaugment",)  # needs PIL images: not applied to digits or fake data
 
 

@@ -1,6 +1,6 @@
-"""What a resumed run keeps: its options as saved unless given again (`inherit`), its data
-wherever it now lives (`check_data`); and `--resume auto`, one command for a run's first start
-and every restart (`resolve_auto`)."""
+"""What a resumed run keeps: its options as saved unless given again (`inherit`), those it may
+not change (`check_resumable`), its data wherever it now lives (`check_data`); and `--resume
+auto`, one command for a run's first start and every restart (`resolve_auto`)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,10 @@ from .errors import TrainError
 INVOCATION = ("output", "resume", "overwrite", "stop_after", "no_progress", "workers", "threads", "device", "fsdp",
               "compile", "backend", "channels_last", "grad_checkpointing", "recompute_qkv")
 RUN_FILES = ("last.pt", report.METRICS)  # a folder holding one of these, not empty, holds a run
+# What a resumed run must share with its checkpoint (they fix the data order, the model's shape
+# or the step count); every other option takes effect from the resumed step on. The data may
+# move: check_data compares its fingerprint.
+MUST_MATCH = ("model", "batch_size", "seed", "window_size", "train_items", "img_size", "steps_per_epoch")
 
 
 def holds_run(output: str) -> bool:
@@ -65,6 +69,32 @@ def inherit(args: argparse.Namespace, saved: dict) -> list[str]:
             changes.append(f"--{name.replace('_', '-')} {before!r} -> {value!r}")
     args.given = {**saved_given, **args.given}
     return changes
+
+
+def check_resumable(args: argparse.Namespace, resumed: dict) -> None:
+    """The resolved args against the checkpoint: MUST_MATCH and the kind of data unchanged, its
+    DCP folder complete, --epochs not below the epochs begun; else a TrainError naming each."""
+    saved = resumed["args"]
+    mismatched = [k for k in MUST_MATCH if saved.get(k) != getattr(args, k)]
+    kinds = {normalised_data(saved["data"]), args.data}
+    if len(kinds) > 1 and kinds & {"digits", "fake"}:  # a folder may move (check_data), digits may not
+        mismatched.insert(0, "data")
+    if mismatched:
+        raise TrainError(f"--resume {args.resume}: the run had different " + ", ".join(
+            f"--{k.replace('_', '-')} ({saved.get(k)!r}, now {getattr(args, k)!r})" for k in mismatched)
+            + "; these can't change within a run")
+    if resumed.get("sharded") and not os.path.isfile(os.path.join(sharded_path(args.resume, resumed), ".metadata")):
+        raise TrainError(f"--resume {args.resume}: its sharded checkpoint {sharded_path(args.resume, resumed)} "
+                         f"is missing or incomplete")
+    begun = resumed["epoch"] + (1 if resumed.get("position") else 0)  # a mid-epoch checkpoint's epoch has begun
+    if args.epochs < begun:
+        raise TrainError(f"--epochs {args.epochs}: the run has {'begun' if resumed.get('position') else 'done'} "
+                         f"{begun} epochs already")
+
+
+def sharded_path(resume: str, resumed: dict) -> str:
+    """The DCP folder that the checkpoint at `resume` names (its "sharded", relative to the file)."""
+    return os.path.join(os.path.dirname(os.path.abspath(resume)), resumed["sharded"])
 
 
 def check_data(args: argparse.Namespace, resumed: dict, fingerprint: dict) -> str | None:

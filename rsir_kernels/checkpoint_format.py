@@ -1,4 +1,8 @@
-"""OUTPUT/last.pt (and best.pt, checkpoint-EPOCH.pt, copies of it): written atomically (temporary file, fsync, rename), read with named errors.
+"""The training checkpoint's format: OUTPUT/last.pt (and best.pt, checkpoint-EPOCH.pt, copies of
+it), written atomically (temporary file, fsync, rename), read with its checksum verified.
+
+Below models/ and train/ (both read it: models.from_checkpoint, detection's weights, the
+trainer's save and resume); it imports neither. docs/design.md section 11 gives the rules.
 
 Contents (plain types and tensors only, so torch.load(path, weights_only=True), timm's
 load_checkpoint and create_model(checkpoint_path=...) read it):
@@ -47,9 +51,12 @@ import shutil
 import numpy as np
 import torch
 
-from .errors import TrainError, write_failure
-
 FORMAT_KEYS = ("model", "model_name", "model_args", "optimizer", "epoch", "step", "rng", "sampler", "args")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, damaged or not of this format; the message
+    names the file. (The trainer reports it as a TrainError, exit status 2.)"""
 
 
 def rng_state() -> dict:
@@ -97,8 +104,9 @@ def checksum(obj) -> str:
 
 def _write_atomically(path: str, write) -> None:
     """write(file) into path.tmp, fsync, rename over path, fsync the folder: a crash at any moment
-    leaves the previous complete file or the new one. A failure (disk full, read-only, I/O) is a
-    WriteError naming path; path.tmp is removed and the previous path stands."""
+    leaves the previous complete file or the new one. A failure (disk full, read-only, I/O:
+    OSError, or torch.save's RuntimeError) is raised as it came, after path.tmp is removed; the
+    previous path stands."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp"
     try:
@@ -113,12 +121,12 @@ def _write_atomically(path: str, write) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError):
         try:
             os.remove(tmp)
         except OSError:
             pass
-        raise write_failure(path, e) from e
+        raise
 
 
 def save(path: str, checkpoint: dict) -> None:
@@ -135,28 +143,28 @@ def copy(source: str, path: str) -> None:
 
 
 def read(path: str, what: str = "checkpoint") -> dict:
-    """torch.load(path, weights_only=True) with its checksum verified; TrainError naming the
+    """torch.load(path, weights_only=True) with its checksum verified; CheckpointError naming the
     file (prefixed by `what`) if it is missing, unreadable or damaged. A file without a checksum
     (written before it existed) is read as it is."""
     if not os.path.isfile(path):
-        raise TrainError(f"{what} {path}: no such file")
+        raise CheckpointError(f"{what} {path}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # arbitrary objects: a foreign file, or one from before this format
-        raise TrainError(f"{what} {path}: not a checkpoint of this format (it holds objects other than tensors "
+        raise CheckpointError(f"{what} {path}: not a checkpoint of this format (it holds objects other than tensors "
                          f"and plain types; files of rsir_kernels before its checksum can't be resumed)") from e
     except Exception as e:  # torch raises several types for a truncated or foreign file
         reason = str(e).splitlines()[0] if str(e) else ""
-        raise TrainError(f"{what} {path}: not a readable checkpoint ({type(e).__name__}: {reason})") from e
+        raise CheckpointError(f"{what} {path}: not a readable checkpoint ({type(e).__name__}: {reason})") from e
     if isinstance(checkpoint, dict) and "checksum" in checkpoint and checkpoint["checksum"] != checksum(checkpoint):
-        raise TrainError(f"{what} {path}: damaged (its tensors do not match the checksum written with them)")
+        raise CheckpointError(f"{what} {path}: damaged (its tensors do not match the checksum written with them)")
     return checkpoint
 
 
-def load(path: str) -> dict:
-    """The training checkpoint at path (read()), checked to hold what --resume needs."""
-    checkpoint = read(path, "--resume")
+def load(path: str, what: str = "checkpoint") -> dict:
+    """The training checkpoint at path (read()), checked to hold FORMAT_KEYS, what a resume needs."""
+    checkpoint = read(path, what)
     missing = [k for k in FORMAT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
-        raise TrainError(f"--resume {path}: not a training checkpoint of this version (missing {', '.join(missing)})")
+        raise CheckpointError(f"{what} {path}: not a training checkpoint of this version (missing {', '.join(missing)})")
     return checkpoint
