@@ -9,6 +9,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import has_static_value  # dynamo reads it too
 
+from . import routing
 from .ops import window_attention_qkvpacked
 from .samplers import fixed_rs_index, fixed_rs_values, ir_index, rs_index
 
@@ -101,7 +102,7 @@ class RSIRAttention(nn.Module):
         if self.training or self.rs_eval == "random":
             return rs_index(batch, height, width, self.window_size, generator=self.generator,
                             device=device)
-        if torch.compiler.is_compiling():  # no Python-side cache to guard on
+        if routing.compiling():  # no Python-side cache to guard on
             if has_static_value(height) and has_static_value(width):  # a static size: a constant
                 values = fixed_rs_values(int(height), int(width), self.window_size, self.seed)
                 return torch.tensor(values, dtype=torch.int64, device=device).view(1, 1, -1)
@@ -149,7 +150,7 @@ class RSIRAttention(nn.Module):
             raise ValueError(f"x has {channels} channels, the module expects dim={self.dim}")
         tokens = x.reshape(batch, height * width, channels)
         index = self.token_order(tokens, height, width, rs_order)  # drawn once: a recompute reuses it
-        if self.recompute_qkv and torch.is_grad_enabled():
+        if self.recompute_qkv and routing.grad_enabled():
             out = torch.utils.checkpoint.checkpoint(self._attend, tokens, index, use_reentrant=False)
         else:
             out = self._attend(tokens, index)

@@ -1,23 +1,18 @@
-"""The public window_attention: validation (once, for every backend), backend choice, glue.
+"""The public window_attention: validation (once, for every backend) and the index check.
 
-Every backend registers a forward op and a backward op (rsir_kernels.backends); this module
-checks the inputs, picks one backend and runs it through the one autograd.Function
-(rsir_kernels.autograd_functions.WindowAttention), which calls that backend's ops: they are
-what torch.compile and torch.export graphs hold. `window_attention_qkvpacked` is the same
-computation for a packed (B, L, 3, H, D) qkv, whose gradient comes back packed with no copy.
+This module checks the inputs and hands them to rsir_kernels.routing, which chooses the
+backend and the route (autograd.Function, registered ops or their Python implementations)
+and runs it. `window_attention_qkvpacked` is the same computation for a packed
+(B, L, 3, H, D) qkv, whose gradient comes back packed with no copy.
 """
 from __future__ import annotations
 
 import math
-import threading
-import warnings
 from typing import NamedTuple, Optional
 
 import torch
 
-from . import backends, reference
-from .autograd_functions import (CompiledWindowAttention, EagerWindowAttention, WindowAttention, functorch_wrapped,
-                                 kernel, needs_autograd, profiled, unpack)
+from . import backends, reference, routing
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -82,8 +77,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     window_size = _validate(q, k, v, index, window_size, scale, backend)
     if q.numel() == 0:
         return q * 0 + k * 0 + v * 0  # empty, but connected to the graph
-    chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
-    return _run(chosen, index, window_size, scale, (q, k, v))
+    index, scale = _prepare(q, index, scale, check_index)
+    return routing.run(backend, q, index, window_size, scale, (q, k, v))
 
 
 def window_attention_qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_size: int, *,
@@ -102,78 +97,19 @@ def window_attention_qkvpacked(qkv: torch.Tensor, index: torch.Tensor, window_si
     window_size = _validate(q, k, v, index, window_size, scale, backend)
     if q.numel() == 0:
         return q * 0 + k * 0 + v * 0
-    chosen, index, scale = _prepare(q, index, window_size, scale, backend, check_index)
-    return _run(chosen, index, window_size, scale, (qkv,))
+    index, scale = _prepare(q, index, scale, check_index)
+    return routing.run(backend, q, index, window_size, scale, (qkv,))
 
 
-def _prepare(q, index, window_size, scale, backend, check_index):
-    """Validated inputs -> (the backend to run, index made contiguous, the scale as a float)."""
+def _prepare(q, index, scale, check_index):
+    """Validated inputs -> (index made contiguous and, if asked and readable, checked; the
+    scale as a float)."""
     # (B, G, L) integers: a copy only for an expanded or sliced index, and backends (and the
     # check) may then assume a contiguous one
     index = index.contiguous()
-    if check_index and _index_readable(index):
+    if check_index and routing.index_readable(index):
         _check_index(index)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return choose_backend(backend, q, window_size), index, scale
-
-
-def _run(chosen, index, window_size, scale, tensors):
-    """Both entry points after validation; tensors is (q, k, v) or a packed (qkv,). The one
-    place that decides the route."""
-    args = (index, window_size, scale, chosen, *tensors)
-    if torch.jit.is_tracing():  # the forward op, recorded as such (an autograd.Function would be opaque)
-        return chosen.forward(*unpack(tensors), index, window_size, scale)[0]
-    if torch.compiler.is_compiling():
-        return CompiledWindowAttention.apply(*args)
-    if any(functorch_wrapped(t) for t in tensors):  # a torch.func transform
-        return WindowAttention.apply(*args)
-    if needs_autograd(tensors):
-        return EagerWindowAttention.apply(*args)
-    with profiled(chosen, "forward"):
-        return kernel(chosen, "forward", tensors)(*unpack(tensors), index, window_size, scale)[0]
-
-
-# ---------------------------------------------------------------- backend choice
-
-_warned: set = set()
-_warned_lock = threading.Lock()
-
-
-def _warn_once(message: str) -> None:
-    with _warned_lock:
-        if message in _warned:
-            return
-        _warned.add(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def choose_backend(name: str, q: torch.Tensor, window_size: int) -> backends.Backend:
-    """The backend that runs q's device, dtype, head dim and window size.
-
-    An explicit name that can't run them raises; "auto" takes the highest-priority one for
-    q's device that can, warning once when a faster one had to be passed over.
-    """
-    if name != "auto":
-        chosen = backends.get(name)
-        if chosen.unavailable is not None:
-            raise RuntimeError(f"backend {name!r} is not available in this install: {chosen.unavailable}")
-        reason = chosen.cannot_run(q, window_size)
-        if reason is not None:
-            raise ValueError(f"backend {name!r} cannot run these inputs: {reason}")
-        return chosen
-    device = q.device.type
-    ranked = sorted((b for b in map(backends.get, backends.names()) if device in b.priority),
-                    key=lambda b: -b.priority[device])
-    passed_over = []
-    for candidate in ranked:
-        reason = candidate.unavailable or candidate.cannot_run(q, window_size)
-        if reason is None:
-            if passed_over and not torch.compiler.is_compiling():
-                _warn_once(f"rsir_kernels: backend 'auto' uses {candidate.name!r} on {device}; "
-                           + "; ".join(passed_over))
-            return candidate
-        passed_over.append(f"{candidate.name!r} skipped: {reason}")
-    return backends.get("reference")  # every device, every dtype
+    return index, q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 # ---------------------------------------------------------------- validation
@@ -233,23 +169,6 @@ def _check_scale(scale, dtype: torch.dtype) -> None:
         shown = f"{value:.4g}" if math.isfinite(value) or isinstance(scale, float) else "an int beyond float64"
         raise ValueError(f"scale must be finite in {work}, the compute precision of {dtype} inputs "
                          f"(|scale| <= {limit:.4g}), got {shown}")
-
-
-def _index_readable(index: torch.Tensor) -> bool:
-    """Whether the index check can read index's values now. Not while torch.compile or
-    torch.jit traces (the check would be baked in or break the graph), not on fake or meta
-    tensors or under FakeTensorMode / make_fx / functionalization (no values), not on a
-    tensor mapped by a torch.func transform, not while a CUDA graph captures (no host sync)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if type(index) is not torch.Tensor or index.is_meta or functorch_wrapped(index):
-        return False
-    if any(torch._C._get_dispatch_mode(key) is not None for key in _VALUELESS_MODES):
-        return False
-    return not (index.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-_VALUELESS_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, name) for name in ("FAKE", "PROXY", "FUNCTIONAL"))
 
 
 def _native_index_check():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rsir_kernels as rk
-from rsir_kernels import autograd_functions, ops, reference
+from rsir_kernels import ops, reference, routing
 
 from util import assert_matches_reference, make_index, make_qkv
 
@@ -231,7 +231,7 @@ def test_unavailable_backend_raises_with_reason_and_auto_warns_once(monkeypatch)
     monkeypatch.setitem(backends._REGISTRY, "missing", missing)
     with pytest.raises(RuntimeError, match="backend 'missing' is not available in this install: not built in this test"):
         _call(backend="missing")
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(routing, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _call()
@@ -248,7 +248,7 @@ def test_backend_that_cannot_run_inputs_raises_when_explicit(monkeypatch):
     monkeypatch.setitem(backends._REGISTRY, "picky", picky)
     with pytest.raises(ValueError, match="backend 'picky' cannot run these inputs: window 4 too large"):
         _call(backend="picky")
-    assert ops.choose_backend("auto", _good()["q"], 4).name != "picky"
+    assert routing.choose_backend("auto", _good()["q"], 4).name != "picky"
 
 
 def test_available_backends_reports_every_backend():
@@ -291,7 +291,7 @@ def _forward_and_grads(fn, leaves, dout):
 @pytest.mark.parametrize("packed", [False, True], ids=["separate", "qkvpacked"])
 def test_eager_path_equals_op_path_and_flops_are_counted(packed):
     """A plain eager call runs the backends' implementations directly
-    (autograd_functions.plain_eager); a dispatch mode (here the FLOP counter) sends the same
+    (routing.plain_eager); a dispatch mode (here the FLOP counter) sends the same
     call through the ops. Both paths
     must give the same bits, and the op path must show the registered FLOP formulas."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -308,7 +308,7 @@ def test_eager_path_equals_op_path_and_flops_are_counted(packed):
         else:
             call = lambda: rk.window_attention(q, k, v, index, window, backend=name)  # noqa: E731
             leaves = (q, k, v)
-        assert autograd_functions.plain_eager(q, index)
+        assert routing.plain_eager(q, index)
         eager = _forward_and_grads(call, leaves, dout)
         with FlopCounterMode(display=False) as counter:
             through_ops = _forward_and_grads(call, leaves, dout)
@@ -327,7 +327,7 @@ def test_fake_tensors_take_the_op_path():
         index = torch.empty(2, 2, 30, dtype=torch.int64)
         out = rk.window_attention(q, q, q, index, 7)
         assert out.shape == (2, 30, 4, 8) and out.dtype == torch.float32
-        assert not autograd_functions.plain_eager(q, index)
+        assert not routing.plain_eager(q, index)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["separate", "qkvpacked"])
@@ -449,7 +449,7 @@ def test_every_route_gives_the_same_bits(backend):
     torch.compile (CompiledWindowAttention, its forward and backward graphs run by aot_eager)
     give the same out and packed gradient bits. A torch.func transform (WindowAttention) gives
     the same out; its backward builds a graph, so its gradient is the reference maths' (the
-    one fallback, autograd_functions.graph_building_backward), bit for bit."""
+    one fallback, routing.backward_kernel), bit for bit."""
     from rsir_kernels import backends
     from torch.utils.flop_counter import FlopCounterMode
     if backends.get(backend).unavailable is not None:

@@ -151,8 +151,8 @@ def test_explicit_backend_beyond_its_limits_raises():
 @pytest.mark.gpu
 def test_auto_beyond_every_kernels_limits_falls_back_with_one_warning():
     """Head dim 160 on CUDA: neither fused kernel takes it; auto warns once and runs the reference."""
-    from rsir_kernels import ops
-    ops._warned.clear()
+    from rsir_kernels import routing
+    routing._warned.clear()
     q, k, v = make_qkv(1, 20, 2, 160)
     index = make_index(1, 20, 1)
     with pytest.warns(RuntimeWarning, match="uses 'reference'"):

@@ -17,6 +17,7 @@ if get_backend("triton").unavailable is not None:  # e.g. triton not installed
     pytest.skip(f"triton backend unavailable: {get_backend('triton').unavailable}", allow_module_level=True)
 
 from rsir_kernels.backends.triton import launch  # noqa: E402
+from rsir_kernels.backends.triton import config as triton_config  # noqa: E402
 
 
 def triton_attn(q, k, v, index, window_size, scale=None):
@@ -88,8 +89,8 @@ def test_every_row_written(tile, length, heads, dim, groups, window):
     q, k, v = make_qkv(2, length, heads, dim, requires_grad=False)
     index = make_index(2, length, groups, dtype=torch.int32)
     scale = dim ** -0.5
-    config = None if tile is None else launch.make_config(2, length, heads, groups, dim, window, q.dtype, q.device,
-                                                          tile=tile)
+    config = None if tile is None else triton_config.make_config(2, length, heads, groups, dim, window, q.dtype,
+                                                                 q.device, tile=tile)
     out, lse, dqkv, dout = _direct(q, k, v, index, window, scale, config)
     q64, k64, v64, dout64 = (t.double() for t in (q, k, v, dout))
     out_ref, lse_ref = reference.window_attention_with_lse(q64, k64, v64, index, window, scale)
@@ -156,7 +157,7 @@ def test_unchecked_non_permutation_index(window, tile):
         out = rk.window_attention(q, k, v, index, window, backend="triton", check_index=False)
         grads = torch.autograd.grad(out, (q, k, v), dout)
     else:  # the multi-tile path on a small window, through the ops' allocation
-        config = launch.make_config(batch, length, heads, groups, dim, window, q.dtype, q.device, tile=tile)
+        config = triton_config.make_config(batch, length, heads, groups, dim, window, q.dtype, q.device, tile=tile)
         qd, kd, vd = (t.detach() for t in (q, k, v))
         out = torch.zeros_like(qd)
         lse = torch.empty(batch, heads, length)
@@ -214,14 +215,14 @@ def test_int32_index_with_strides():
 
 def test_cannot_run():
     q = torch.zeros(1, 4, 2, 16, dtype=torch.float64, device=DEVICE)
-    assert "float64" in launch.cannot_run(q, 4)
-    assert "head dim" in launch.cannot_run(torch.zeros(1, 4, 1, 256, device=DEVICE), 4)
-    assert "window" in launch.cannot_run(torch.zeros(1, 300, 1, 16, device=DEVICE), 257)
-    assert launch.cannot_run(torch.zeros(1, 100, 1, 16, device=DEVICE), 1000) is None  # window = L = 100
+    assert "float64" in triton_config.cannot_run(q, 4)
+    assert "head dim" in triton_config.cannot_run(torch.zeros(1, 4, 1, 256, device=DEVICE), 4)
+    assert "window" in triton_config.cannot_run(torch.zeros(1, 300, 1, 16, device=DEVICE), 257)
+    assert triton_config.cannot_run(torch.zeros(1, 100, 1, 16, device=DEVICE), 1000) is None  # window = L = 100
     # one flat grid: no 65535 limit on B * H (grid y/z); only grid x's 2^31 - 1 programs bound it
     big_batch_heads = torch.empty(2 ** 17, 49, 8, 16, device="meta")  # B * H = 2^20; meta: no memory
-    assert "programs" not in launch.cannot_run(big_batch_heads, 49)  # (refused for its device only)
-    assert "programs" in launch.cannot_run(torch.empty(2 ** 20, 2 ** 12, 2 ** 8, 16, device="meta"), 16)
+    assert "programs" not in triton_config.cannot_run(big_batch_heads, 49)  # (refused for its device only)
+    assert "programs" in triton_config.cannot_run(torch.empty(2 ** 20, 2 ** 12, 2 ** 8, 16, device="meta"), 16)
     index = make_index(1, 4, 1)
     with pytest.raises(ValueError, match="float64"):
         rk.window_attention(q, q, q, index, 4, backend="triton")
@@ -230,7 +231,7 @@ def test_cannot_run():
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_not_auto_on_cpu():
-    from rsir_kernels.ops import choose_backend
+    from rsir_kernels.routing import choose_backend
     q = torch.zeros(1, 4, 2, 16)
     assert choose_backend("auto", q, 4).name != "triton"
 
@@ -268,12 +269,12 @@ import inspect, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from rsir_kernels.backends.triton import kernels, launch
+from rsir_kernels.backends.triton import config as triton_config, kernels
 POINTERS = {"Q", "K", "V", "IDX", "OUT", "LSE", "DO", "DQKV", "STATS"}
 for dtype, n, d in [("bf16", 49, 16), ("bf16", 49, 24), ("fp16", 4, 32), ("bf16", 1, 16), ("bf16", 256, 32),
                     ("fp32", 49, 32), ("fp32", 7, 24)]:
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    cfg = launch.make_config(64, 3136, 4, 2, d, n, tdtype, torch.device("cpu"))
+    cfg = triton_config.make_config(64, 3136, 4, 2, d, n, tdtype, torch.device("cpu"))
     for fn in (kernels.window_attn_fwd_kernel, kernels.window_attn_bwd_kernel):
         params = list(inspect.signature(fn.fn).parameters)
         const = dict(D=d, HPP=cfg.heads_per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -350,7 +351,7 @@ def test_saturated_softmax_tiled_path(length, window, dim, dtype):
     are 0.03-0.11x the same-precision reference's (measured, 3 seeds); FlashAttention's
     rowsum(dO * O), which reads the rounded O, gave 0.84-1.62x: the bound 0.5x separates them.
     out and dv don't depend on delta: the general 2x rule."""
-    cfg = launch.make_config(1, length, 2, 2, dim, window, dtype, torch.device(DEVICE))
+    cfg = triton_config.make_config(1, length, 2, 2, dim, window, dtype, torch.device(DEVICE))
     assert not cfg.single  # the path under test
     for seed in range(3):
         q, k, v = make_qkv(1, length, 2, dim, dtype=dtype, seed=seed, packed=False)
@@ -396,7 +397,7 @@ def test_backward_fp32_at_saturated_softmax(length, window, tile, path):
     across 3 key tiles)."""
     batch, heads, groups, dim, scale = 2, 3, 3, 3, 894.6292612276202
     q, k, v, index, dout = _fuzz_packed_inputs(50, batch, length, heads, groups, dim)
-    config = launch.make_config(batch, length, heads, groups, dim, window, q.dtype, q.device, tile=tile)
+    config = triton_config.make_config(batch, length, heads, groups, dim, window, q.dtype, q.device, tile=tile)
     assert path == ("tiled" if not config.single else "packed" if config.windows_per_program > 1 else "single")
     out = torch.zeros_like(q)
     lse = torch.empty(batch, heads, length, device=q.device)

@@ -23,6 +23,7 @@ if get_backend("triton").unavailable is not None:
     pytest.skip(f"triton backend unavailable: {get_backend('triton').unavailable}", allow_module_level=True)
 
 from rsir_kernels.backends.triton import launch  # noqa: E402
+from rsir_kernels.backends.triton import custom_ops, plans  # noqa: E402
 
 
 class _NoLaunch:
@@ -107,7 +108,7 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
-from rsir_kernels.backends.triton import kernels, launch
+from rsir_kernels.backends.triton import config as triton_config, kernels, launch, plans
 backend = make_backend(GPUTarget("cuda", 90, 32))
 binders = {fn: create_function_from_signature(fn.signature, fn.params, backend)
            for fn in (kernels.window_attn_fwd_kernel, kernels.window_attn_bwd_kernel)}
@@ -120,11 +121,11 @@ for (b, l, h, d, g, n, dtype, idx_dtype, tile) in [(2, 103, 4, 24, 2, 49, torch.
     out, lse = torch.empty(b, l, h, d, dtype=dtype), torch.empty(b, h, l)
     dout, dqkv = torch.randn(b, l, h, d).to(dtype), torch.empty(b, l, 3, h, d, dtype=dtype)
     stats = torch.empty(b, h, l, 2)
-    config = None if tile is None else launch.make_config(b, l, h, g, d, n, dtype, q.device, tile=tile)
-    fplan, _ = launch._forward_plan(q.shape, q.stride(), k.stride(), v.stride(), index.shape, index.stride(),
-                                    out.stride(), lse.stride(), dtype, q.device, n, 0.3, config)
-    bplan, _ = launch._backward_plan(q.shape, dout.stride(), q.stride(), k.stride(), v.stride(), index.shape,
-                                     index.stride(), dqkv.stride(), dtype, q.device, n, 0.3, config)
+    config = None if tile is None else triton_config.make_config(b, l, h, g, d, n, dtype, q.device, tile=tile)
+    fplan, _ = plans.forward_plan(q.shape, q.stride(), k.stride(), v.stride(), index.shape, index.stride(),
+                                   out.stride(), lse.stride(), dtype, q.device, n, 0.3, config)
+    bplan, _ = plans.backward_plan(q.shape, dout.stride(), q.stride(), k.stride(), v.stride(), index.shape,
+                                    index.stride(), dqkv.stride(), dtype, q.device, n, 0.3, config)
     for fn, plan, tensors in ((kernels.window_attn_fwd_kernel, fplan, (q, k, v, index, out, lse)),
                               (kernels.window_attn_bwd_kernel, bplan, (dout, q, k, v, index, dqkv, stats))):
         bound, spec, _ = binders[fn](*tensors, *plan.args, **plan.constexprs)
@@ -166,17 +167,17 @@ def test_direct_launch_is_bitwise_the_ordinary_launch(dtype, window, monkeypatch
         out, lse = launch.forward(q, k, v, index, window, scale)
         return out, launch.backward(dout, q, k, v, index, window, scale), lse
 
-    launch._forward_plan.cache_clear()
-    launch._backward_plan.cache_clear()
+    plans.forward_plan.cache_clear()
+    plans.backward_plan.cache_clear()
     monkeypatch.setattr(launch, "DIRECT_LAUNCH", False)
     ordinary = run()
-    launch._forward_plan.cache_clear()
-    launch._backward_plan.cache_clear()
+    plans.forward_plan.cache_clear()
+    plans.backward_plan.cache_clear()
     monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
     first, second = run(), run()
     out, _, lse = second
-    plan, _ = launch._forward_plan(q.shape, q.stride(), k.stride(), v.stride(), index.shape, index.stride(),
-                                   out.stride(), lse.stride(), q.dtype, q.device, window, scale, None)
+    plan, _ = plans.forward_plan(q.shape, q.stride(), k.stride(), v.stride(), index.shape, index.stride(),
+                                  out.stride(), lse.stride(), q.dtype, q.device, window, scale, None)
     assert plan.runners, "no compiled kernel stored: the direct launch never ran"
     for a, b, c in zip(ordinary, first, second):
         assert torch.equal(a, b) and torch.equal(a, c)
@@ -185,23 +186,23 @@ def test_direct_launch_is_bitwise_the_ordinary_launch(dtype, window, monkeypatch
 def test_op_registration_per_device():
     """Under the interpreter (CPU tensors) the ops are custom_op with register_fake: triton_op
     fails opcheck and torch.compile there (docs/design.md section 6). On CUDA: triton_op."""
-    assert launch.OP_KIND == ("triton_op" if torch.cuda.is_available() else "custom_op")
+    assert custom_ops.OP_KIND == ("triton_op" if torch.cuda.is_available() else "custom_op")
 
 
 def test_traceable_bodies_match_the_eager_launch(monkeypatch):
     """The triton_op bodies (what Inductor traces on CUDA) compute the eager path's numbers:
     wrap_triton made the identity here, forward and backward bitwise equal to launch.forward /
     backward, on the single-tile and the multi-tile path."""
-    monkeypatch.setattr(launch, "wrap_triton", lambda kernel: kernel, raising=False)
+    monkeypatch.setattr(custom_ops, "wrap_triton", lambda kernel: kernel, raising=False)
     for window in (20, 129):
         q, k, v = (t.detach() for t in make_qkv(1, 130, 2, 16, torch.float16))
         index = make_index(1, 130, 2, device="cpu")
         dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q.dtype)
         out, lse = launch.forward(q, k, v, index, window, 0.25)
-        traced_out, traced_lse = launch._traceable_forward(q, k, v, index, window, 0.25)
+        traced_out, traced_lse = custom_ops._traceable_forward(q, k, v, index, window, 0.25)
         assert torch.equal(out, traced_out) and torch.equal(lse, traced_lse)
         assert torch.equal(launch.backward(dout, q, k, v, index, window, 0.25),
-                           launch._traceable_backward(dout, q, k, v, index, window, 0.25))
+                           custom_ops._traceable_backward(dout, q, k, v, index, window, 0.25))
 
 
 @pytest.mark.gpu

@@ -69,12 +69,12 @@ def cell(measure, *args) -> str:
 def triton_layers(inp, calls: int) -> list[tuple[str, str]]:
     """Host ms per call of each layer of the triton backend's forward."""
     from rsir_kernels import ops
-    from rsir_kernels.backends.triton import launch
+    from rsir_kernels.backends.triton import config, custom_ops, launch
     q, k, v = inp.qkv.detach().unbind(2)
     index = inp.index.to(torch.int32).contiguous()
     scale = q.shape[-1] ** -0.5
     out, lse = torch.empty_like(q), torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device)
-    cfg = launch.make_config(q.shape[0], q.shape[1], q.shape[2], index.shape[1], q.shape[3], N,
+    cfg = config.make_config(q.shape[0], q.shape[1], q.shape[2], index.shape[1], q.shape[3], N,
                              q.dtype, q.device)
     dout, dqkv = torch.randn_like(q), torch.empty_like(inp.qkv)
     launch.forward_into(q, k, v, index, N, scale, out, lse, config=cfg)
@@ -85,7 +85,7 @@ def triton_layers(inp, calls: int) -> list[tuple[str, str]]:
          lambda: launch.backward_into(dout, q, k, v, index, N, scale, dqkv, config=cfg)),
         ("forward_into (config computed)", lambda: launch.forward_into(q, k, v, index, N, scale, out, lse)),
         ("custom op rsir::window_attention_triton (the op path)",
-         lambda: launch.window_attention_fwd(q, k, v, index, N, scale)),
+         lambda: custom_ops.window_attention_fwd(q, k, v, index, N, scale)),
         ("launch.forward (what the eager path runs)", lambda: launch.forward(q, k, v, index, N, scale)),
         ("rk.window_attention, no grad, check_index=False",
          lambda: ops.window_attention(q, k, v, inp.index, N, backend="triton", check_index=False)),

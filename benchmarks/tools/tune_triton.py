@@ -1,5 +1,5 @@
 """Sweep the Triton kernels' launch configurations at the RSIR stage shapes: the measured table
-that launch.make_config should follow (docs/performance.md, "Open hypotheses").
+that config.make_config should follow (docs/performance.md, "Open hypotheses").
 
     python -m benchmarks.tools.tune_triton [--model tiny] [--batch 64] [--stages 1,2,3,4]
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         print("tune_triton: needs a CUDA device (or --device cpu for a dry run)", file=sys.stderr)
         return 2
     from rsir_kernels import reference
-    from rsir_kernels.backends.triton import launch
+    from rsir_kernels.backends.triton import config, launch
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         expected_grad = torch.stack(torch.autograd.grad(expected, leaves, inp.dout.float()), dim=2)
         expected = expected.detach()
         tol = 1e-4 if dtype == torch.float32 else 2e-2  # relative to the largest |value|
-        base = launch.make_config(q.shape[0], q.shape[1], q.shape[2], GROUPS, q.shape[3], N, dtype, device)
+        base = config.make_config(q.shape[0], q.shape[1], q.shape[2], GROUPS, q.shape[3], N, dtype, device)
         print(f"\nstage {shape.stage} ({shape.describe()}): block {base.block_m}, block_d {base.block_d}, "
               f"single {base.single}, windows/program {base.windows_per_program}")
         print(f"  {'warps':>5s} {'heads/prog':>10s} {'fwd us':>8s} {'bwd us':>8s}  check")

@@ -26,13 +26,14 @@ The contract every backend keeps (docs/design.md section 1):
 
 Both are torch.library ops with fake implementations (`fake_forward`, `fake_backward`, here
 for every backend), each backend under op names of its own, written once as constants in its
-module. The ops carry no autograd of their own: rsir_kernels.autograd_functions.WindowAttention
-calls them on every path (eager, torch.compile, torch.export, torch.func), so compiled and
-exported graphs hold exactly these ops. A backend whose ops are Python functions also hands those functions over (`eager_forward`,
-`eager_backward`): rsir_kernels.ops calls them directly in plain eager calls, skipping the
-dispatcher's round trips through Python (host time that the small stages of a model on a
-GPU feel: docs/performance.md, "Lessons that hold"), and calls the ops everywhere else (torch.compile, fake
-tensors, dispatch modes such as FLOP counting, tensor subclasses).
+module. The ops carry no autograd of their own: rsir_kernels.autograd_functions calls them
+on every traced route (torch.compile, torch.export, torch.jit.trace, torch.func, dispatch
+modes), so compiled and exported graphs hold exactly these ops. A backend whose ops are
+Python functions also hands those functions over (`eager_forward`, `eager_backward`): its
+`direct` kernels, which plain eager calls run without the dispatcher's round trips through
+Python (host time that the small stages of a model on a GPU feel: docs/performance.md,
+"Lessons that hold"). Which of `ops` and `direct` a call runs is rsir_kernels.routing's
+decision.
 Validation is not the backends' job: rsir_kernels.ops checks every input before any op
 runs, so a backend may assume well-formed arguments.
 """
@@ -51,6 +52,15 @@ CanRun = Callable[[torch.Tensor, int], Optional[str]]
 
 
 @dataclasses.dataclass(frozen=True)
+class Kernels:
+    """A backend's forward and backward (the contract above) as one route calls them."""
+    backend: str
+    forward: Callable     # (q, k, v, index, window_size, scale) -> (out, lse)
+    backward: Callable    # (dout, q, k, v, index, window_size, scale) -> dqkv
+    through_ops: bool     # the registered ops (what graphs and dispatch modes see)
+
+
+@dataclasses.dataclass(frozen=True)
 class Backend:
     name: str
     forward_op: str          # qualified op name, "namespace::name"
@@ -58,25 +68,22 @@ class Backend:
     priority: dict           # device type -> rank for backend="auto"; absent: never auto
     unavailable: Optional[str] = None   # why this install can't use it, None if it can
     cannot_run: CanRun = lambda q, n: None
-    eager_forward: Optional[Callable] = None    # the forward op's implementation; None: the op
-    eager_backward: Optional[Callable] = None   # the backward op's implementation; None: the op
+    eager_forward: Optional[Callable] = None    # the forward op's Python implementation, if any
+    eager_backward: Optional[Callable] = None
+    # Set here once, from the fields above (None while unavailable): the registered ops, and
+    # what a plain eager call runs, the Python implementations or, for a backend without
+    # them (cpp: a C++ op), the ops themselves.
+    ops: Optional[Kernels] = dataclasses.field(default=None, init=False, compare=False, repr=False)
+    direct: Optional[Kernels] = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
-    @property
-    def forward(self):
-        return op_packet(self.forward_op).default
-
-    @property
-    def backward(self):
-        return op_packet(self.backward_op).default
-
-    @property
-    def forward_impl(self):
-        """What a plain eager call runs: the op's implementation itself, or the op."""
-        return self.eager_forward or self.forward
-
-    @property
-    def backward_impl(self):
-        return self.eager_backward or self.backward
+    def __post_init__(self):
+        if self.unavailable is not None:
+            return
+        ops = Kernels(self.name, op_packet(self.forward_op).default, op_packet(self.backward_op).default, True)
+        direct = ops if self.eager_forward is None else Kernels(self.name, self.eager_forward,
+                                                                self.eager_backward, False)
+        object.__setattr__(self, "ops", ops)  # frozen: set once, at construction
+        object.__setattr__(self, "direct", direct)
 
 
 def op_packet(qualname: str):

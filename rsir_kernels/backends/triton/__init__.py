@@ -1,7 +1,9 @@
 """The `triton` backend: fused gather-window-attention-scatter, forward and backward.
 
-kernels.py holds the @triton.jit kernels, launch.py the launchers and the torch.library ops
-rsir::window_attention_triton and rsir::window_attention_triton_backward. Runs on CUDA
+kernels.py holds the @triton.jit kernels, config.py the limits and launch configurations,
+plans.py the per-shape launch plans, launch.py the launchers (what plain eager calls run) and
+custom_ops.py the torch.library ops rsir::window_attention_triton and
+rsir::window_attention_triton_backward (what traced graphs hold). Runs on CUDA
 tensors; on CPU tensors only when TRITON_INTERPRET=1 was set before triton was imported
 (tests), and then never picked by backend="auto".
 """
@@ -28,10 +30,10 @@ def _unavailable_reason():
 
 _reason = _unavailable_reason()
 if _reason is None:
-    from . import launch
+    from . import config, custom_ops, launch  # noqa: F401  (custom_ops registers the ops)
 
     register(Backend(name=NAME, forward_op=FORWARD_OP, backward_op=BACKWARD_OP, priority={"cuda": 30},
-                     cannot_run=launch.cannot_run, eager_forward=launch.forward,
+                     cannot_run=config.cannot_run, eager_forward=launch.forward,
                      eager_backward=launch.backward))
 else:
     register(Backend(name=NAME, forward_op=FORWARD_OP, backward_op=BACKWARD_OP, priority={"cuda": 30},

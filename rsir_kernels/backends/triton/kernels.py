@@ -1,6 +1,6 @@
 """@triton.jit kernels of the fused gather-window-attention-scatter, forward and backward.
 
-No torch in here: pointers, strides, sizes and constexpr tile shapes only (launch.py sets
+No torch in here: pointers, strides, sizes and constexpr tile shapes only (plans.py sets
 them up). Works with triton 3.6 and 3.9 (tl.dot(input_precision=...), tl.trans, tl.permute,
 tl.reshape, 3-D tl.dot, tl.exp2).
 
@@ -112,7 +112,7 @@ def _head_ptr(P, b, h, stride_b, stride_h, ALIGN: tl.constexpr):
 @triton.jit
 def _row_ptrs(base, tok, stride_l, stride_d, offs_d, ALIGN: tl.constexpr):
     rows = tl.multiple_of(tok * stride_l, ALIGN)
-    if ALIGN > 1:  # the head-dim stride is 1 (launch.py): contiguous rows, vector accesses
+    if ALIGN > 1:  # the head-dim stride is 1 (plans.py): contiguous rows, vector accesses
         return base + rows[:, None] + offs_d[None, :]
     else:
         return base + rows[:, None] + offs_d[None, :] * stride_d
