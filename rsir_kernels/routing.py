@@ -20,6 +20,7 @@ fake and meta tensors, CUDA graph capture, the profiler): docs/design.md section
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import warnings
 from typing import NamedTuple, Optional
@@ -27,7 +28,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from . import autograd_functions as functions  # a module: it imports this one too
+from . import autograd_functions as functions  # its backward asks this module: bound below
 from . import backends, reference
 
 try:  # the innermost TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...), or None
@@ -109,6 +110,9 @@ def profiled(backend: str, what: str):
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or not torch.autograd._profiler_enabled():
         return contextlib.nullcontext()  # (is_compiling first: Dynamo can't trace _profiler_enabled)
     return torch.autograd.profiler.record_function(f"rsir::window_attention_{what} ({backend})")
+
+
+functions.bind(sys.modules[__name__])  # a Function's backward asks backward_kernel and profiled
 
 
 # ---------------------------------------------------------------- other mode checks

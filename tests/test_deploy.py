@@ -153,8 +153,8 @@ def refusal(size=SIZE, given=REFUSED):
 
 @MICRO
 def test_aoti_package_takes_any_batch_and_refuses_another_resolution(deployed, child):
-    """Batches 1, 3 (and 5 here) equal eager (top-1: rsir_micro has IR-Win heads, README's
-    "What equals means"); another resolution or channel count raises, here and in a torch-only
+    """Batches 1, 3 (and 5 here) equal eager (top-1: rsir_micro has IR-Win heads, docs/deployment.md,
+    "Routes and what they equal"); another resolution or channel count raises, here and in a torch-only
     process, naming both shapes."""
     package = torch._inductor.aoti_load_package(deployed["package.pt2"])
     model, images = deployed["model"], torch.randn(5, 3, *SIZE)

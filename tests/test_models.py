@@ -175,7 +175,7 @@ def _closed_form_params(cfg):
 def test_parameter_counts(build, config):
     params = sum(p.numel() for p in build().parameters())
     assert params == _closed_form_params(config)
-    if config is models.RSIR_T:  # Table 2: 22M; RSIR-B's 85M is out of reach of its configuration (README)
+    if config is models.RSIR_T:  # Table 2: 22M (RSIR-B's configuration is not checked against a count)
         assert abs(params - 22e6) / 22e6 < 0.05
 
 
@@ -223,8 +223,8 @@ def test_eval_output_is_a_function_of_the_image_alone(backend):
     """Eval mode: bitwise equal call after call; image 0 alone equals image 0 inside a batch of
     4 (fp64 reference: 1e-12 relative; fp32: 1e-5).
 
-    This case (rsir_micro, 32x32) is not at IR-Win's knife edge (README, "RS-Win and IR-Win in
-    eval"): at initialisation the channel means that order IR-Win's tokens are rounding noise,
+    This case (rsir_micro, 32x32) is not at IR-Win's knife edge (docs/usage.md, "IR-Win near
+    initialisation"): at initialisation the channel means that order IR-Win's tokens are rounding noise,
     and where several windows share a stage map a rounding-sized change reorders them; rsir_tiny
     at 64x64 moves 4.5e-3 between alone and in a batch of 4, this case 5.8e-7 (measured)."""
     _skip_unavailable(backend)

@@ -228,7 +228,7 @@ def test_unavailable_backend_raises_with_reason_and_auto_warns_once(monkeypatch)
     from rsir_kernels import backends
     missing = backends.Backend(name="missing", forward_op="x::y", backward_op="x::z", priority={"cpu": 99},
                                unavailable="not built in this test")
-    monkeypatch.setitem(backends._REGISTRY, "missing", missing)
+    monkeypatch.setitem(backends.registry._REGISTRY, "missing", missing)
     with pytest.raises(RuntimeError, match="backend 'missing' is not available in this install: not built in this test"):
         _call(backend="missing")
     monkeypatch.setattr(routing, "_warned", set())
@@ -245,7 +245,7 @@ def test_backend_that_cannot_run_inputs_raises_when_explicit(monkeypatch):
     ref = backends.get("reference")
     picky = backends.Backend(name="picky", forward_op=ref.forward_op, backward_op=ref.backward_op,
                              priority={"cpu": 99}, cannot_run=lambda q, n: f"window {n} too large")
-    monkeypatch.setitem(backends._REGISTRY, "picky", picky)
+    monkeypatch.setitem(backends.registry._REGISTRY, "picky", picky)
     with pytest.raises(ValueError, match="backend 'picky' cannot run these inputs: window 4 too large"):
         _call(backend="picky")
     assert routing.choose_backend("auto", _good()["q"], 4).name != "picky"

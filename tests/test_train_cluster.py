@@ -105,7 +105,7 @@ def test_a_stop_signal_mid_epoch_saves_that_step_exits_75_and_resumes_bit_for_bi
 
 def test_sigterm_or_sigusr1_to_torchrun_stops_every_rank_after_its_step_and_resumes_bit_for_bit(tmp_path, straight):
     """torchrun forwards SIGTERM to its workers; SIGUSR1 (SLURM's early warning) when it is asked
-    to handle it (--signals-to-handle, as the README shows)."""
+    to handle it (--signals-to-handle, as docs/training.md shows)."""
     out = tmp_path / "run"
     stopped = torchrun(out, event="sigterm-parent:7")
     assert "preempted: SIGTERM at epoch 1" in stopped.stderr, stopped.stderr[-3000:]

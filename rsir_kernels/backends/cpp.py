@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import Backend, register
+from .registry import Backend, register
 from .. import _library
 
 FORWARD_OP = "rsir_ext::window_attention_fwd"
@@ -53,7 +53,7 @@ def cannot_run(q: torch.Tensor, window_size: int) -> Optional[str]:
 
 
 if _why is None:
-    from . import register_fakes
+    from .registry import register_fakes
 
     register_fakes(FORWARD_OP, BACKWARD_OP)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import Backend, register, register_fakes
+from .registry import Backend, register, register_fakes
 
 NAME = "reference"
 FORWARD_OP = "rsir::window_attention"

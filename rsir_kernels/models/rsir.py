@@ -31,6 +31,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
+from .. import routing
 from ..modules import RSIRBlock
 from ..samplers import layer_seed
 from .config import MODEL_NAMES, RSIR_T, VARIANTS, RSIRConfig
@@ -129,7 +130,7 @@ class RSIRStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+        if not (self.grad_checkpointing and routing.grad_enabled()):
             return self.blocks(x)
         batch, height, width, _ = x.shape
         for block in self.blocks:

@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--model", default="rsir_micro", help=f"one of {', '.join(MODEL_NAMES)}")
     model.add_argument("--drop-path", type=float, default=None,
-                       help="stochastic depth rate (default 0; --recipe paper: per model, see README)")
+                       help="stochastic depth rate (default 0; --recipe paper: per model, see docs/training.md)")
     model.add_argument("--backend", default="auto", help="window_attention backend: auto, cpp, triton, reference")
     model.add_argument("--window-size", type=int, default=None,
                        help="window side (default: 4 on digits' 32x32 images, the model's 7 otherwise)")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 
 from .errors import TrainError
 
-DIGITS_SIZE = 32  # digits' 8x8 images are upsampled to 32x32: the models need sides divisible by 32
+DIGITS_SIZE = 32  # digits' 8x8 images are upsampled to 32x32: stage maps 8x8 down to 1x1
 
 
 @dataclasses.dataclass

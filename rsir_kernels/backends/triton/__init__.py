@@ -13,9 +13,8 @@ import os
 
 import torch
 
-from .. import Backend, register
-
-NAME, FORWARD_OP, BACKWARD_OP = "triton", "rsir::window_attention_triton", "rsir::window_attention_triton_backward"
+from ..registry import Backend, register
+from .config import BACKWARD_OP, FORWARD_OP, NAME
 
 
 def _unavailable_reason():

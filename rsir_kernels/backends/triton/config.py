@@ -1,5 +1,6 @@
-"""Launch configurations of the Triton kernels: the limits they run within and how a launch
-tiles the work (`make_config`, a measured table: no autotuning, the shapes are few).
+"""Launch configurations of the Triton kernels: the backend's op names, the limits the kernels
+run within and how a launch tiles the work (`make_config`, a measured table: no autotuning,
+the shapes are few).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Optional
 
 import torch
 
+NAME, FORWARD_OP, BACKWARD_OP = "triton", "rsir::window_attention_triton", "rsir::window_attention_triton_backward"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 128
 MAX_WINDOW = 256

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import register_fakes
-from . import BACKWARD_OP, FORWARD_OP, launch
-from .config import INTERPRET
+from ..registry import register_fakes
+from . import launch
+from .config import BACKWARD_OP, FORWARD_OP, INTERPRET
 from .kernels import window_attn_bwd_kernel, window_attn_fwd_kernel
 from .launch import allocate_backward, allocate_forward
 from .plans import backward_plan, forward_plan
