@@ -1,4 +1,5 @@
-"""Backend registry: each backend registers its forward and backward ops here.
+"""The backends: each registers its forward and backward ops in the registry (registry.py),
+and importing this package imports every backend (the bottom of this file).
 
 The contract every backend keeps (docs/design.md section 1):
 
