@@ -1,4 +1,4 @@
-"""Timing: the TimingPolicy (warm-up, repeats, time budget), the Timer of eager calls
+"""Timing: per-call host time of fast calls (per_call_seconds), the TimingPolicy (warm-up, repeats, time budget), the Timer of eager calls
 (perf_counter on CPU, CUDA events after an L2 flush on GPU), the DeviceTimer of device time
 alone (CUDA-graph replays; none on CPU), the forward / forward+backward callables of a row,
 peak CUDA memory and the device-to-device copy bandwidth."""
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -38,18 +38,31 @@ def cuda_event_times(fns, reps: int, flush: torch.Tensor, device) -> list[list[f
     return [[s.elapsed_time(e) / 1e3 for s, e in evs] for evs in events]
 
 
-def per_call_us(fn, calls: int, rounds: int = 5, warmup: int = 50) -> float:
-    """Best over `rounds` of the mean host time of `calls` back-to-back calls, in microseconds:
-    for host overheads measured in microseconds, where one call is below the clock's resolution."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def per_call_seconds(fns: Sequence[Callable[[], object]], calls: int, rounds: int, warmup: Optional[int] = None,
+                     clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """For host overheads measured in microseconds, where one call is below the clock's
+    resolution: for each of `fns`, the mean time of one call in each of `rounds` rounds of
+    `calls` back-to-back calls, in seconds (a list of `rounds` floats per function), after
+    `warmup` calls of each (default `calls`). The rounds interleave the functions (a round of
+    each in turn), so a change in background load hits each alike. `clock` is time.perf_counter
+    (wall time) or time.thread_time (this thread's CPU time: time spent descheduled on a loaded
+    host does not count)."""
+    for fn in fns:
+        for _ in range(calls if warmup is None else warmup):
             fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
+    means = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, kept in zip(fns, means):
+            start = clock()
+            for _ in range(calls):
+                fn()
+            kept.append((clock() - start) / calls)
+    return means
+
+
+def per_call_us(fn, calls: int, rounds: int = 5, warmup: int = 50) -> float:
+    """Best over `rounds` of the mean wall time of `calls` back-to-back calls, in microseconds."""
+    return min(per_call_seconds([fn], calls, rounds, warmup)[0]) * 1e6
 
 
 class Timer:

@@ -2,7 +2,7 @@
 input where the kernels take a few microseconds: what the glue (validation, route choice, the
 autograd shell) costs. 1 thread; the clock is this thread's CPU time (time.thread_time), so
 that time spent descheduled on a loaded host does not count; the median and the minimum over
-rounds of the per-call mean.
+interleaved rounds of the per-call mean.
 
     python -m benchmarks.tools.route_host_time [--backends cpp reference] [--rounds 30] [--calls 200]
 
@@ -21,18 +21,7 @@ import torch
 
 import rsir_kernels as rk
 
-
-def per_call_ms(fn, calls: int, rounds: int) -> tuple[float, float]:
-    """(median, min) over rounds of the per-call mean, in ms of this thread's CPU time."""
-    for _ in range(calls):
-        fn()
-    means = []
-    for _ in range(rounds):
-        start = time.thread_time()
-        for _ in range(calls):
-            fn()
-        means.append((time.thread_time() - start) / calls * 1e3)
-    return statistics.median(means), min(means)
+from ..common.timing import per_call_seconds
 
 
 def rows(backend: str):
@@ -68,9 +57,10 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     for backend in args.backends:
-        for name, fn in rows(backend):
-            median, best = per_call_ms(fn, args.calls, args.rounds)
-            print(f"{backend:10s} {name:24s} median {median:.3f} ms, min {best:.3f} ms")
+        names, fns = zip(*rows(backend))
+        for name, means in zip(names, per_call_seconds(fns, args.calls, args.rounds, clock=time.thread_time)):
+            print(f"{backend:10s} {name:24s} median {statistics.median(means) * 1e3:.3f} ms, "
+                  f"min {min(means) * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":
