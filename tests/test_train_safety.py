@@ -205,7 +205,7 @@ def test_resume_restores_a_lost_metrics_row_and_repairs_a_torn_line(tmp_path, ca
 
 
 BAD_ARGUMENTS = [
-    (["--img-size", "30"], "--img-size must be"),
+    (["--img-size", "0"], "--img-size must be >= 1"),
     (["--backend", "foo"], "--backend 'foo'"),
     (["--window-size", "0"], "--window-size must be >= 1"),
     (["--threads", "-1"], "--threads must be >= 1"),

@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--train-items", type=int, default=None, help="train on the first N items only")
     data.add_argument("--val-items", type=int, default=None, help="evaluate on the first N items only")
     data.add_argument("--img-size", type=int, default=None, help="input side for ImageFolder/fake data "
-                      "(default: the model's pretrained_cfg, 224)")
+                      "(default: the model's pretrained_cfg, 224); any size, no multiple of 32 needed")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="rsir_micro", help=f"one of {', '.join(MODEL_NAMES)}")
     model.add_argument("--drop-path", type=float, default=None,

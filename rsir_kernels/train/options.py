@@ -26,7 +26,7 @@ def check(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise TrainError(f"the trainer needs timm (models, optimizer, schedule): pip install 'timm>=1.0' ({e})") from e
     at_least = {"epochs": 1, "batch_size": 1, "grad_accum_steps": 1, "steps_per_epoch": 1, "stop_after": 1, "window_size": 1,
-                "threads": 1, "train_items": 1, "val_items": 1, "workers": 0, "img_size": 32, "checkpoint_hist": 0,
+                "threads": 1, "train_items": 1, "val_items": 1, "workers": 0, "img_size": 1, "checkpoint_hist": 0,
                 "save_every_steps": 1}
     for name, low in at_least.items():
         value = getattr(args, name)
@@ -47,8 +47,6 @@ def check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 0 < value < math.inf:
             raise TrainError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-    if args.img_size is not None and args.img_size % 32:
-        raise TrainError(f"--img-size must be a multiple of 32 (the model downsamples by 32), got {args.img_size}")
     if args.model not in MODEL_NAMES:
         raise TrainError(f"--model {args.model!r} is not a registered RSIR model; choose one of {', '.join(MODEL_NAMES)}")
     if args.data not in ("digits", "fake") and not os.path.isdir(args.data):
