@@ -47,6 +47,7 @@ import os
 import pickle
 import random
 import shutil
+import zipfile
 
 import numpy as np
 import torch
@@ -142,6 +143,16 @@ def copy(source: str, path: str) -> None:
         _write_atomically(path, lambda f: shutil.copyfileobj(src, f))
 
 
+def _written_by_torch_save(path: str) -> bool:
+    """torch.save writes a zip archive, or (with _use_new_zipfile_serialization=False) a pickle,
+    which opens with the PROTO opcode 0x80."""
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            return True
+        f.seek(0)
+        return f.read(1) == b"\x80"
+
+
 def read(path: str, what: str = "checkpoint") -> dict:
     """torch.load(path, weights_only=True) with its checksum verified; CheckpointError naming the
     file (prefixed by `what`) if it is missing, unreadable or damaged. A file without a checksum
@@ -151,6 +162,9 @@ def read(path: str, what: str = "checkpoint") -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # arbitrary objects: a foreign file, or one from before this format
+        if not _written_by_torch_save(path):
+            raise CheckpointError(f"{what} {path}: not a file torch.save writes (neither a zip archive nor a "
+                                  f"pickle)") from e
         raise CheckpointError(f"{what} {path}: not a checkpoint of this format (it holds objects other than tensors "
                          f"and plain types; files of rsir_kernels before its checksum can't be resumed)") from e
     except Exception as e:  # torch raises several types for a truncated or foreign file

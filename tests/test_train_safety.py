@@ -248,3 +248,33 @@ def test_training_sets_no_process_wide_warning_filter(tmp_path):
     filters = list(warnings.filters)
     train(tmp_path / "run", *SMALL, "--epochs", "1")
     assert warnings.filters == filters
+
+
+def test_files_from_other_tools_are_refused_saying_what_they_are(tmp_path):
+    """What a user may pass as a checkpoint by mistake, each written by its own tool: a text
+    file is no torch.save file; torch.save of a module (new and legacy serialization) holds
+    objects weights_only refuses; a copy of a real file cut short is unreadable. Each is one
+    CheckpointError naming the file, from the models' loader as well. A .safetensors file
+    (timm's weights format) torch.load reads: its tensors come back, and from_checkpoint says
+    it is no training checkpoint."""
+    from safetensors.torch import save_file
+    from rsir_kernels.models import from_checkpoint
+    weights = {"head.fc.weight": torch.randn(3, 4)}
+    (tmp_path / "notes.txt").write_text("not weights\n")
+    torch.save(torch.nn.Linear(4, 3), tmp_path / "module.pt")
+    torch.save(torch.nn.Linear(4, 3), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save(weights, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:200])
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    expected = {"notes.txt": "not a file torch.save writes", "module.pt": "holds objects other than tensors",
+                "legacy.pt": "holds objects other than tensors", "cut.pt": "not a readable checkpoint"}
+    for name, message in expected.items():
+        with pytest.raises(checkpoint.CheckpointError, match=message) as caught:
+            checkpoint.read(str(tmp_path / name))
+        assert str(tmp_path / name) in str(caught.value)
+        with pytest.raises(ValueError, match=message):
+            from_checkpoint(str(tmp_path / name))
+    for name in ("whole.pt", "model.safetensors"):
+        assert torch.equal(checkpoint.read(str(tmp_path / name))["head.fc.weight"], weights["head.fc.weight"])
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        from_checkpoint(str(tmp_path / "model.safetensors"))
