@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Optional
 
 import torch
@@ -15,6 +16,9 @@ from .samplers import fixed_rs_index, fixed_rs_values, ir_index, rs_index
 
 RS_EVAL_MODES = ("fixed", "random")
 FIXED_ORDER_CACHE_SIZE = 8  # eval RS-Win orders kept per module (sizes), least recently used dropped
+# Guards every layer's order cache: threads that share a model look up, add and drop sizes at once
+# (one lock for the module, not one per layer: a lock in a layer would stop copy.deepcopy of it).
+_FIXED_ORDERS_LOCK = threading.Lock()
 
 
 class RSIRAttention(nn.Module):
@@ -109,13 +113,17 @@ class RSIRAttention(nn.Module):
             return fixed_rs_index(height, width, self.window_size, self.seed, device)  # symbolic: in-graph
         key = (self.seed, height, width, torch.device(device))
         cache = self._fixed_orders
-        order = cache.pop(key, None)
-        if order is None:
-            with torch.inference_mode(False):  # a normal tensor: later autograd calls may save it
-                order = fixed_rs_index(height, width, self.window_size, self.seed, device)
-        cache[key] = order  # the most recently used: last
-        while len(cache) > FIXED_ORDER_CACHE_SIZE:
-            cache.popitem(last=False)
+        with _FIXED_ORDERS_LOCK:
+            order = cache.get(key)
+            if order is not None:
+                cache.move_to_end(key)  # the most recently used: last
+                return order
+        with torch.inference_mode(False):  # a normal tensor: later autograd calls may save it
+            order = fixed_rs_index(height, width, self.window_size, self.seed, device)
+        with _FIXED_ORDERS_LOCK:  # another thread may have added it meanwhile: the same values
+            cache[key] = order
+            while len(cache) > FIXED_ORDER_CACHE_SIZE:
+                cache.popitem(last=False)
         return order
 
     def token_order(self, x: torch.Tensor, height: int, width: int,
