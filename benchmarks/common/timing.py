@@ -1,7 +1,7 @@
-"""Timing: per-call host time of fast calls (per_call_seconds), the TimingPolicy (warm-up, repeats, time budget), the Timer of eager calls
-(perf_counter on CPU, CUDA events after an L2 flush on GPU), the DeviceTimer of device time
-alone (CUDA-graph replays; none on CPU), the forward / forward+backward callables of a row,
-peak CUDA memory and the device-to-device copy bandwidth."""
+"""Timing: the host time of fast calls (per_call_seconds), the TimingPolicy (warm-up, repeats,
+time budget), the Timer of eager calls (perf_counter on CPU, CUDA events after an L2 flush on
+GPU), the DeviceTimer of device time alone (CUDA-graph replays; none on CPU), the forward /
+forward+backward callables of a row, peak CUDA memory and the device-to-device copy bandwidth."""
 from __future__ import annotations
 
 import dataclasses
