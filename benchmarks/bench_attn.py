@@ -34,7 +34,7 @@ import torch
 
 from benchmarks.common.attn_measure import bench_shape
 from benchmarks.common.cases import BASELINES, WINDOW, select_backends, stage_shapes
-from benchmarks.common.cli import DTYPES, OUT, start_run
+from benchmarks.common.cli import DTYPES, OUT, resolve_device, start_run
 from benchmarks.common.progress import Progress
 from benchmarks.common.report import (ATTN_DEFINITIONS, ATTN_TIMING_NOTES, args_record, format_table,
                     output_stem, write_json, write_plot)
@@ -63,9 +63,7 @@ def parse_args(argv=None):
                    "by git; benchmarks/results refreshes the committed figures: make bench-refresh)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type == "cuda" and args.device.index is None:
-        args.device = torch.device("cuda", torch.cuda.current_device())
+    args.device = resolve_device(p, args.device)
     gpu = args.device.type == "cuda"
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     if args.dtype not in DTYPES:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import dense_measure as dm
-from benchmarks.common.cli import DTYPES, OUT, start_run
+from benchmarks.common.cli import DTYPES, OUT, resolve_device, start_run
 from benchmarks.common.dense_models import BODY, attention_ops, build, describe
 from benchmarks.common.dense_report import DEFINITIONS, PAPER_MACS, add_ratios, format_dense_table
 from benchmarks.common.measure import summarize
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(OUT),
                    help="default benchmarks/out (ignored by git); benchmarks/results: the committed figures")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = resolve_device(p, args.device)
     if args.dtype not in DTYPES:
         p.error(f"--dtype must be one of {', '.join(DTYPES)}")
     gpu = args.device.type == "cuda"

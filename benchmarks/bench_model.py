@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common.cli import DTYPES, OUT, start_run
+from benchmarks.common.cli import DTYPES, OUT, resolve_device, start_run
 from benchmarks.common.model_measure import (MODES, attention_inputs, bench_backend, bench_compiled, resolve_modes,
                                              select_backends)
 from benchmarks.common.progress import Progress
@@ -60,7 +60,7 @@ def parse_args(argv=None):
                    help="default benchmarks/out (ignored by git); benchmarks/results: the committed figures")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = resolve_device(p, args.device)
     gpu = args.device.type == "cuda"
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     if args.dtype not in DTYPES:

@@ -14,6 +14,9 @@
 #                    eager, compile and reduce-overhead training steps of every backend
 #   6. train         python -m rsir_kernels.train on fake data, one short epoch per backend
 #                    (eager, then compiled for triton): images/s of the training entry point
+#   6b. bench_dense  benchmarks/bench_dense.py at 800x1333 and 512x2048 (bf16 autocast):
+#                    rsir_tiny's FPN backbone per backend against timm's Swin-T, time, peak
+#                    memory and the attention's share (the paper's dense tasks)
 #   7. tune          benchmarks/tools/tune_triton.py: num_warps x heads-per-program
 #   8. sanitizers    compute-sanitizer memcheck on the GPU tests of the C++/CUDA backend
 #                    (tests/test_cpp.py) and of the Triton backend (tests/test_triton.py);
@@ -26,10 +29,11 @@
 # OUTDIR receives (a few plain files + commit.txt):
 # summary.txt (commit, step exit codes, times and the benchmark tables), gpu_check.tar.gz
 # (every log and result), bench_attn_cuda_bfloat16.json/.png, bench_model_cuda_bfloat16.json,
+# dense_cuda_bfloat16.json,
 # junit.xml, tests.log, train.log (junit.xml and the logs are not committed: .gitignore). GPU_CHECK_KEEP_ALL=1 copies every log into OUTDIR/all/ too.
 # Environment: PYTHON (default: scripts/pick_python.sh), GPU_CHECK_BUDGET (seconds),
 # TRAIN_ARGS (extra arguments of every train run; TRAIN_BACKENDS, default "triton cpp reference"),
-# BENCH_ATTN_ARGS / BENCH_MODEL_ARGS / TEST_ARGS (extra arguments; TEST_ARGS="-n 8" runs the
+# BENCH_ATTN_ARGS / BENCH_MODEL_ARGS / BENCH_DENSE_ARGS / TEST_ARGS (extra arguments; TEST_ARGS="-n 8" runs the
 # tests on 8 pytest-xdist workers), SANITIZE_CPP / SANITIZE_TRITON
 # (the pytest arguments of the sanitizer runs), GPU_CHECK_SKIP (step names to skip, e.g.
 # "build tests" for a dry run of the script on a CPU machine).
@@ -60,7 +64,7 @@ SUMMARY="$WORK/summary.txt"
 elapsed() { echo $(( $(date +%s) - START )); }
 
 # The steps in order, each with the floor (seconds) kept back for it while earlier steps run.
-ORDER=(info:0 build:0 backends:0 bench_attn:60 tests:60 bench_model:60 train:30 breakdown:0 tune:20
+ORDER=(info:0 build:0 backends:0 bench_attn:60 tests:60 bench_model:60 train:30 bench_dense:30 breakdown:0 tune:20
        sanitize_memcheck_cpp:20 sanitize_memcheck_triton:20 sanitize_racecheck_cpp:15 sanitize_racecheck_triton:15)
 
 skipped() { case " ${GPU_CHECK_SKIP:-} " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -162,6 +166,11 @@ else
   note_step train "rsir_kernels.train is not importable"
 fi
 
+# ---------------------------------------------------------------- 6b. the dense tasks' sizes
+# shellcheck disable=SC2086
+run_step bench_dense 90 "$PY" benchmarks/bench_dense.py --device cuda --dtype bfloat16 --out "$WORK/results" \
+  ${BENCH_DENSE_ARGS:-}
+
 # ---------------------------------------------------------------- device time against host time (optional)
 if [ "${GPU_CHECK_BREAKDOWN:-0}" = 1 ]; then
   run_step breakdown 120 "$PY" -m benchmarks.tools.gpu_breakdown
@@ -203,7 +212,7 @@ done
     IFS='|' read -r n r t <<< "$s"
     printf '%-26s %-40s %s\n' "$n" "$r" "$t"
   done
-  for f in backends bench_attn bench_model train breakdown tune; do
+  for f in backends bench_attn bench_model train bench_dense breakdown tune; do
     if [ -f "$WORK/$f.log" ]; then echo; echo "---- $f"; grep -v '^\s*\[' "$WORK/$f.log" | tail -n 60; fi
   done
   if [ -f "$WORK/tests.log" ]; then echo; echo "---- tests (tail)"; tail -n 25 "$WORK/tests.log"; fi
@@ -218,7 +227,7 @@ cp "$WORK.tar.gz" "$OUTDIR/gpu_check.tar.gz"
 cp "$SUMMARY" "$OUTDIR/summary.txt"
 echo "$COMMIT$DIRTY" > "$OUTDIR/commit.txt"
 for f in "$WORK"/results/bench_attn_*.json "$WORK"/results/bench_attn_*.png \
-         "$WORK"/results/bench_model_*.json "$WORK/junit.xml" "$WORK/tests.log" "$WORK/train.log"; do
+         "$WORK"/results/bench_model_*.json "$WORK"/results/dense_*.json "$WORK/junit.xml" "$WORK/tests.log" "$WORK/train.log"; do
   [ -f "$f" ] && cp "$f" "$OUTDIR/"
 done
 if [ "${GPU_CHECK_KEEP_ALL:-0}" = 1 ]; then mkdir -p "$OUTDIR/all" && cp -r "$WORK"/. "$OUTDIR/all/"; fi
