@@ -155,6 +155,18 @@ def test_a_cuda_device_this_machine_lacks_is_one_line_before_anything_runs(scrip
         assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
+def test_a_cuda_index_past_the_machines_devices_is_one_line(monkeypatch, capsys):
+    """cuda:5 on a machine with one GPU (torch.cuda's answers stubbed): argparse's error, exit 2."""
+    import argparse
+    from benchmarks.common.cli import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as exited:
+        resolve_device(argparse.ArgumentParser(prog="bench"), "cuda:5")
+    assert exited.value.code == 2 and "--device cuda:5: this machine has 1 CUDA device(s)" in capsys.readouterr().err
+    assert resolve_device(argparse.ArgumentParser(prog="bench"), "cpu") == torch.device("cpu")
+
+
 def test_bench_attn_quick(tmp_path):
     proc = _run("bench_attn.py", "--quick", "--device", "cpu", "--no-progress", "--threads", "1",
                 "--out", str(tmp_path))

@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def resolve_device(parser: argparse.ArgumentParser, name: Optional[str]) -> torch.device:
     """--device: the GPU if there is one, else the CPU, by default; a name torch does not know,
-    or a CUDA device that this machine lacks, is parser.error (one line, exit status 2) before
+    or a CUDA device (or index) that this machine lacks, is parser.error (one line, exit status 2) before
     anything is built. A bare "cuda" becomes the current device ("cuda:0")."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -33,6 +33,8 @@ def resolve_device(parser: argparse.ArgumentParser, name: Optional[str]) -> torc
                          f"torch.cuda.is_available() is False); use --device cpu")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            parser.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

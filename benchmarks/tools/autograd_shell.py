@@ -38,5 +38,6 @@ def main():
     for name, means in zip(steps, per_call_seconds(list(steps.values()), args.calls, args.rounds)):
         print(f"{name:22s} {statistics.median(means) * 1e3:.3f} ms forward + backward ({args.backend})")
 
+
 if __name__ == "__main__":
     main()
