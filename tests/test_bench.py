@@ -144,13 +144,15 @@ def _run(script, *args, timeout=240, interpret=False):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
-@pytest.mark.parametrize("script", ["bench_attn.py", "bench_model.py", "bench_dense.py"])
+@pytest.mark.parametrize("script", ["bench_attn.py", "bench_model.py", "bench_dense.py", "tools/gpu_breakdown.py",
+                                    "tools/tune_triton.py"])
 def test_a_cuda_device_this_machine_lacks_is_one_line_before_anything_runs(script, tmp_path):
     """--device cuda on a CPU machine: argparse's usage and one error line naming the device and
     torch.cuda.is_available(), exit status 2, no traceback and nothing written; a device name
-    torch does not know is the same."""
+    torch does not know is the same. (The GPU tools take no --out.)"""
+    out = [] if script.startswith("tools/") else ["--out", str(tmp_path / "out")]
     for device, says in (("cuda", "this machine has no CUDA device"), ("foo", "--device foo: ")):
-        proc = _run(script, "--device", device, "--out", str(tmp_path / "out"), timeout=120)
+        proc = _run(script, "--device", device, *out, timeout=120)
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 

@@ -20,6 +20,7 @@ import time
 import torch
 
 from benchmarks.common.cases import N, backend_row, baseline_rows, make_inputs, stage_shapes
+from benchmarks.common.cli import resolve_device
 from benchmarks.common.measure import summarize
 from benchmarks.common.timing import Timer, TimingPolicy, forward_backward_fn, forward_fn
 
@@ -105,10 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_breakdown: needs a CUDA device", file=sys.stderr)
-        return 2
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device = resolve_device(parser, args.device)  # a CUDA device this machine lacks: one line, exit 2
+    dtype = getattr(torch, args.dtype)
     few = args.reps < 10  # a smoke run: as few timed calls as the figures allow
     timer = Timer(device, TimingPolicy(warmup=1 if few else 3, min_reps=args.reps if few else 10,
                                        max_reps=args.reps if few else 50, budget_s=0.0 if few else 0.3))

@@ -23,6 +23,7 @@ import time
 import torch
 
 from benchmarks.common.cases import GROUPS, N, make_inputs, stage_shapes
+from benchmarks.common.cli import resolve_device
 
 
 def kernel_us(fn, device) -> float:
@@ -55,16 +56,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warps", default="2,4,8", help="comma list of num_warps to try")
     parser.add_argument("--hpp", default=None, help="comma list of heads-per-program to try (default: all)")
     args = parser.parse_args(argv)
-    if args.device == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("tune_triton: --device cpu needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
-            return 2
-    elif not torch.cuda.is_available():
-        print("tune_triton: needs a CUDA device (or --device cpu for a dry run)", file=sys.stderr)
+    device = resolve_device(parser, args.device)  # a CUDA device this machine lacks: one line, exit 2
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("tune_triton: --device cpu needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
         return 2
     from rsir_kernels import reference
     from rsir_kernels.backends.triton import config, launch
-    device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
     print(f"tune_triton: {name}, {dtype}, batch {args.batch}, RSIR-{args.model[0].upper()}; "
